@@ -1,0 +1,1 @@
+"""One module per `legodnn` subcommand; see `pipelines.cli`."""
