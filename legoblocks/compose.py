@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from torch import nn
-from tqdm.auto import tqdm
 
-from legoblocks.descend import DEFAULT_LADDER, choice_id, make_descendants
+from legoblocks.descend import DEFAULT_LADDER, choice_id
 from legoblocks.detect import BlockedModel, BlockSpec
 
 __all__ = ["SCHEMA", "ScalableModel", "SwitchReport", "BlockSwitcher", "Selection", "module_nbytes"]
@@ -117,6 +116,10 @@ class ScalableModel:
         ladder = list(ladder)
         variants: dict[str, dict[str, nn.Module]] = {}
         pairs = list(zip(blocked.specs, blocked.blocks))
+        from tqdm.auto import tqdm
+
+        from legoblocks.descend import make_descendants
+
         for spec, block in tqdm(pairs, desc="descendants", unit="block", disable=not progress):
             if spec.scalable:
                 variants[spec.name] = make_descendants(block, spec.in_shape, ladder, importance=importance)

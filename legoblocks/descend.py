@@ -24,11 +24,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
-import torch_pruning as tp
 from torch import nn
+
+if TYPE_CHECKING:
+    import torch_pruning as tp
 
 __all__ = ["DEFAULT_LADDER", "IMPORTANCES", "choice_id", "validate_ladder", "make_descendants", "count_params"]
 
@@ -76,6 +78,8 @@ def count_params(module: nn.Module) -> int:
 
 
 def _importance(name: str) -> tp.importance.Importance:
+    import torch_pruning as tp
+
     if name == "magnitude":
         return tp.importance.MagnitudeImportance(p=2)
     if name == "l1":
@@ -100,6 +104,8 @@ def _prune_once(block: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[in
     work.requires_grad_(True)
     guard_in, guard_out = _guard(in_shape[0], len(in_shape) - 1), _guard(out_shape[0], len(out_shape) - 1)
     wrapped = nn.Sequential(guard_in, work, guard_out).eval()
+    import torch_pruning as tp
+
     with torch.enable_grad():
         pruner = tp.pruner.BasePruner(
             wrapped,

@@ -1,0 +1,148 @@
+"""Descendant latencies measured on this device, once per hardware fingerprint.
+
+The server's latency column describes the server; the optimizer on a device needs the
+device's own. Every descendant of a bundle is timed here once and the figures are cached
+beside the bundle as `device-<fingerprint id>.json`; a later run on the same hardware
+(same fingerprint) reads them and times nothing.
+
+Latency depends on a block's architecture, not on its weight values, so a descendant that
+is not downloaded is timed from a *skeleton* (`infra.skeleton`): its signed, verified
+safetensors header alone (a few KB, one Range request), padded with zero bytes and loaded
+with the same safe loader (`legoblocks.serialize.load_module`, allow-list only, never
+unpickles). That lets the first fetch choose among all descendants while downloading only
+the chosen ones. Any file that is actually run is the full, SHA-256-verified one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from infra.errors import BundleVerificationError
+from infra.manifest import BlockEntry, DescendantEntry
+
+DEVICE_TABLE_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class DeviceLatencySettings:
+    """How descendants are timed (see profiling.latency.measure_latency)."""
+
+    threads: int = 1
+    warmup: int = 5
+    repeats: int = 30
+    batch_size: int = 1
+    device: str = "cpu"  # torch device the models run on ("cuda" on a GPU device)
+
+
+def device_table_name(fingerprint_id: str) -> str:
+    return f"device-{fingerprint_id}.json"
+
+
+@dataclass
+class DeviceTable:
+    """Latencies of one bundle's descendants on one device, keyed by block and choice.
+
+    Each entry keeps the descendant's SHA-256: a figure is reused only for the same file.
+    """
+
+    fingerprint: dict[str, Any]
+    settings: DeviceLatencySettings
+    latency: dict[str, dict[str, dict[str, Any]]]
+
+    def lookup(self, block: str, d: DescendantEntry) -> float | None:
+        entry = self.latency.get(block, {}).get(d.choice)
+        if entry is None or entry.get("sha256") != d.sha256:
+            return None
+        return float(entry["median_ms"])
+
+    def median_ms(self) -> dict[tuple[str, str], float]:
+        return {(b, c): float(e["median_ms"]) for b, per in self.latency.items() for c, e in per.items()}
+
+    def to_bytes(self) -> bytes:
+        data = {
+            "schema": DEVICE_TABLE_SCHEMA,
+            "fingerprint": self.fingerprint,
+            "settings": asdict(self.settings),  # of the run that wrote it
+            "latency": self.latency,
+        }
+        return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: Any, settings: DeviceLatencySettings) -> DeviceTable | None:
+        """A cached table, or None when it is unusable (other schema, threads, batch size or device)."""
+        if not isinstance(data, dict) or data.get("schema") != DEVICE_TABLE_SCHEMA:
+            return None
+        saved = data.get("settings")
+        # Threads, batch size and device change what latency *is*; warmup/repeats only its precision.
+        if not isinstance(saved, dict) or not isinstance(data.get("latency"), dict) or any(
+            saved.get(k, "cpu" if k == "device" else None) != getattr(settings, k)
+            for k in ("threads", "batch_size", "device")
+        ):
+            return None
+        return cls(dict(data.get("fingerprint") or {}), settings, data["latency"])
+
+
+def measure_missing(
+    table: DeviceTable,
+    pairs: Sequence[tuple[BlockEntry, DescendantEntry]],
+    module_file: Callable[[BlockEntry, DescendantEntry], tuple[Path, str]],
+    *,
+    where: str,
+    progress: bool = False,
+) -> int:
+    """Time every descendant the table lacks; returns how many were timed.
+
+    `module_file(block, descendant)` gives a loadable file (the cached object, or a
+    skeleton) and how it was obtained ("file" or "header"), recorded with the figure.
+    `where` (the bundle's URI) prefixes the file name in errors.
+    """
+    from legoblocks.serialize import load_module
+    from profiling.latency import measure_latency
+
+    todo = [(b, d) for b, d in pairs if table.lookup(b.name, d) is None]
+    bar = _bar(progress, len(todo))
+    for b, d in todo:
+        path, source = module_file(b, d)
+        try:
+            module = load_module(path).to(table.settings.device)
+        except ValueError as e:  # UnsafeFileError included: a header that is not a safe module
+            raise BundleVerificationError(
+                f"{where}/{d.file}: does not load as a safe module ({e}); refusing it"
+            ) from None
+        s = table.settings
+        stats = measure_latency(
+            module, b.in_shape, batch_size=s.batch_size, warmup=s.warmup, repeats=s.repeats, threads=s.threads
+        )
+        table.latency.setdefault(b.name, {})[d.choice] = {
+            "sha256": d.sha256,
+            "median_ms": stats.median_ms,
+            "p10_ms": stats.p10_ms,
+            "p90_ms": stats.p90_ms,
+            "cv": stats.cv,
+            "measured_from": source,
+        }
+        bar(f"{b.name}/{d.choice}")
+    return len(todo)
+
+
+def _bar(enabled: bool, total: int) -> Callable[[str], None]:
+    """A tqdm bar if asked for and installed (optional on devices), else a no-op."""
+    if not enabled or total == 0:
+        return lambda _label: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda _label: None
+    bar = tqdm(total=total, desc="timing descendants", unit="block", leave=False)
+
+    def step(label: str) -> None:
+        bar.set_postfix_str(label)
+        bar.update(1)
+        if bar.n >= total:
+            bar.close()
+
+    return step
