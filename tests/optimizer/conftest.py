@@ -1,0 +1,205 @@
+"""Instance generators and an independent brute force for the optimizer tests.
+
+The brute force recomputes objective and constraints itself (it does not use the solver's
+`evaluate`), so a shared bug cannot hide.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import pytest
+
+REL_TOL = 1e-9
+
+
+def make_random(
+    rng: random.Random,
+    n_models: int,
+    n_blocks: int | tuple[int, int],
+    n_choices: int | tuple[int, int],
+    *,
+    deadlines: bool = False,
+    switch_budget: bool = False,
+    penalty: bool = False,
+    memory: bool = True,
+    latency: bool = True,
+    tightness: float | None = None,
+    quantum: float | None = None,
+) -> dict[str, Any]:
+    """Uniformly random tables (no structure): the hardest case for dominance and bounds.
+
+    `quantum` rounds drops to a multiple (with quantum a power of two, ties are exact).
+    """
+
+    def count(spec: int | tuple[int, int]) -> int:
+        return spec if isinstance(spec, int) else rng.randint(*spec)
+
+    models = []
+    for m in range(n_models):
+        blocks = []
+        for b in range(count(n_blocks)):
+            choices = []
+            for d in range(count(n_choices)):
+                drop = rng.uniform(0.0, 0.05)
+                if quantum:
+                    drop = round(drop / quantum) * quantum
+                choice = {
+                    "id": f"{d / 10:.1f}",
+                    "accuracy_drop": drop,
+                    "latency_ms": rng.uniform(0.05, 2.0),
+                    "memory_bytes": rng.randint(1_000, 200_000),
+                }
+                if rng.random() < 0.5:
+                    choice["load_bytes"] = rng.randint(500, 200_000)
+                choices.append(choice)
+            blocks.append({"name": f"b{b}", "choices": choices})
+        models.append(
+            {
+                "name": f"m{m}",
+                "weight": rng.choice([0.5, 1.0, 2.0]) if not quantum else 1.0,
+                "base_accuracy": rng.uniform(0.8, 0.95) if not quantum else 0.875,
+                "blocks": blocks,
+            }
+        )
+
+    def between(values_min: float, values_max: float) -> float:
+        t = rng.random() if tightness is None else tightness
+        return values_min + t * (values_max - values_min)
+
+    def span(key: str, blocks: list[dict]) -> tuple[float, float]:
+        lo = sum(min(c[key] for c in b["choices"]) for b in blocks)
+        hi = sum(max(c[key] for c in b["choices"]) for b in blocks)
+        return lo, hi
+
+    every = [b for m in models for b in m["blocks"]]
+    budgets: dict[str, Any] = {}
+    if latency:
+        budgets["latency_ms"] = between(*span("latency_ms", every))
+    if memory:
+        budgets["memory_bytes"] = between(*span("memory_bytes", every))
+    problem: dict[str, Any] = {"models": models, "budgets": budgets}
+    if deadlines:
+        for m in models:
+            if rng.random() < 0.7:
+                m["latency_deadline_ms"] = between(*span("latency_ms", m["blocks"]))
+    if switch_budget or penalty:
+        problem["current"] = {
+            m["name"]: [rng.choice(b["choices"])["id"] for b in m["blocks"]] for m in models if rng.random() < 0.9
+        }
+    if switch_budget:
+        loads = [max(c.get("load_bytes", c["memory_bytes"]) for c in b["choices"]) for b in every]
+        budgets["switch_bytes"] = rng.uniform(0.05, 0.6) * sum(loads)
+    if penalty:
+        problem["switch_penalty_per_byte"] = rng.choice([1e-8, 1e-7, 1e-6])
+    return problem
+
+
+def make_realistic(rng: random.Random, n_models: int, n_blocks: int, n_choices: int, tightness: float) -> dict[str, Any]:
+    """Tables shaped like real profiles: drop grows, latency and memory fall with sparsity."""
+    ladder = [round(0.8 * i / (n_choices - 1), 3) for i in range(n_choices)]
+    models = []
+    for m in range(n_models):
+        blocks = []
+        for b in range(n_blocks):
+            lat0, mem0 = rng.uniform(0.2, 2.0), rng.uniform(2e4, 6e5)
+            scale, power, floor = rng.uniform(0.005, 0.08), rng.uniform(1.5, 3.0), rng.uniform(0.1, 0.3)
+            choices = []
+            for s in ladder:
+                drop = 0.0 if s == 0 else max(0.0, scale * s**power + rng.gauss(0, 5e-4))
+                choices.append(
+                    {
+                        "id": str(s),
+                        "accuracy_drop": round(drop, 4),
+                        "latency_ms": lat0 * (floor + (1 - floor) * (1 - s) ** 1.5) * rng.uniform(0.95, 1.05),
+                        "memory_bytes": int(mem0 * (1 - 0.9 * s)),
+                    }
+                )
+            blocks.append({"name": f"b{b}", "choices": choices})
+        models.append({"name": f"m{m}", "base_accuracy": 0.9, "blocks": blocks})
+    every = [b for m in models for b in m["blocks"]]
+
+    def at(key: str, t: float) -> float:
+        lo = sum(min(c[key] for c in b["choices"]) for b in every)
+        hi = sum(max(c[key] for c in b["choices"]) for b in every)
+        return lo + t * (hi - lo)
+
+    return {
+        "models": models,
+        "budgets": {"latency_ms": at("latency_ms", tightness), "memory_bytes": at("memory_bytes", min(1.0, 1.2 * tightness))},
+    }
+
+
+def _within(total: float, budget: float | None) -> bool:
+    return budget is None or total <= budget + REL_TOL * abs(budget)
+
+
+def check(problem: dict[str, Any], selection: dict[str, list[str]]) -> tuple[bool, float, dict[str, float]]:
+    """(feasible, objective, totals) of a selection, computed from the raw JSON form."""
+    budgets = problem.get("budgets") or {}
+    current = problem.get("current") or {}
+    objective = 0.0
+    total_lat = total_mem = total_switch = 0.0
+    feasible = True
+    for model in problem["models"]:
+        ids = selection[model["name"]]
+        accuracy = model.get("base_accuracy", 0.0)
+        lat = 0.0
+        for b, (block, choice_id) in enumerate(zip(model["blocks"], ids)):
+            choice = next(c for c in block["choices"] if c["id"] == choice_id)
+            accuracy -= choice["accuracy_drop"]
+            lat += choice["latency_ms"]
+            total_mem += choice["memory_bytes"]
+            running = current.get(model["name"])
+            if running is not None and running[b] != choice_id:
+                total_switch += choice.get("load_bytes", choice["memory_bytes"])
+        objective += model.get("weight", 1.0) * accuracy
+        total_lat += lat
+        feasible &= _within(lat, model.get("latency_deadline_ms"))
+    objective -= problem.get("switch_penalty_per_byte", 0.0) * total_switch
+    feasible &= _within(total_lat, budgets.get("latency_ms"))
+    feasible &= _within(total_mem, budgets.get("memory_bytes"))
+    feasible &= _within(total_switch, budgets.get("switch_bytes"))
+    return feasible, objective, {"latency_ms": total_lat, "memory_bytes": total_mem, "switch_bytes": total_switch}
+
+
+def brute_force(problem: dict[str, Any]) -> list[tuple[float, tuple[int, ...], dict[str, list[str]]]]:
+    """Every feasible selection as (objective, flat choice indices, selection), best first;
+    equal objectives in lexicographic order of the indices."""
+    models = problem["models"]
+    ranges = [range(len(b["choices"])) for m in models for b in m["blocks"]]
+    out = []
+    for flat in itertools.product(*ranges):
+        selection, at = {}, 0
+        for m in models:
+            picks = flat[at : at + len(m["blocks"])]
+            selection[m["name"]] = [b["choices"][d]["id"] for b, d in zip(m["blocks"], picks)]
+            at += len(m["blocks"])
+        feasible, objective, _ = check(problem, selection)
+        if feasible:
+            out.append((objective, flat, selection))
+    out.sort(key=lambda t: (-t[0], t[1]))
+    return out
+
+
+def minima(problem: dict[str, Any]) -> tuple[float, float]:
+    blocks = [b for m in problem["models"] for b in m["blocks"]]
+    lat = sum(min(c["latency_ms"] for c in b["choices"]) for b in blocks)
+    mem = sum(min(c["memory_bytes"] for c in b["choices"]) for b in blocks)
+    return lat, mem
+
+
+@pytest.fixture
+def gen() -> Any:
+    """The helpers above, as a namespace (conftest modules cannot be imported by tests)."""
+
+    class Helpers:
+        random = staticmethod(make_random)
+        realistic = staticmethod(make_realistic)
+        check = staticmethod(check)
+        brute_force = staticmethod(brute_force)
+        minima = staticmethod(minima)
+
+    return Helpers
