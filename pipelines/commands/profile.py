@@ -1,0 +1,127 @@
+"""`legodnn profile`: profile a saved ScalableModel on Fashion-MNIST and write its ProfileTable."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scalable", required=True, type=Path, metavar="DIR",
+                        help="a ScalableModel directory (as written by ScalableModel.save)")
+    parser.add_argument("--data-dir", type=Path, default=None, metavar="D",
+                        help="folder with the Fashion-MNIST IDX .gz files "
+                        "(default: /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--val-size", type=_positive, default=1000, metavar="N",
+                        help="validation images the accuracy drops are measured on (default 1000)")
+    parser.add_argument("--val-source", choices=("test", "train-tail"), default="test",
+                        help="where validation images come from: a seeded subset of the 10k test "
+                        "images (default; never used for training), or the last N training images "
+                        "(keep them out of retraining)")
+    parser.add_argument("--out", required=True, type=Path, metavar="TABLE.json",
+                        help="where to write the ProfileTable (atomically)")
+    parser.add_argument("--envs", default="original,middle,largest",
+                        help="comma-separated background environments: original, middle, largest")
+    parser.add_argument("--additivity-n", type=_non_negative, default=20,
+                        help="random compositions for the additivity check (default 20)")
+    parser.add_argument("--calibration-k", type=_non_negative, default=16,
+                        help="FLOPs-spread compositions to fit calibrated drops on; 0 = no calibration")
+    parser.add_argument("--seed", type=int, default=0, help="seed for every random draw (default 0)")
+    parser.add_argument("--bn-batches", type=_non_negative, default=0,
+                        help="re-estimate BatchNorm of each composed model on this many training "
+                        "batches before evaluating it (default 0: off)")
+    parser.add_argument("--bn-batch-size", type=_positive, default=128,
+                        help="images per BatchNorm re-estimation batch (default 128)")
+    parser.add_argument("--batch-size", type=_positive, default=512, help="evaluation batch size")
+    parser.add_argument("--latency-batch-size", type=_positive, default=1)
+    parser.add_argument("--latency-warmup", type=_non_negative, default=5)
+    parser.add_argument("--latency-repeats", type=_positive, default=30)
+    parser.add_argument("--latency-threads", type=_positive, default=1)
+    parser.add_argument("--model-name", default=None,
+                        help="name of the model in the table and in optimizer problems "
+                        "(default: from the model reference)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _validation_split(args: argparse.Namespace):
+    """(validation set, BatchNorm calibration set or None): disjoint by construction."""
+    from torch.utils.data import TensorDataset
+
+    from legoblocks.data import DEFAULT_DATA_DIR, load_fashion_mnist, subset
+
+    data_dir = args.data_dir or DEFAULT_DATA_DIR
+    if args.val_source == "test":
+        test = load_fashion_mnist(data_dir, train=False)
+        if args.val_size > len(test):
+            raise ValueError(f"--val-size {args.val_size} exceeds the {len(test)} test images")
+        bn = load_fashion_mnist(data_dir, train=True) if args.bn_batches else None
+        return subset(test, args.val_size, args.seed), bn
+    train = load_fashion_mnist(data_dir, train=True)
+    if args.val_size >= len(train):
+        raise ValueError(f"--val-size {args.val_size} must be below the {len(train)} training images")
+    cut = len(train) - args.val_size
+    tail = TensorDataset(*(t[cut:] for t in train.tensors))
+    head = TensorDataset(*(t[:cut] for t in train.tensors))
+    return tail, head
+
+
+def run(args: argparse.Namespace) -> int:
+    from legoblocks.compose import ScalableModel
+    from legoblocks.data import DatasetMissingError
+    from profiling.profile import LatencySettings, profile_model
+    from profiling.table import save
+
+    envs = [e.strip() for e in args.envs.split(",") if e.strip()]
+    try:
+        model = ScalableModel.load(args.scalable)
+        val_ds, bn_ds = _validation_split(args)
+        table = profile_model(
+            model,
+            val_ds,
+            envs=envs,
+            latency=LatencySettings(
+                batch_size=args.latency_batch_size,
+                warmup=args.latency_warmup,
+                repeats=args.latency_repeats,
+                threads=args.latency_threads,
+            ),
+            additivity_n=args.additivity_n,
+            calibration_k=args.calibration_k,
+            seed=args.seed,
+            bn_recalibration_batches=args.bn_batches,
+            bn_data=bn_ds,
+            bn_batch_size=args.bn_batch_size,
+            batch_size=args.batch_size,
+            model_name=args.model_name,
+            progress=not args.no_progress,
+        )
+    except (DatasetMissingError, FileNotFoundError, ValueError) as exc:
+        print(f"legodnn profile: {exc}", file=sys.stderr)
+        return 2
+    table.settings["val_source"] = args.val_source
+    save(table, args.out)
+    print(f"wrote {args.out}: {len(table.blocks)} blocks, teacher accuracy "
+          f"{100 * table.teacher_accuracy:.2f}%")
+    if table.additivity:
+        print(f"additivity over {table.additivity['n']} random compositions: MAE "
+              f"{100 * table.additivity['mae']:.2f} points, max {100 * table.additivity['max_error']:.2f}")
+    if table.calibration:
+        c = table.calibration
+        print(f"calibrated ({c['method']}): held-out MAE {100 * c['heldout_mae_raw']:.2f} -> "
+              f"{100 * c['heldout_mae_calibrated']:.2f} points")
+    return 0

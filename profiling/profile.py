@@ -1,0 +1,240 @@
+"""Profile a ScalableModel end to end, in-process: costs, latency, drops, additivity, calibration.
+
+The steps are separate functions so the pipeline can run the expensive middle (accuracy
+units) on Ray workers and still assemble the same table:
+
+    units = plan_units(model, envs)                       # what to measure
+    costs = measure_costs(model); lat = measure_latencies(model, ...)
+    results = [evaluate_unit(model, u, evaluator) for u in units]   # fan-out point
+    drops = accuracy_drops(model, results)
+    additivity = additivity_check(...); calibration = measure_calibration(...)
+    table = assemble_table(...)
+
+`profile_model` runs them all in order with one shared SelectionEvaluator, so a
+selection is never evaluated twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from profiling.accuracy import (
+    DEFAULT_ENVIRONMENTS,
+    ORIGINAL,
+    AdditivityReport,
+    ScalableLike,
+    SelectionEvaluator,
+    accuracy_drops,
+    additivity_check,
+    evaluate_unit,
+    plan_units,
+    resolve_environments,
+    sorted_choices,
+    unit_selections,
+)
+from profiling.calibrate import DEFAULT_K, Calibration, apply_calibration, measure_calibration
+from profiling.cost import Cost, measure_cost
+from profiling.latency import LatencyStats, fingerprint, measure_latency
+from profiling.table import BlockProfile, ChoiceProfile, LatencyColumn, ProfileTable
+
+Drops = Mapping[str, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """How per-block latency is measured (see `profiling.latency.measure_latency`)."""
+
+    batch_size: int = 1
+    warmup: int = 5
+    repeats: int = 30
+    threads: int = 1
+
+
+def _spec(model: ScalableLike, block: str) -> Any:
+    for spec in model.specs:  # type: ignore[attr-defined]
+        if spec.name == block:
+            return spec
+    raise KeyError(block)
+
+
+def measure_costs(model: ScalableLike, *, progress: bool = False) -> dict[str, dict[str, Cost]]:
+    """Cost of every (block, choice), each measured on the block's own input shape."""
+    pairs = [(b, c) for b in model.block_names for c in sorted_choices(model, b)]
+    costs: dict[str, dict[str, Cost]] = {b: {} for b in model.block_names}
+    for block, choice in tqdm(pairs, desc="cost", disable=not progress, unit="block"):
+        costs[block][choice] = measure_cost(model.variant(block, choice), _spec(model, block).in_shape)  # type: ignore[attr-defined]
+    return costs
+
+
+def measure_latencies(
+    model: ScalableLike, settings: LatencySettings = LatencySettings(), *, progress: bool = False
+) -> tuple[dict[str, dict[str, LatencyStats]], dict]:
+    """Latency of every (block, choice) on this host, and the host's fingerprint."""
+    pairs = [(b, c) for b in model.block_names for c in sorted_choices(model, b)]
+    stats: dict[str, dict[str, LatencyStats]] = {b: {} for b in model.block_names}
+    for block, choice in tqdm(pairs, desc="latency", disable=not progress, unit="block"):
+        stats[block][choice] = measure_latency(
+            model.variant(block, choice),  # type: ignore[attr-defined]
+            _spec(model, block).in_shape,
+            batch_size=settings.batch_size,
+            warmup=settings.warmup,
+            repeats=settings.repeats,
+            threads=settings.threads,
+        )
+    return stats, fingerprint(threads=settings.threads)
+
+
+def default_model_name(model_ref: str) -> str:
+    """A readable name from a model reference: "resnet20", "path/net.py:build" -> "build"."""
+    ref = model_ref.strip()
+    if not ref:
+        return "model"
+    return ref.rsplit(":", 1)[-1].rsplit("/", 1)[-1].rsplit(".", 1)[-1] or "model"
+
+
+def assemble_table(
+    model: ScalableLike,
+    *,
+    teacher_accuracy: float,
+    costs: Mapping[str, Mapping[str, Cost]],
+    latencies: Mapping[str, Mapping[str, LatencyStats]],
+    host: dict,
+    drops_raw: Drops,
+    additivity: AdditivityReport | None,
+    calibration: Calibration | None,
+    environments: Sequence[dict[str, Any]],
+    bn_recalibration_batches: int = 0,
+    model_name: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> ProfileTable:
+    """Build the ProfileTable from the measured parts (no measuring happens here)."""
+    drops = apply_calibration(drops_raw, calibration.block_weights) if calibration else drops_raw
+    model_ref = str(getattr(model, "model_ref", "") or "")
+    blocks = []
+    for name in model.block_names:
+        choices = {}
+        for cid in sorted_choices(model, name):
+            cost, lat = costs[name][cid], latencies[name][cid]
+            choices[cid] = ChoiceProfile(
+                id=cid,
+                sparsity=float(cid),
+                params=cost.params,
+                weight_bytes=cost.weight_bytes,
+                flops=cost.flops,
+                activation_bytes=cost.activation_bytes,
+                peak_bytes=cost.peak_bytes,
+                accuracy_drop=float(drops[name][cid]),
+                accuracy_drop_raw=float(drops_raw[name][cid]),
+                latency=LatencyColumn(lat.median_ms, lat.p10_ms, lat.p90_ms, lat.cv, host["id"]),
+            )
+        blocks.append(BlockProfile(name=name, spec=_spec(model, name).to_dict(), choices=choices))
+    return ProfileTable(
+        model_ref=model_ref,
+        model_name=model_name or default_model_name(model_ref),
+        input_shape=tuple(int(d) for d in model.input_shape),  # type: ignore[attr-defined]
+        teacher_accuracy=float(teacher_accuracy),
+        blocks=blocks,
+        fingerprints={host["id"]: dict(host)},
+        environments=[dict(e) for e in environments],
+        additivity=additivity.to_dict() if additivity else None,
+        calibration=calibration.to_dict() if calibration else None,
+        bn_recalibration_batches=bn_recalibration_batches,
+        settings=dict(settings or {}),
+    )
+
+
+def profile_model(
+    model: ScalableLike,
+    val_ds: Dataset,
+    *,
+    envs: int | Sequence[Any] = DEFAULT_ENVIRONMENTS,
+    latency: LatencySettings = LatencySettings(),
+    additivity_n: int = 20,
+    calibration_k: int = DEFAULT_K,
+    seed: int = 0,
+    bn_recalibration_batches: int = 0,
+    bn_data: Dataset | None = None,
+    bn_batch_size: int = 128,
+    batch_size: int = 512,
+    model_name: str | None = None,
+    progress: bool = False,
+) -> ProfileTable:
+    """Profile every descendant of `model` on `val_ds` and return its ProfileTable.
+
+    val_ds must not be the retraining data. The additivity check measures `additivity_n`
+    random compositions (seeded); with `calibration_k > 0`, k more compositions spread
+    over the FLOPs range fit the calibrated drops, scored on the additivity compositions
+    (held out from the fit). `bn_recalibration_batches > 0` re-estimates BatchNorm of
+    every composed model on that many batches of `bn_batch_size` images of `bn_data` (a
+    training split) before evaluating it, teacher included, so drops and teacher accuracy
+    stay comparable.
+    Everything but latency is deterministic given the seed.
+    """
+    if additivity_n < 0 or calibration_k < 0:
+        raise ValueError(f"additivity_n ({additivity_n}) and calibration_k ({calibration_k}) must be >= 0")
+    if calibration_k > 0 and additivity_n == 0:
+        raise ValueError("calibration is scored on the additivity compositions: set additivity_n >= 1 "
+                         "or calibration_k = 0")
+    environments = resolve_environments(model, envs)
+    evaluator = SelectionEvaluator(
+        model, val_ds, batch_size=batch_size, bn_data=bn_data,
+        bn_recalibration_batches=bn_recalibration_batches, bn_batch_size=bn_batch_size, seed=seed,
+    )
+    costs = measure_costs(model, progress=progress)
+    latencies, host = measure_latencies(model, latency, progress=progress)
+
+    original = tuple(ORIGINAL for _ in model.block_names)
+    units = plan_units(model, environments)
+    # All unit selections in one pass, so shared prefixes are computed once.
+    evaluator.accuracy_many([original, *unit_selections(units)], progress=progress)
+    teacher = evaluator.accuracy(original)
+    results = [evaluate_unit(model, u, evaluator) for u in units]
+    drops = accuracy_drops(model, results)
+
+    additivity = None
+    if additivity_n > 0:
+        additivity = additivity_check(
+            model, drops, evaluator, additivity_n, seed, teacher_accuracy=teacher, progress=progress
+        )
+    calibration = None
+    if calibration_k > 0 and additivity is not None:
+        flops = {b: {c: cost.flops for c, cost in per.items()} for b, per in costs.items()}
+        calibration = measure_calibration(
+            model, drops, flops, evaluator, additivity, k=calibration_k, seed=seed + 1,
+            teacher_accuracy=teacher, progress=progress,
+        )
+    settings = {
+        "seed": seed,
+        "val_size": len(val_ds),  # type: ignore[arg-type]
+        "envs": [e.name for e in environments],
+        "additivity_n": additivity_n,
+        "calibration_k": calibration_k,
+        "latency": {
+            "batch_size": latency.batch_size,
+            "warmup": latency.warmup,
+            "repeats": latency.repeats,
+            "threads": latency.threads,
+        },
+        "evaluations": evaluator.evaluations,
+    }
+    if bn_recalibration_batches:
+        settings["bn_batch_size"] = bn_batch_size
+    return assemble_table(
+        model,
+        teacher_accuracy=teacher,
+        costs=costs,
+        latencies=latencies,
+        host=host,
+        drops_raw=drops,
+        additivity=additivity,
+        calibration=calibration,
+        environments=[e.to_dict() for e in environments],
+        bn_recalibration_batches=bn_recalibration_batches,
+        model_name=model_name,
+        settings=settings,
+    )
