@@ -1,0 +1,187 @@
+"""The joint stage (legoblocks/joint.py) as a Ray Train `TorchTrainer` job.
+
+The joint stage trains descendants inside composed models for a few hundred steps, longer
+than any other unit, so it is the one stage worth checkpointing mid-way: every
+`checkpoint_every` steps rank 0 reports a checkpoint (the `JointTrainer` state, a plain dict
+of tensors read back with `weights_only=True`). A worker that dies is restarted by Ray Train
+(`FailureConfig.max_failures`) and resumes from the latest checkpoint; a driver that dies
+and is restarted runs a trainer with the same `RunConfig(name, storage_path)`, which Ray
+Train V2 restores from the same checkpoints. Data parallel runs use `JointTrainer`'s own
+flat all-reduce over gloo (the model changes shape every step, so no DDP wrapper).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "joint_state.pt"
+# Test hook: "<step>:<marker file>" makes a worker exit once, right after reporting `step`.
+FAIL_ENV = "LEGODNN_TEST_JOINT_FAIL_ONCE"
+
+
+@dataclass
+class JointRun:
+    """What the joint job did: losses per step, where it resumed from, who ran it."""
+
+    steps: int
+    losses: list[float]
+    seconds: float
+    resumed_from_step: int
+    node_ids: list[str] = field(default_factory=list)
+    state_path: str = ""
+
+
+def _maybe_fail(step: int) -> None:
+    spec = os.environ.get(FAIL_ENV)
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if step != int(at):
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers
+    # (every 2 s); die after that, as a worker killed some time after a checkpoint would.
+    time.sleep(6)
+    os._exit(1)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker loop: load the model, resume from the last checkpoint, train, report."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from legoblocks.compose import ScalableModel
+    from legoblocks.joint import JointConfig, JointTrainer, load_state_file, save_state
+    from pipelines.stages import load_splits
+
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    model = ScalableModel.load(config["model_dir"])
+    train_ds = load_splits(config["data"]).train
+    cfg = JointConfig(**config["joint"])
+    trainer = JointTrainer(model, train_ds, cfg, rank=rank, world_size=world)
+    resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load_state(load_state_file(Path(folder) / STATE_FILE))
+        resumed_from = trainer.step_count
+    node_id = ray.get_runtime_context().get_node_id()
+    every = int(config["checkpoint_every"])
+    while not trainer.done:
+        trainer.run(num_steps=every, progress=False)
+        metrics = {
+            "step": trainer.step_count,
+            "loss": trainer.losses[-1] if trainer.losses else float("nan"),
+            "resumed_from_step": resumed_from,
+            "node_id": node_id,
+        }
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                save_state(trainer.get_state(), Path(folder) / STATE_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+        _maybe_fail(trainer.step_count)
+
+
+def _torch_config(num_workers: int):
+    """Gloo for several workers; for one, no process group at all.
+
+    A single worker needs no collective, and torch's TCPStore (the rendezvous every process
+    group starts) listens on all interfaces: skipping it keeps a one-worker job (the laptop
+    and test default) from opening any socket outside Ray's own loopback ones.
+    """
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class _Backend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):  # type: ignore[no-untyped-def]
+            if len(worker_group) > 1:
+                super().on_start(worker_group, backend_config)
+
+        def on_shutdown(self, worker_group, backend_config):  # type: ignore[no-untyped-def]
+            if len(worker_group) > 1:
+                super().on_shutdown(worker_group, backend_config)
+
+    class _Config(TorchConfig):
+        @property
+        def backend_cls(self):  # type: ignore[no-untyped-def]
+            return _Backend
+
+    return _Config(backend="gloo")
+
+
+def fit_joint(
+    *,
+    model_dir: str | Path,
+    data: dict[str, Any],
+    joint: dict[str, Any],
+    storage_path: str | Path,
+    run_name: str,
+    num_workers: int = 1,
+    checkpoint_every: int = 25,
+    threads: int = 1,
+    max_failures: int = 2,
+) -> JointRun:
+    """Run the joint stage on the ScalableModel in `model_dir`; resumes a run of the same name.
+
+    Returns the final trainer state's path (in the latest checkpoint) and the loss curve;
+    the caller applies the state to its own copy of the model and saves it.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from legoblocks.joint import load_state_file
+
+    trainer = TorchTrainer(
+        train_loop,
+        torch_config=_torch_config(num_workers),
+        train_loop_config={
+            "model_dir": str(model_dir),
+            "data": data,
+            "joint": joint,
+            "checkpoint_every": checkpoint_every,
+            "threads": threads,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": max(1, threads)}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(Path(storage_path).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"joint stage {run_name}: Ray Train finished without a checkpoint")
+    # Local storage: the latest checkpoint is a directory under storage_path, kept by
+    # CheckpointConfig(num_to_keep=2) until the next run of this name.
+    state_path = Path(result.checkpoint.path) / STATE_FILE
+    state = load_state_file(state_path)
+    metrics = result.metrics or {}
+    return JointRun(
+        steps=int(state["step"]),
+        losses=[float(v) for v in state["losses"].tolist()],
+        seconds=float(state["seconds"]),
+        resumed_from_step=int(metrics.get("resumed_from_step", 0)),
+        node_ids=[str(metrics["node_id"])] if "node_id" in metrics else [],
+        state_path=str(state_path),
+    )

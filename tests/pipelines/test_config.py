@@ -1,0 +1,91 @@
+"""Config loading: defaults, overrides, and errors that name the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, PipelineConfig, from_dict, load_config, set_dotted
+
+
+def test_embedded_defaults_are_a_complete_valid_config() -> None:
+    cfg = load_config()
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.model.ref == "resnet20"
+    assert 0.0 in cfg.descend.ladder
+    assert cfg.ray.address is None and cfg.mlflow.tracking_uri is None
+
+
+def test_yaml_file_and_overrides_merge_key_by_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("retrain: {lr: 0.005}\nmodel: {options: {width: 4}}\n")
+    cfg = load_config(path, {"retrain": {"epochs": 3}})
+    assert cfg.retrain.lr == 0.005 and cfg.retrain.epochs == 3
+    assert cfg.retrain.batch_size == load_config().retrain.batch_size  # untouched default kept
+    assert cfg.model.options == {"width": 4}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"retrain": {"lr": "fast"}}, "retrain.lr: expected a number, got 'fast'"),
+        ({"retrian": {}}, "retrian: unknown key"),
+        ({"profile": {"envz": 2}}, "profile.envz: unknown key"),
+        ({"model": {"checkpoint": 3}}, "model.checkpoint: expected a string or null, got 3"),
+        ({"ray": {"num_cpus": True}}, "ray.num_cpus: expected a number, got True"),
+        ({"descend": {"ladder": [0.0, "x"]}}, "descend.ladder[1]: expected a number"),
+        ({"descend": {"ladder": [0.2, 0.4]}}, "descend.ladder: must contain 0.0"),
+        ({"retrain": {"epochs": 0}}, "retrain.epochs: expected a positive integer, got 0"),
+        ({"joint": {"enabled": "yes"}}, "joint.enabled: expected true or false"),
+        ({"data": [1, 2]}, "data: expected a mapping"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key_path(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    assert message in str(info.value)
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("retrain: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("teacher: {lr: fast}\n")
+    with pytest.raises(ConfigError, match=r"typed.yaml: teacher.lr: expected a number"):
+        load_config(typed)
+
+
+def test_set_dotted_builds_nested_overrides() -> None:
+    data: dict = {}
+    set_dotted(data, "retrain.lr", 0.1)
+    set_dotted(data, "workdir", "/x")
+    assert data == {"retrain": {"lr": 0.1}, "workdir": "/x"}
+
+
+def test_cli_flags_map_to_config_keys() -> None:
+    import argparse
+
+    from pipelines.commands.run import add_arguments, overrides_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--workdir", "/w", "--no-publish", "--model", "vgg11",
+                              "--set", "retrain.lr=0.002", "--set", "descend.ladder=[0.0, 0.5]"])
+    cfg = from_dict(overrides_from_args(args))
+    assert cfg.workdir == "/w" and cfg.publish.enabled is False and cfg.model.ref == "vgg11"
+    assert cfg.retrain.lr == 0.002 and cfg.descend.ladder == [0.0, 0.5]
+    bad = parser.parse_args(["--set", "retrain.lr"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        overrides_from_args(bad)
+
+
+def test_default_model_options_do_not_leak_to_another_model() -> None:
+    assert load_config().model.options == {"width": 8}
+    assert load_config(None, {"model": {"ref": "mobilenetv2"}}).model.options == {}
+    assert load_config(None, {"model": {"ref": "vgg11", "options": {"width": 16}}}).model.options == {"width": 16}
