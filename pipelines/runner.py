@@ -107,11 +107,14 @@ def connect_ray(address: str | None, *, local_num_cpus: int | None = None) -> bo
             raise RayUnreachableError(f"could not join the Ray cluster at {address}: {exc}") from exc
         return True
     _local_ray_env()
+    # Task failures reach the driver as exceptions; forwarding worker logs would only add
+    # Ray Train's periodic "PlacementGroupCleaner ... State API" noise to the live view.
+    # They stay in /tmp/ray/session_latest/logs.
     ray.init(
         num_cpus=local_num_cpus,
         include_dashboard=False,
         logging_level="WARNING",
-        log_to_driver=True,
+        log_to_driver=False,
     )
     return True
 

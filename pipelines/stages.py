@@ -286,7 +286,9 @@ def accuracy_stage(out: Path, *, scalable_dir: str, data: dict, selections: list
         scalable, splits.val, bn_data=splits.train if bn_recalibration_batches else None,
         bn_recalibration_batches=bn_recalibration_batches, seed=seed,
     )
-    measured = [{"selection": sel, "accuracy": evaluator.accuracy(sel)} for sel in selections]
+    # One batched call shares the forward pass of common block prefixes across selections.
+    accuracies = evaluator.accuracy_many(selections)
+    measured = [{"selection": sel, "accuracy": acc} for sel, acc in zip(selections, accuracies)]
     (out / "accuracy.json").write_text(json.dumps(measured, indent=1), encoding="utf-8")
     return {"evaluated": len(measured)}
 
@@ -429,10 +431,10 @@ def verify_top_k(table, evaluator, fractions: list[float], k: int) -> list[dict[
         solved = _solve(table, {"latency_ms": budget}, top_k=k)
         if not solved["candidates"]:
             continue
+        accuracies = evaluator.accuracy_many(solved["candidates"])
         measured = [
-            {"selection": sel, "predicted_accuracy": table.predicted_accuracy(sel),
-             "measured_accuracy": evaluator.accuracy(sel)}
-            for sel in solved["candidates"]
+            {"selection": sel, "predicted_accuracy": table.predicted_accuracy(sel), "measured_accuracy": acc}
+            for sel, acc in zip(solved["candidates"], accuracies)
         ]
         best = max(measured, key=lambda m: m["measured_accuracy"])
         verified.append({
