@@ -17,10 +17,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) data
 
+# System packages: the data set, and iproute2 for the tests' network-namespace Ray cluster.
 data:
-	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
-	  echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	@missing=""; \
+	[ -f $(FMNIST)/train-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
 run: setup

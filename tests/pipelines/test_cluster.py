@@ -42,7 +42,8 @@ def _wait_for(predicate, timeout: float, what: str, procs: list[subprocess.Popen
 @pytest.fixture
 def netns():
     if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("creating a network namespace needs root and iproute2")
+        # `make test` installs iproute2 and CI runs as root, so this only trips on a dev box.
+        pytest.skip("creating a network namespace needs root and iproute2 (installed by `make test`)")
     name = f"legodnn-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:

@@ -121,7 +121,8 @@ def test_killed_driver_restarts_without_recomputing_finished_units(clean_run, pi
         deadline = time.time() + 300
         while len(list((work / "cache" / "cost").glob("*/done.json"))) < cost_units:
             assert proc.poll() is None, "the driver ended before the cost stage was done"
-            assert time.time() < deadline, "the cost stage did not finish in time"
+            if time.time() > deadline:  # a hang guard, not a speed target
+                pytest.fail("the driver never finished the cost stage")
             time.sleep(0.1)
     finally:
         pl.stop_tree(proc.pid, sig=9)  # SIGKILL: no cleanup in the driver

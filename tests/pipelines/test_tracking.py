@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,13 @@ def test_uri_resolution_prefers_config_then_env_then_workdir(tmp_path: Path, mon
     assert resolve_tracking_uri(tmp_path, "sqlite:////x.db") == "sqlite:////x.db"
 
 
+@pytest.mark.timeout(60)  # a client that retries for minutes would hit this
 def test_unreachable_server_fails_fast_with_a_fix(tmp_path: Path) -> None:
-    started = time.perf_counter()
     with pytest.raises(TrackingError, match="unreachable.*MLFLOW_TRACKING_URI"):
         check_tracking(f"http://127.0.0.1:{_closed_port()}")
     assert not list(tmp_path.iterdir())
     with pytest.raises(TrackingError, match="unsupported scheme"):
         check_tracking("ftp://example/x")
-    assert time.perf_counter() - started < 30  # no minute-long client retries
 
 
 def test_variant_runs_are_tagged_and_found_by_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
