@@ -66,7 +66,10 @@ class JointConfig:
 
     `steps` counts optimizer steps; each step trains `random_compositions` random compositions
     plus the smallest (and optionally the largest trainable) one on one batch. The learning
-    rate decays from `lr` to `lr * min_lr_fraction` on a cosine over `steps`.
+    rate decays from `lr` to `lr * min_lr_fraction` on a cosine over `steps`. `freeze_bn`
+    keeps the sampled descendants in eval mode too: their BatchNorm layers normalise with the
+    running statistics from per-block distillation and never update them, so a composition
+    behaves at run time exactly as it was trained (no train/eval statistics mismatch).
     """
 
     steps: int = 200
@@ -81,6 +84,7 @@ class JointConfig:
     random_compositions: int = 1
     weight_decay: float = 0.0
     min_lr_fraction: float = 0.0
+    freeze_bn: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -361,7 +365,7 @@ class JointTrainer:
             for sel in selections:
                 active = [self.variants[b][c] for b, c in zip(self.block_names, sel) if c != ORIGINAL]
                 for module in active:
-                    module.train()
+                    module.train(not self.cfg.freeze_bn)
                 try:
                     loss, kd, feat = self._composition_loss(sel, x, y, teacher_out)
                     loss.backward()
