@@ -16,23 +16,36 @@ Budgets are fractions of the teacher's FLOPs, always measured (torch.utils.flop_
 `train_wall_s` is what a method spends to serve all budgets, teacher training excluded.
 Writes `docs/results/accuracy.json` and `docs/benchmarks/accuracy.md`.
 
+The phases are functions `bench/evaluate.py` imports (`teacher_for`, `train_legodnn`,
+`profile_and_select`, `uniform_baseline`, `scratch_baseline`). Teachers and LegoDNN runs are
+cached in the workdir (a LegoRun under a hash of everything that defines its weights, as
+pickle-free safetensors state dicts), so both scripts evaluate the same trained descendants
+and a cached run reports its original training wall times.
+
     .venv/bin/python bench/accuracy.py                 # full run (an hour or more on 2 cores)
     .venv/bin/python bench/accuracy.py --quick --workdir /tmp/q --out /tmp/q/a.json --md /tmp/q/a.md
+    .venv/bin/python bench/accuracy.py --models resnet20 mobilenetv2 --threads 1 \
+        --model-kwargs mobilenetv2='{"width_mult": 0.5}' --model-teacher-epochs mobilenetv2=4 \
+        --joint freeze_bn=true        # any legoblocks.joint.JointConfig field
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
 import json
 import logging
+import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the packages live in the repo root
@@ -48,7 +61,12 @@ log = logging.getLogger("bench.accuracy")
 
 @dataclass
 class Settings:
-    """Everything that defines a run; written into the JSON so a result names its recipe."""
+    """Everything that defines a run; written into the JSON so a result names its recipe.
+
+    `joint` holds overrides of `legoblocks.joint.JointConfig` fields only: the joint stage's
+    defaults live in JointConfig, so a change there reaches this benchmark without an edit
+    here (the effective config is what the JSON records).
+    """
 
     models: list[str] = field(default_factory=lambda: ["resnet20"])
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
@@ -59,14 +77,13 @@ class Settings:
     val_size: int = 1000
     test_size: int | None = None  # None: the full 10k test set
     teacher_epochs: int = 8
+    model_teacher_epochs: dict[str, int] = field(default_factory=dict)  # per-model override
     teacher_lr: float = 0.1
     ladder: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8])
     retrain_epochs: int = 1
     retrain_limit: int | None = 15000
     retrain_lr: float = 1e-3
-    joint_steps: int = 200
-    joint_batch: int = 128
-    joint_lr: float = 2e-3
+    joint: dict[str, Any] = field(default_factory=dict)  # JointConfig overrides
     profile_envs: int = 1
     additivity_n: int = 20
     calibration_k: int = 16
@@ -79,15 +96,45 @@ class Settings:
 
 
 def quick_settings(base: Settings) -> Settings:
-    """A tiny end-to-end setting for the smoke test: every stage runs, nothing is accurate."""
+    """A tiny end-to-end setting for the smoke tests: every stage runs, nothing is accurate.
+
+    Models are width-reduced (the caller's per-model kwargs are replaced), the joint stage
+    runs 2 steps of 32 images unless the caller overrides those fields with --joint.
+    """
     return Settings(
-        models=base.models[:1], budgets=base.budgets, seed=base.seed, data_dir=base.data_dir,
-        model_kwargs={m: {WIDTH_KEY.get(m, "width"): QUICK_WIDTH[_width_family(m)]} for m in base.models[:1]},
+        models=base.models, budgets=base.budgets, seed=base.seed, data_dir=base.data_dir,
+        model_kwargs={m: {WIDTH_KEY.get(m, "width"): QUICK_WIDTH[_width_family(m)]} for m in base.models},
         train_size=768, val_size=128, test_size=256,
-        teacher_epochs=1, ladder=[0.0, 0.8], retrain_limit=256, joint_steps=2, joint_batch=32,
+        teacher_epochs=1, ladder=[0.0, 0.8], retrain_limit=256,
+        joint={"steps": 2, "batch_size": 32, **base.joint},
         additivity_n=2, calibration_k=2, top_k=2, bn_batches=1, uniform_epochs=0.05,
         prune_iterations=4, threads=base.threads if base.threads is not None else 1,
     )
+
+
+def joint_config(s: Settings):
+    """The effective JointConfig: JointConfig's own defaults, the run's seed, then `s.joint`.
+
+    Unknown keys and invalid values fail here, before any training, naming the valid fields.
+    """
+    from legoblocks.joint import JointConfig
+
+    fields = {f.name for f in dataclasses.fields(JointConfig)}
+    unknown = sorted(set(s.joint) - fields)
+    if unknown:
+        raise SystemExit(f"bench: --joint: unknown JointConfig field(s) {unknown}; "
+                         f"valid fields: {', '.join(sorted(fields))}")
+    cfg = JointConfig(**{"seed": s.seed, **s.joint})
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise SystemExit(f"bench: --joint: {exc}") from exc
+    return cfg
+
+
+def settings_record(s: Settings) -> dict[str, Any]:
+    """Settings as written into a result: the JointConfig actually used, not just overrides."""
+    return {**asdict(s), "joint_effective": asdict(joint_config(s))}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -104,13 +151,13 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    import os
-
     return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {platform.system()} {platform.release()}")
 
 
 class Timer:
+    """Wall time of a `with` block, in `.seconds`."""
+
     def __enter__(self) -> "Timer":
         self.start = time.perf_counter()
         return self
@@ -129,23 +176,35 @@ def _build(name: str, kwargs: dict[str, Any]):
     return build_zoo_model(name, **kwargs)
 
 
+def teacher_epochs(name: str, s: Settings) -> int:
+    return int(s.model_teacher_epochs.get(name, s.teacher_epochs))
+
+
+def teacher_path(name: str, s: Settings, train_n: int, workdir: Path) -> Path:
+    """The teacher cache file; its name is a contract with existing caches: do not change it."""
+    kwargs = s.model_kwargs.get(name, {})
+    tag = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items())) or "default"
+    return workdir / f"teacher-{name}-{tag}-n{train_n}-e{teacher_epochs(name, s)}-s{s.seed}.pt"
+
+
 def teacher_for(name: str, s: Settings, train, workdir: Path, progress: bool):
-    """Train the teacher once per (model, recipe) and cache its state dict in the workdir."""
+    """Train the teacher once per (model, recipe) and cache its state dict in the workdir.
+
+    Returns (model in eval mode, training seconds or None when loaded from the cache).
+    """
     import torch
 
     from legoblocks.train import train_teacher
 
-    kwargs = s.model_kwargs.get(name, {})
-    tag = "-".join(f"{k}{v}" for k, v in sorted(kwargs.items())) or "default"
-    path = workdir / f"teacher-{name}-{tag}-n{len(train)}-e{s.teacher_epochs}-s{s.seed}.pt"
+    path = teacher_path(name, s, len(train), workdir)
     torch.manual_seed(s.seed)
-    model = _build(name, kwargs)
+    model = _build(name, s.model_kwargs.get(name, {}))
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         log.info("teacher %s loaded from %s", name, path)
         return model.eval(), None
     with Timer() as t:
-        train_teacher(model, train, epochs=s.teacher_epochs, lr=s.teacher_lr, batch_size=128,
+        train_teacher(model, train, epochs=teacher_epochs(name, s), lr=s.teacher_lr, batch_size=128,
                       weight_decay=5e-4, seed=s.seed, checkpoint=path, progress=progress)
     return model.eval(), t.seconds
 
@@ -169,6 +228,8 @@ def scratch_model(name: str, s: Settings, target_flops: float):
                 return model, width
         raise ValueError(f"scratch: even width 1 of {name} exceeds {target_flops:.0f} FLOPs")
     lo, hi = 0.0, float(full)  # float multiplier: bisection (lo fits, hi does not)
+    if count_flops(build(hi), SHAPE) <= target_flops:
+        return build(hi), hi
     best = None
     for _ in range(12):
         mid = 0.5 * (lo + hi)
@@ -182,23 +243,30 @@ def scratch_model(name: str, s: Settings, target_flops: float):
     return best
 
 
-def choose(table, budget_flops: float, top_k: int) -> list[list[str]]:
-    """The optimizer's `top_k` best selections under a FLOPs budget, best first.
+def choose(table, budget: float, top_k: int, metric: str = "flops") -> list[list[str]]:
+    """The optimizer's `top_k` best selections under a budget, best first.
 
-    FLOPs are given to the optimizer as its latency column (in MFLOPs), so the selection is
-    exact for the budget the benchmark measures.
+    metric "flops": `budget` is in FLOPs; FLOPs are given to the optimizer as its latency
+    column (in MFLOPs), so the selection is exact for the budget the benchmark measures.
+    metric "latency": `budget` is in ms against the table's own measured latency column.
     """
     from optimizer.problem import parse_problem
     from optimizer.solver import solve
     from profiling.table import to_problem
 
-    flops = {(b.name, cid): c.flops / 1e6 for b in table.blocks for cid, c in b.choices.items()}
-    problem = to_problem(table, {"latency_ms": budget_flops / 1e6}, latency_override=flops)
+    if metric == "flops":
+        override = {(b.name, cid): c.flops / 1e6 for b in table.blocks for cid, c in b.choices.items()}
+        limit, unit = budget / 1e6, "MFLOPs"
+    elif metric == "latency":
+        override, limit, unit = None, budget, "ms"
+    else:
+        raise ValueError(f"choose: metric must be 'flops' or 'latency', got {metric!r}")
+    problem = to_problem(table, {"latency_ms": limit}, latency_override=override)
     solution = solve(parse_problem(problem), top_k=top_k)
     if not solution.feasible:
         raise ValueError(
-            f"no composition of {table.model_name} fits {budget_flops / 1e6:.2f} MFLOPs "
-            f"(smallest: {solution.min_latency_ms:.2f}); raise the budget or add sparser descendants"
+            f"no composition of {table.model_name} fits {limit:.3f} {unit} "
+            f"(smallest: {solution.min_latency_ms:.3f}); raise the budget or add sparser descendants"
         )
     return [solution.selection[table.model_name]] + [a.selection[table.model_name] for a in solution.alternatives]
 
@@ -208,119 +276,346 @@ def _row(model: str, method: str, budget: float, flops_frac: float, acc: float, 
             "test_acc": round(100.0 * acc, 2), "train_wall_s": round(wall, 1), **extra}
 
 
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- LegoDNN training
+
+LEGO_CACHE_FORMAT = 1
+
+
+@dataclass
+class LegoRun:
+    """One LegoDNN training run: descendants after the joint stage, and after per-block only.
+
+    `timings` are the ORIGINAL training wall times (also when `cached`): blockwise_s,
+    joint_s, joint_final_loss.
+    """
+
+    scalable: Any  # legoblocks.compose.ScalableModel, after the joint stage
+    blockwise: Any  # the same descendants after per-block distillation only
+    timings: dict[str, float]
+    key: str
+    cached: bool = False
+
+
+def lego_key(name: str, s: Settings, train_n: int, workdir: Path) -> dict[str, Any]:
+    """Everything that defines a LegoRun's weights (its cache key is a hash of this)."""
+    return {
+        "format": LEGO_CACHE_FORMAT, "model": name, "model_kwargs": s.model_kwargs.get(name, {}),
+        "teacher": teacher_path(name, s, train_n, workdir).name, "train_size": train_n, "seed": s.seed,
+        "ladder": list(s.ladder), "retrain": {"epochs": s.retrain_epochs, "limit": s.retrain_limit,
+                                              "lr": s.retrain_lr, "batch_size": 64},
+        "joint": asdict(joint_config(s)),
+    }
+
+
+def _save_variants(model, directory: Path) -> None:
+    """Every descendant's state dict as one safetensors file (no pickle)."""
+    from safetensors.torch import save_file
+
+    for block, choices in model.variants.items():
+        for cid, module in choices.items():
+            path = directory / block / f"{cid}.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def _load_variants(model, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    for block, choices in model.variants.items():
+        for cid, module in choices.items():
+            module.load_state_dict(load_file(str(directory / block / f"{cid}.safetensors")), strict=True)
+
+
+def _descendants(blocked, s: Settings, name: str):
+    """The untrained ScalableModel of a detected teacher (deterministic: same teacher, same
+    structure, which is what lets a cache hold state dicts only)."""
+    from legoblocks.compose import ScalableModel
+
+    return ScalableModel.from_blocked(blocked, ladder=s.ladder, model_ref=name)
+
+
+def _load_lego(name: str, s: Settings, teacher, root: Path, key: str) -> LegoRun:
+    from legoblocks.detect import detect_blocks
+
+    meta = json.loads((root / "lego.json").read_text())
+    scalable = _descendants(detect_blocks(teacher, SHAPE), s, name)
+    blockwise = copy.deepcopy(scalable)
+    _load_variants(scalable, root / "scalable")
+    _load_variants(blockwise, root / "blockwise")
+    log.info("%s: LegoDNN descendants loaded from cache %s (trained originally in %.1f s per-block + "
+             "%.1f s joint)", name, root, meta["timings"]["blockwise_s"], meta["timings"]["joint_s"])
+    return LegoRun(scalable, blockwise, meta["timings"], key, cached=True)
+
+
+def train_legodnn(name: str, s: Settings, data: dict, teacher, workdir: Path, progress: bool) -> LegoRun:
+    """Per-block distillation + joint stage, cached in `workdir/lego-<hash>/` by everything
+    that defines the weights, so several benchmarks share one training run."""
+    import torch
+
+    from legoblocks.detect import detect_blocks
+    from legoblocks.joint import train_joint
+    from legoblocks.retrain import RetrainConfig, collect_block_io, retrain_descendants
+
+    train = data["train"]
+    spec = lego_key(name, s, len(train), workdir)
+    key = _digest(spec)
+    root = workdir / f"lego-{name}-{key}"
+    if (root / "lego.json").is_file():
+        return _load_lego(name, s, teacher, root, key)
+    torch.manual_seed(s.seed)
+    with Timer() as t_block:
+        blocked = detect_blocks(teacher, SHAPE)
+        scalable = _descendants(blocked, s, name)
+        io = collect_block_io(blocked.blocks, train, limit=s.retrain_limit, batch_size=256, seed=s.seed)
+        cfg = RetrainConfig(epochs=s.retrain_epochs, lr=s.retrain_lr, batch_size=64, seed=s.seed)
+        for block_spec, block_io in zip(scalable.specs, io):
+            if len(scalable.choices(block_spec.name)) > 1:
+                retrain_descendants(scalable.variants[block_spec.name], block_io, cfg, progress=progress)
+        del io
+    blockwise = copy.deepcopy(scalable)
+    with Timer() as t_joint:
+        joint = train_joint(scalable, train, joint_config(s), progress=progress)
+    tail = joint.losses[-10:]
+    timings = {"blockwise_s": round(t_block.seconds, 1), "joint_s": round(t_joint.seconds, 1),
+               "joint_final_loss": round(sum(tail) / max(1, len(tail)), 4)}
+    log.info("%s: per-block stage %.1f s, joint stage %.1f s", name, t_block.seconds, t_joint.seconds)
+    tmp = cache_tmp(root)
+    _save_variants(scalable, tmp / "scalable")
+    _save_variants(blockwise, tmp / "blockwise")
+    (tmp / "lego.json").write_text(json.dumps({"key": spec, "timings": timings}, indent=2) + "\n")
+    publish_cache(tmp, root)
+    return LegoRun(scalable, blockwise, timings, key)
+
+
+def cache_tmp(root: Path) -> Path:
+    """A private temporary sibling of a cache entry (unique per process)."""
+    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_cache(tmp: Path, root: Path) -> None:
+    """Rename a finished entry into place, so it appears only when complete; when another
+    process published the same entry first, theirs is kept (same key, same content)."""
+    try:
+        tmp.rename(root)
+    except OSError:
+        if not root.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- profile and select
+
+
+@dataclass
+class Pick:
+    """The selection kept for one budget, with its measured and predicted validation accuracy."""
+
+    budget: float
+    selection: list[str]
+    val_acc: float
+    predicted: float
+    candidates: int
+
+
+@dataclass
+class Selected:
+    table: Any  # profiling.table.ProfileTable
+    picks: list[Pick]
+    profile_s: float
+    rerank_s: float
+
+
+def select(table, model, val, budgets: Sequence[float], *, metric: str, top_k: int,
+           rerank: bool) -> tuple[list[Pick], float]:
+    """Per budget, the optimizer's top-k re-ranked on validation data.
+
+    metric "flops": budgets are fractions of the teacher's FLOPs (the table's per-block FLOPs
+    add up exactly to the whole model's); metric "latency": budgets in ms against the table's
+    latency column. Without `rerank` the optimizer's best is kept as is (its validation
+    accuracy is still measured, to report how wrong the prediction was). Returns the picks
+    (`Pick.budget` as given) and the seconds.
+    """
+    from profiling.accuracy import SelectionEvaluator
+
+    evaluator = SelectionEvaluator(model, val)
+    scale = table.total(["0.0"] * len(table.blocks), "flops") if metric == "flops" else 1.0
+    picks = []
+    with Timer() as t:
+        for budget in budgets:
+            candidates = choose(table, budget * scale, top_k if rerank else 1, metric)
+            measured = evaluator.accuracy_many(candidates)
+            best = max(range(len(candidates)), key=lambda i: (measured[i], -i))
+            picks.append(Pick(budget, list(candidates[best]), measured[best],
+                              table.predicted_accuracy(candidates[best]), len(candidates)))
+    return picks, t.seconds
+
+
+def profile(name: str, s: Settings, model, val, *, calibration_k: int, latency=None,
+            additivity_n: int | None = None, progress: bool = False):
+    """The ProfileTable of `model` on validation data, and the seconds it took."""
+    from profiling.profile import LatencySettings, profile_model
+
+    lat = latency or LatencySettings(warmup=1, repeats=3)  # FLOPs budgets: latency unused
+    with Timer() as t:
+        table = profile_model(model, val, envs=s.profile_envs, latency=lat,
+                              additivity_n=s.additivity_n if additivity_n is None else additivity_n,
+                              calibration_k=calibration_k, seed=s.seed, model_name=name, progress=progress)
+    return table, t.seconds
+
+
+def profile_and_select(name: str, s: Settings, model, val, budgets: Sequence[float], *, metric: str = "flops",
+                       calibration_k: int, rerank: bool, latency=None, progress: bool = False) -> Selected:
+    """Profile `model`, then pick a selection per budget: FLOPs fractions or ms (see `select`)."""
+    table, profile_s = profile(name, s, model, val, calibration_k=calibration_k, latency=latency, progress=progress)
+    picks, rerank_s = select(table, model, val, budgets, metric=metric, top_k=s.top_k, rerank=rerank)
+    log.info("%s: profile %.1f s, selection %.1f s", name, profile_s, rerank_s)
+    return Selected(table, picks, profile_s, rerank_s)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+@dataclass
+class Baseline:
+    """One baseline model for one budget: the trained model, its measured FLOPs and accuracy."""
+
+    budget: float
+    model: Any
+    flops_frac: float
+    test_acc: float  # fraction in [0, 1]
+    seconds: float  # pruning + training wall time
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _per_budget(value: float | Mapping[float, float] | None, budget: float) -> float | None:
+    return value.get(budget) if isinstance(value, Mapping) else value
+
+
+def uniform_baseline(name: str, s: Settings, data: dict, teacher, budgets: Sequence[float], *,
+                     seconds_per_budget: float | Mapping[float, float] | None = None,
+                     epochs: float | None = None, progress: bool = False) -> list[Baseline]:
+    """The teacher pruned uniformly to each FLOPs fraction and fine-tuned end to end.
+
+    Give `epochs` (a fixed amount of work) or `seconds_per_budget` (pruning + fine-tuning
+    wall time per budget, e.g. an equal share of LegoDNN's time). Budget 1.0 is the teacher
+    itself fine-tuned for its share.
+    """
+    from legoblocks.train import evaluate
+    from legoblocks.uniform import finetune, prune_to_flops
+
+    if (epochs is None) == (seconds_per_budget is None):
+        raise ValueError("uniform_baseline: give exactly one of epochs or seconds_per_budget")
+    out = []
+    for budget in budgets:
+        with Timer() as t_prune:
+            choice = prune_to_flops(teacher, budget, SHAPE, iterations=s.prune_iterations)
+        share = _per_budget(seconds_per_budget, budget)
+        budget_kw = {"epochs": epochs} if epochs is not None else {"wall_time_s": max(0.5, share - t_prune.seconds)}
+        report = finetune(choice.model, teacher, data["train"], lr=s.uniform_lr, seed=s.seed,
+                          progress=progress, **budget_kw)
+        seconds = t_prune.seconds + report.seconds
+        out.append(Baseline(budget, choice.model, choice.flops_frac, evaluate(choice.model, data["test"]),
+                            seconds, {"ratio": round(choice.ratio, 4), "prune_s": round(t_prune.seconds, 1),
+                                     "finetune_s": report.seconds}))
+        log.info("%s uniform @ %.3f: ratio %.3f, %.1f s", name, budget, choice.ratio, seconds)
+    return out
+
+
+def scratch_baseline(name: str, s: Settings, data: dict, teacher, budgets: Sequence[float], *,
+                     seconds_per_budget: float | Mapping[float, float], skip_unfit: bool = False,
+                     progress: bool = False) -> list[Baseline]:
+    """The model at the widest width that fits each budget, trained from scratch (0.5 CE +
+    0.5 KD to the teacher) for the given wall time per budget.
+
+    Some families cannot shrink below a floor (MobileNetV2 rounds channels to multiples of
+    8): with `skip_unfit` such a budget is left out (logged), otherwise it raises.
+    """
+    import torch
+
+    from legoblocks.train import evaluate
+    from legoblocks.uniform import count_flops, finetune
+
+    teacher_flops = count_flops(teacher, SHAPE)
+    out = []
+    for budget in budgets:
+        torch.manual_seed(s.seed)
+        try:
+            model, width = scratch_model(name, s, budget * teacher_flops)
+        except ValueError as exc:
+            if not skip_unfit:
+                raise
+            log.warning("%s scratch @ %.3f skipped: %s", name, budget, exc)
+            continue
+        report = finetune(model, teacher, data["train"], wall_time_s=_per_budget(seconds_per_budget, budget),
+                          lr=0.05, seed=s.seed, progress=progress)
+        out.append(Baseline(budget, model, count_flops(model, SHAPE) / teacher_flops,
+                            evaluate(model, data["test"]), report.seconds, {"width": width}))
+        log.info("%s scratch @ %.3f: width %s, %.1f s", name, budget, width, report.seconds)
+    return out
+
+
 # ----------------------------------------------------------------------------- one model
 
 
 def bench_model(name: str, s: Settings, data: dict, workdir: Path, progress: bool) -> tuple[list[dict], dict]:
-    import torch
-
+    """Every method of issue 11 for one model, from one teacher and seed."""
     from legoblocks.bn import calibration_batches, recalibrate_bn
-    from legoblocks.compose import ScalableModel
-    from legoblocks.detect import detect_blocks
-    from legoblocks.joint import JointConfig, train_joint
-    from legoblocks.retrain import RetrainConfig, collect_block_io, retrain_descendants
     from legoblocks.train import evaluate
-    from legoblocks.uniform import count_flops, finetune, prune_to_flops
-    from profiling.accuracy import SelectionEvaluator
-    from profiling.profile import LatencySettings, profile_model
+    from legoblocks.uniform import count_flops
 
     train, val, test = data["train"], data["val"], data["test"]
     rows: list[dict] = []
-    info: dict[str, Any] = {}
     teacher, teacher_s = teacher_for(name, s, train, workdir, progress)
     teacher_flops = count_flops(teacher, SHAPE)
-    info.update(teacher_test_acc=round(100 * evaluate(teacher, test), 2), teacher_flops=teacher_flops,
-                teacher_train_s=None if teacher_s is None else round(teacher_s, 1))
+    info: dict[str, Any] = {"teacher_test_acc": round(100 * evaluate(teacher, test), 2), "teacher_flops": teacher_flops,
+                            "teacher_train_s": None if teacher_s is None else round(teacher_s, 1)}
     log.info("%s teacher: %.2f%% test, %.2f MFLOPs", name, info["teacher_test_acc"], teacher_flops / 1e6)
     bn_batches = calibration_batches(train, num_batches=s.bn_batches, batch_size=128, seed=s.seed)
 
-    # --- LegoDNN: one training run for every budget -------------------------------------
-    torch.manual_seed(s.seed)
-    with Timer() as t_block:
-        blocked = detect_blocks(teacher, SHAPE)
-        scalable = ScalableModel.from_blocked(blocked, ladder=s.ladder, model_ref=name)
-        io = collect_block_io(blocked.blocks, train, limit=s.retrain_limit, batch_size=256, seed=s.seed)
-        cfg = RetrainConfig(epochs=s.retrain_epochs, lr=s.retrain_lr, batch_size=64, seed=s.seed)
-        for spec, block_io in zip(scalable.specs, io):
-            if len(scalable.choices(spec.name)) > 1:
-                retrain_descendants(scalable.variants[spec.name], block_io, cfg, progress=progress)
-        del io
-    blockwise = copy.deepcopy(scalable)
-    with Timer() as t_joint:
-        joint = train_joint(scalable, train, JointConfig(steps=s.joint_steps, batch_size=s.joint_batch,
-                                                         lr=s.joint_lr, seed=s.seed), progress=progress)
-    info["blocks"] = len(scalable.block_names)
-    info["compositions"] = scalable.num_options()
-    log.info("%s: per-block stage %.1f s, joint stage %.1f s", name, t_block.seconds, t_joint.seconds)
-    timings = {"blockwise_s": round(t_block.seconds, 1), "joint_s": round(t_joint.seconds, 1),
-               "joint_final_loss": round(sum(joint.losses[-10:]) / max(1, len(joint.losses[-10:])), 4)}
-
-    lat = LatencySettings(warmup=1, repeats=3)  # budgets are FLOPs: latency is not used here
-    variants = [
-        # method, model, calibration compositions, re-rank the optimizer's top k on validation
-        ("legodnn", scalable, s.calibration_k, True, t_block.seconds + t_joint.seconds),
-        ("legodnn-blockwise", blockwise, 0, False, t_block.seconds),
+    lego = train_legodnn(name, s, data, teacher, workdir, progress)
+    info.update(blocks=len(lego.scalable.block_names), compositions=lego.scalable.num_options(),
+                timings=lego.timings, lego_cache=lego.key, lego_cached=lego.cached)
+    variants = [  # method, model, calibration compositions, re-rank top k, training seconds
+        ("legodnn", lego.scalable, s.calibration_k, True, lego.timings["blockwise_s"] + lego.timings["joint_s"]),
+        ("legodnn-blockwise", lego.blockwise, 0, False, lego.timings["blockwise_s"]),
     ]
-    profiles = {}
+    info["profiles"] = {}
     for method, model, k, rerank, trained_s in variants:
-        with Timer() as t_prof:
-            table = profile_model(model, val, envs=s.profile_envs, latency=lat, additivity_n=s.additivity_n,
-                                  calibration_k=k, seed=s.seed, model_name=name, progress=progress)
-        profiles[method] = {"profile_s": round(t_prof.seconds, 1), "additivity": _brief(table.additivity),
-                            "calibration": _brief(table.calibration)}
-        evaluator = SelectionEvaluator(model, val)
-        picked: dict[float, tuple[list[str], list[float]]] = {}
-        with Timer() as t_rerank:
-            for budget in s.budgets:
-                # The blockwise recipe takes the optimizer's best as is; its validation accuracy
-                # is still measured, to report how wrong the raw prediction was.
-                candidates = choose(table, budget * teacher_flops, s.top_k if rerank else 1)
-                measured = evaluator.accuracy_many(candidates)
-                best = max(range(len(candidates)), key=lambda i: (measured[i], -i))
-                picked[budget] = (candidates[best], [measured[best], table.predicted_accuracy(candidates[best])])
-        profiles[method]["rerank_s"] = round(t_rerank.seconds, 1)
-        log.info("%s %s: profile %.1f s, selection %.1f s", name, method, t_prof.seconds, t_rerank.seconds)
-        wall = trained_s + t_prof.seconds + t_rerank.seconds
-        for budget, (sel, (val_acc, predicted)) in picked.items():
-            composed = model.compose(sel)
+        sel = profile_and_select(name, s, model, val, s.budgets,
+                                 calibration_k=k, rerank=rerank, progress=progress)
+        info["profiles"][method] = {"profile_s": round(sel.profile_s, 1), "rerank_s": round(sel.rerank_s, 1),
+                                    "additivity": _brief(sel.table.additivity),
+                                    "calibration": _brief(sel.table.calibration)}
+        wall = trained_s + sel.profile_s + sel.rerank_s
+        for pick in sel.picks:
+            budget = pick.budget
+            composed = model.compose(pick.selection)
             frac = count_flops(composed, SHAPE) / teacher_flops
-            extra = {"selection": sel, "predicted_val_acc": round(100 * predicted, 2),
-                     "val_acc": round(100 * val_acc, 2)}
-            rows.append(_row(name, method, budget, frac, evaluate(composed, test), wall, **extra))
+            rows.append(_row(name, method, budget, frac, evaluate(composed, test), wall, selection=pick.selection,
+                             predicted_val_acc=round(100 * pick.predicted, 2), val_acc=round(100 * pick.val_acc, 2)))
             with Timer() as t_bn:
                 recalibrated = recalibrate_bn(composed, bn_batches)
             rows.append(_row(name, f"{method}+bn", budget, frac, evaluate(recalibrated, test),
-                             wall + t_bn.seconds * len(s.budgets), selection=sel, bn_s=round(t_bn.seconds, 2)))
-    info["timings"] = timings
-    info["profiles"] = profiles
+                             wall + t_bn.seconds * len(s.budgets), selection=pick.selection,
+                             bn_s=round(t_bn.seconds, 2)))
 
-    # --- uniform pruning: one prune + fine-tune per budget -------------------------------
-    uniform_s: dict[float, float] = {}
-    uniform_rows = []
-    for budget in s.budgets:
-        with Timer() as t_prune:
-            choice = prune_to_flops(teacher, budget, SHAPE, iterations=s.prune_iterations)
-        report = finetune(choice.model, teacher, train, epochs=s.uniform_epochs, lr=s.uniform_lr,
-                          seed=s.seed, progress=progress)
-        uniform_s[budget] = report.seconds
-        uniform_rows.append((budget, choice, evaluate(choice.model, test), t_prune.seconds + report.seconds))
-        log.info("%s uniform @ %.2f: ratio %.3f, %.1f s", name, budget, choice.ratio, uniform_rows[-1][3])
-    total_uniform = sum(r[3] for r in uniform_rows)
-    for budget, choice, acc, _ in uniform_rows:
-        rows.append(_row(name, "uniform", budget, choice.flops_frac, acc, total_uniform, ratio=round(choice.ratio, 4)))
-
-    # --- scratch: a narrower model trained for the time uniform fine-tuned ---------------
-    scratch_rows = []
-    for budget in s.budgets:
-        torch.manual_seed(s.seed)
-        model, width = scratch_model(name, s, budget * teacher_flops)
-        report = finetune(model, teacher, train, wall_time_s=uniform_s[budget], lr=0.05, seed=s.seed,
-                          progress=progress)
-        scratch_rows.append((budget, width, count_flops(model, SHAPE) / teacher_flops, evaluate(model, test),
-                             report.seconds))
-    total_scratch = sum(r[4] for r in scratch_rows)
-    for budget, width, frac, acc, _ in scratch_rows:
-        rows.append(_row(name, "scratch", budget, frac, acc, total_scratch, width=width))
+    uniform = uniform_baseline(name, s, data, teacher, s.budgets, epochs=s.uniform_epochs, progress=progress)
+    total_uniform = sum(u.seconds for u in uniform)
+    for u in uniform:
+        rows.append(_row(name, "uniform", u.budget, u.flops_frac, u.test_acc, total_uniform, ratio=u.extra["ratio"]))
+    # scratch trains for the time uniform spent fine-tuning at that budget
+    scratch = scratch_baseline(name, s, data, teacher, s.budgets, progress=progress,
+                               seconds_per_budget={u.budget: u.extra["finetune_s"] for u in uniform})
+    total_scratch = sum(r.seconds for r in scratch)
+    for r in scratch:
+        rows.append(_row(name, "scratch", r.budget, r.flops_frac, r.test_acc, total_scratch, width=r.extra["width"]))
     return rows, info
 
 
@@ -412,7 +707,8 @@ def markdown(result: dict) -> str:
             out.append(f"| {method} | " + " | ".join(cells) + f" | {wall} |")
         out.append("")
         t = info.get("timings", {})
-        out.append(f"LegoDNN time: per-block {t.get('blockwise_s')} s, joint {t.get('joint_s')} s; "
+        cached = " (descendants loaded from the LegoRun cache; original training times)" if info.get("lego_cached") else ""
+        out.append(f"LegoDNN time{cached}: per-block {t.get('blockwise_s')} s, joint {t.get('joint_s')} s; "
                    + "; ".join(f"{m}: profile {p['profile_s']} s, re-rank {p['rerank_s']} s"
                                for m, p in info.get("profiles", {}).items()) + ".")
         cal = (info.get("profiles", {}).get("legodnn") or {}).get("calibration")
@@ -437,12 +733,84 @@ def markdown(result: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
+NOTES_MARKER = "<!-- hand-written notes below this line are kept when the page is regenerated -->"
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    """Write the generated page, keeping any hand-written notes after NOTES_MARKER."""
+    notes = ""
+    if path.is_file():
+        old = path.read_text()
+        if NOTES_MARKER in old:
+            notes = old.split(NOTES_MARKER, 1)[1]
+    path.write_text(markdown(result) + "\n" + NOTES_MARKER + notes)
+
+
 def to_json(result: dict) -> str:
     """Indented JSON with one line per row, so a diff of two runs reads row by row."""
     rows = ",\n".join("    " + json.dumps(r) for r in result["rows"])
     rest = {k: v for k, v in result.items() if k != "rows"}
     text = json.dumps({**rest, "rows": "@ROWS@"}, indent=2)
     return text.replace('"@ROWS@"', "[\n" + rows + "\n  ]") + "\n"
+
+
+def parse_assignments(values: Sequence[str] | None, flag: str, convert=None) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> dict; VALUE is JSON when it parses (numbers, true, {...}), else a
+    string. `convert(key, value)` may check or transform each value (and raise SystemExit)."""
+    out: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"bench: {flag} expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        key = key.strip()
+        out[key] = convert(key, value) if convert else value
+    return out
+
+
+def _model_kwargs_value(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SystemExit(f"bench: --model-kwargs {key}=...: expected a JSON object such as "
+                         f"'{{\"width_mult\": 0.5}}', got {value!r}")
+    return value
+
+
+def _epochs_value(key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SystemExit(f"bench: --model-teacher-epochs {key}=...: expected a positive integer, got {value!r}")
+    return value
+
+
+def add_common_arguments(p: argparse.ArgumentParser, d: Settings) -> None:
+    """The arguments that define teachers and the LegoDNN training run (shared with
+    bench/evaluate.py, so both scripts find the same caches)."""
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data-dir", default=d.data_dir, help="folder with the Fashion-MNIST IDX .gz files")
+    p.add_argument("--workdir", type=Path, default=REPO / ".legodnn" / "bench-accuracy",
+                   help="cache for trained teachers and LegoDNN runs (reused across runs and scripts)")
+    p.add_argument("--model-kwargs", action="append", metavar="NAME=JSON",
+                   help="zoo kwargs of one model, e.g. mobilenetv2='{\"width_mult\": 0.5}' (repeatable)")
+    p.add_argument("--train-size", type=int, default=None, help="training images (default: all but validation)")
+    p.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of training")
+    p.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs, help="teacher epochs of every model")
+    p.add_argument("--model-teacher-epochs", action="append", metavar="NAME=N",
+                   help="teacher epochs of one model, overriding --teacher-epochs (repeatable)")
+    p.add_argument("--retrain-epochs", type=int, default=d.retrain_epochs)
+    p.add_argument("--retrain-limit", type=int, default=d.retrain_limit, help="block I/O pairs per block")
+    p.add_argument("--joint", action="append", metavar="KEY=VALUE",
+                   help="override a legoblocks.joint.JointConfig field (VALUE parsed as JSON, else a "
+                   "string), e.g. --joint steps=600 --joint freeze_bn=true (repeatable); unset fields "
+                   "keep JointConfig's defaults, seed defaults to --seed")
+    p.add_argument("--joint-steps", type=int, default=None, help="alias of --joint steps=N")
+    p.add_argument("--joint-batch", type=int, default=None, help="alias of --joint batch_size=N")
+    p.add_argument("--joint-lr", type=float, default=None, help="alias of --joint lr=X")
+    p.add_argument("--calibration-k", type=int, default=d.calibration_k)
+    p.add_argument("--top-k", type=int, default=d.top_k, help="selections re-ranked on validation data")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,40 +822,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--models", nargs="+", default=d.models, help="zoo model names (default: resnet20)")
     p.add_argument("--budgets", nargs="+", type=float, default=d.budgets, help="FLOPs fractions of the teacher")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--data-dir", default=d.data_dir, help="folder with the Fashion-MNIST IDX .gz files")
-    p.add_argument("--workdir", type=Path, default=REPO / ".legodnn" / "bench-accuracy",
-                   help="cache for trained teachers (reused across runs)")
+    add_common_arguments(p, d)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "accuracy.json")
     p.add_argument("--md", type=Path, default=REPO / "docs" / "benchmarks" / "accuracy.md")
-    p.add_argument("--train-size", type=int, default=None, help="training images (default: all but validation)")
-    p.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of training")
-    p.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs)
-    p.add_argument("--retrain-epochs", type=int, default=d.retrain_epochs)
-    p.add_argument("--retrain-limit", type=int, default=d.retrain_limit, help="block I/O pairs per block")
-    p.add_argument("--joint-steps", type=int, default=d.joint_steps)
-    p.add_argument("--joint-batch", type=int, default=d.joint_batch)
-    p.add_argument("--joint-lr", type=float, default=d.joint_lr)
-    p.add_argument("--calibration-k", type=int, default=d.calibration_k)
-    p.add_argument("--top-k", type=int, default=d.top_k, help="selections re-ranked on validation data")
     p.add_argument("--bn-batches", type=int, default=d.bn_batches, help="batches of 128 for BN re-estimation")
     p.add_argument("--uniform-epochs", type=float, default=d.uniform_epochs)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="tiny smoke setting (seconds, meaningless numbers)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="only rewrite the Markdown (--md) from an existing results JSON")
     return p
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
+def common_settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    """Settings from the shared arguments (see add_common_arguments); checks --joint early."""
+    joint = parse_assignments(args.joint, "--joint")
+    for alias, key in (("joint_steps", "steps"), ("joint_batch", "batch_size"), ("joint_lr", "lr")):
+        if getattr(args, alias) is not None:
+            joint[key] = getattr(args, alias)
     s = Settings(
-        models=list(args.models), budgets=list(args.budgets), seed=args.seed, data_dir=str(args.data_dir),
-        train_size=args.train_size, val_size=args.val_size, teacher_epochs=args.teacher_epochs, retrain_epochs=args.retrain_epochs,
-        retrain_limit=args.retrain_limit, joint_steps=args.joint_steps, joint_batch=args.joint_batch,
-        joint_lr=args.joint_lr, calibration_k=args.calibration_k, top_k=args.top_k,
-        bn_batches=args.bn_batches, uniform_epochs=args.uniform_epochs, threads=args.threads,
+        seed=args.seed, data_dir=str(args.data_dir), train_size=args.train_size, val_size=args.val_size,
+        model_kwargs=parse_assignments(args.model_kwargs, "--model-kwargs", _model_kwargs_value),
+        teacher_epochs=args.teacher_epochs,
+        model_teacher_epochs=parse_assignments(args.model_teacher_epochs, "--model-teacher-epochs", _epochs_value),
+        retrain_epochs=args.retrain_epochs, retrain_limit=args.retrain_limit, joint=joint,
+        calibration_k=args.calibration_k, top_k=args.top_k, threads=args.threads, **extra,
     )
+    joint_config(s)  # unknown or invalid joint fields fail before any data is loaded
+    return s
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = common_settings(args, models=list(args.models), budgets=list(args.budgets),
+                        bn_batches=args.bn_batches, uniform_epochs=args.uniform_epochs)
     bad = [b for b in s.budgets if not 0 < b < 1]
     if bad:
         raise SystemExit(f"bench/accuracy.py: budgets must be fractions in (0, 1), got {bad}")
@@ -513,7 +879,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.render.is_file():
             raise SystemExit(f"bench/accuracy.py: --render: {args.render} does not exist; run the benchmark first")
         args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(markdown(json.loads(args.render.read_text())))
+        write_markdown(args.md, json.loads(args.render.read_text()))
         print(f"wrote {args.md}")
         return 0
     s = settings_from(args)
@@ -541,13 +907,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seed": s.seed,
         "rows": rows,
         "models": models,
-        "settings": asdict(s),
+        "settings": settings_record(s),
         "wall_s": round(time.time() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(to_json(result))
     args.md.parent.mkdir(parents=True, exist_ok=True)
-    args.md.write_text(markdown(result))
+    write_markdown(args.md, result)
     for line in verdicts(rows):
         print(line)
     print(f"wrote {args.out} and {args.md}")

@@ -3,14 +3,14 @@
     .venv/bin/python bench/optimizer.py                      # the full table (a few minutes)
     .venv/bin/python bench/optimizer.py --shapes 4x8x6 --instances 5 --out /tmp/table.md
 
-Instances are seeded and shaped like real profile tables: per block, the accuracy drop
-grows with sparsity (convexly, plus measurement noise, rounded to 1e-4 as a 10k-image
-validation set would) while latency and memory fall; budgets go from tight (10% of the
-way from the smallest to the largest total) to loose (80%). LegoDNN's public optimizer
-builds a PuLP model per re-solve (binary x per block and descendant, one per block,
-latency and memory rows) and runs the bundled CBC with gapAbs=0; we time the same, per
-instance: building the model and solving it. Both answers are evaluated by
-`optimizer.evaluate` and must agree to 1e-9 on the objective.
+Instances are seeded and shaped like real profile tables
+(`optimizer.problem.synthetic_problem`: per block, the accuracy drop grows with sparsity
+while latency and memory fall); budgets go from tight (10% of the way from the smallest to
+the largest total) to loose (80%). LegoDNN's public optimizer builds a PuLP model per
+re-solve (binary x per block and descendant, one per block, latency and memory rows) and
+runs the bundled CBC with gapAbs=0; we time the same, per instance: building the model and
+solving it. Both answers are evaluated by `optimizer.evaluate` and must agree to 1e-9 on
+the objective. `--quick` is the smoke test's tiny setting.
 """
 
 from __future__ import annotations
@@ -32,47 +32,12 @@ if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from optimizer import Problem, evaluate, parse_problem, solve  # noqa: E402
+from optimizer.problem import synthetic_problem  # noqa: E402
 
 DEFAULT_SHAPES = "1x8x6,1x10x8,2x8x6,2x10x8,4x8x6,4x10x8,6x8x6,6x10x8,10x12x8"
 DEFAULT_TIGHTNESS = "0.1,0.3,0.5,0.8"
-
-
-def make_instance(rng: random.Random, n_models: int, n_blocks: int, n_choices: int, tightness: float) -> dict[str, Any]:
-    """One problem in JSON form, shaped like real profiles (see the module docstring)."""
-    ladder = [round(0.8 * i / (n_choices - 1), 3) for i in range(n_choices)]
-    models = []
-    for m in range(n_models):
-        blocks = []
-        for b in range(n_blocks):
-            lat0, mem0 = rng.uniform(0.2, 2.0), rng.uniform(2e4, 6e5)
-            scale, power, floor = rng.uniform(0.005, 0.08), rng.uniform(1.5, 3.0), rng.uniform(0.1, 0.3)
-            choices = []
-            for s in ladder:
-                drop = 0.0 if s == 0 else max(0.0, scale * s**power + rng.gauss(0.0, 5e-4))
-                choices.append(
-                    {
-                        "id": str(s),
-                        "accuracy_drop": round(drop, 4),
-                        "latency_ms": lat0 * (floor + (1 - floor) * (1 - s) ** 1.5) * rng.uniform(0.95, 1.05),
-                        "memory_bytes": int(mem0 * (1 - 0.9 * s)),
-                    }
-                )
-            blocks.append({"name": f"block{b}", "choices": choices})
-        models.append({"name": f"model{m}", "base_accuracy": 0.9, "blocks": blocks})
-    every = [b for model in models for b in model["blocks"]]
-
-    def budget(key: str, t: float) -> float:
-        lo = sum(min(c[key] for c in b["choices"]) for b in every)
-        hi = sum(max(c[key] for c in b["choices"]) for b in every)
-        return lo + t * (hi - lo)
-
-    return {
-        "models": models,
-        "budgets": {
-            "latency_ms": budget("latency_ms", tightness),
-            "memory_bytes": budget("memory_bytes", min(1.0, 1.2 * tightness)),
-        },
-    }
+# --quick: two tiny shapes, two budget levels, one instance each (the smoke test's setting).
+QUICK = {"shapes": "1x3x3,2x3x4", "tightness": "0.2,0.7", "instances": 1, "repeats": 1}
 
 
 def pulp_solve(problem: Problem) -> dict[str, list[str]] | None:
@@ -138,7 +103,7 @@ def run_shape(
     mismatches = fallbacks = 0
     for _ in range(instances):
         for t in tightness:
-            problem = parse_problem(make_instance(rng, *shape, t))
+            problem = parse_problem(synthetic_problem(rng, *shape, t))
             runs, cpu = [], []
             for _ in range(repeats):
                 start, start_cpu = time.perf_counter(), _cpu()
@@ -217,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-pulp", action="store_true", help="time only our solver")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"tiny smoke setting (seconds, meaningless timings): overrides {', '.join(f'--{k}' for k in QUICK)}")
     args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
         if any(len(s) != 3 or min(s) < 1 or s[2] < 2 for s in shapes):

@@ -1,18 +1,21 @@
 """Retrain-stage wall time on a local Ray with 1 and with 2 CPUs: the same units, the same data.
 
     .venv/bin/python bench/pipeline.py [--config FILE] [--workdir DIR] [--repeats N] [--write docs/benchmarks/pipeline.md]
+    .venv/bin/python bench/pipeline.py --quick --workdir /tmp/q --write /tmp/q/pipeline.md   # smoke setting
 
 The stages before retraining (teacher, detect, descend, blockio) run once, cached in the
 work directory. Then, for each CPU count, a fresh local Ray starts, its worker processes
 are warmed up (torch and the project imported, so process start-up is not what we time),
 the retrain stage's cache is cleared and the stage is timed end to end as the pipeline runs
 it (driver submits one task per block, waits for all). The best of `--repeats` is reported.
-Target: 2 CPUs at least 1.7x faster than 1 CPU.
+Target: 2 CPUs at least 1.7x faster than 1 CPU. `--quick` shrinks the model, the data, the
+repeats and the capacity probe so the whole path runs in about a minute (meaningless timings).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import shutil
@@ -23,6 +26,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+PROBE_ITERATIONS = 3000
+# --quick: a width-4 ResNet-20 on a few hundred images, one repeat, a short capacity probe.
+QUICK_CONFIG = {
+    "model": {"options": {"width": 4}},
+    "data": {"train_size": 256, "val_size": 64, "test_size": 64},
+    "teacher": {"epochs": 1},
+    "retrain": {"epochs": 1, "limit": 128},
+}
+QUICK_PROBE_ITERATIONS = 100
 
 
 def _warm(_: int) -> int:
@@ -46,17 +59,17 @@ def _machine() -> str:
 
 
 _PROBE = """
-import time, torch
+import sys, time, torch
 torch.set_num_threads(1)
 x = torch.randn(256, 256)
 t = time.perf_counter()
-for _ in range(3000):
+for _ in range(int(sys.argv[1])):
     x @ x
 print(time.perf_counter() - t)
 """
 
 
-def parallel_capacity() -> float:
+def parallel_capacity(iterations: int = PROBE_ITERATIONS) -> float:
     """How many cores two single-threaded torch processes actually get together (1 to 2).
 
     The host is shared: when other work saturates the cores, two tasks cannot run twice as
@@ -64,7 +77,7 @@ def parallel_capacity() -> float:
     read against it.
     """
     def run(n: int) -> float:
-        procs = [subprocess.Popen([sys.executable, "-c", _PROBE], stdout=subprocess.PIPE, text=True)
+        procs = [subprocess.Popen([sys.executable, "-c", _PROBE, str(iterations)], stdout=subprocess.PIPE, text=True)
                  for _ in range(n)]
         return max(float(p.communicate()[0]) for p in procs)
 
@@ -107,15 +120,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(REPO / ".legodnn" / "bench-pipeline"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--write", metavar="FILE", help="write the results as markdown to FILE")
+    parser.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: the config's data.dir)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny smoke setting (about a minute, meaningless timings): a width-4 model on "
+                             "256 images, --repeats 1, a short capacity probe")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
 
     from pipelines.cache import Cache, code_version
-    from pipelines.config import load_config
+    from pipelines.config import load_config, set_dotted
     from pipelines.dag import preflight, run_prefix
     from pipelines.progress import PipelineProgress
     from pipelines.runner import RayRunner
 
-    cfg = load_config(args.config, {"workdir": args.workdir, "ray": {"local_num_cpus": 2}})
+    overrides: dict = {}
+    if args.quick:
+        overrides, args.repeats = copy.deepcopy(QUICK_CONFIG), 1
+    overrides.update(workdir=args.workdir, ray={"local_num_cpus": 2})
+    if args.data_dir:
+        set_dotted(overrides, "data.dir", args.data_dir)
+    cfg = load_config(args.config, overrides)
     facts = preflight(cfg)
     workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         prefix = run_prefix(cfg, prep, facts)
     finally:
         prep.shutdown()
-    capacity = parallel_capacity()
+    capacity = parallel_capacity(QUICK_PROBE_ITERATIONS if args.quick else PROBE_ITERATIONS)
     print(f"parallel capacity of this host right now: {capacity:.2f} of 2 cores", flush=True)
     results = {}
     for cpus in (1, 2):

@@ -10,8 +10,9 @@ reports what the optimizer depends on:
 - latency stability: the coefficient of variation of each descendant's latency median
   over repeated measuring rounds, and whole-chain latency against the sum of its blocks.
 
-Writes the numbers, the command and the machine to docs/benchmarks/profiling.md.
+Writes the numbers, the command and the machine to docs/benchmarks/profiling.md (--out).
 Trained models are cached in --workdir, so a rerun with the same settings only profiles.
+`--quick` is the smoke test's tiny setting (seconds; the numbers mean nothing).
 
     .venv/bin/python bench/profiling.py --help
 """
@@ -50,6 +51,13 @@ from profiling.profile import LatencySettings, measure_latencies, profile_model 
 from profiling.table import ProfileTable, save, to_problem  # noqa: E402
 
 INPUT_SHAPE = (1, 28, 28)
+# --quick: a width-4 ResNet-20 on a few hundred images, one environment, a handful of
+# compositions and latency runs, so every step runs in seconds (the smoke test's setting).
+QUICK = {
+    "width": 4, "train_size": 1024, "val_size": 128, "teacher_epochs": 3, "retrain_limit": 128,
+    "retrain_epochs": 1, "joint_steps": 0, "envs": "original", "additivity_n": 3, "calibration_k": 3,
+    "bn_compare": 0, "latency_repeats": 3, "latency_rounds": 2,
+}
 NOTES_MARKER = "<!-- hand-written notes: bench/profiling.py keeps everything below this line -->"
 
 METHOD = """## What the numbers mean (profiling/)
@@ -90,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=ROOT / ".legodnn" / "bench-profiling",
                    help="cache for the teacher and the retrained descendants")
     p.add_argument("--model", default="resnet20", help="zoo model")
+    p.add_argument("--width", type=int, default=None, help="zoo width option (default: the model's own)")
     p.add_argument("--train-size", type=int, default=3000, help="training images (teacher and retraining)")
     p.add_argument("--val-size", type=int, default=500,
                    help="validation images for the profile (disjoint from the training images)")
@@ -110,20 +119,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "profiling.md")
     p.add_argument("--table", type=Path, default=None, help="also write the ProfileTable here")
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny smoke setting (seconds, meaningless numbers): overrides {', '.join(f'--{k}' for k in QUICK)}")
+    args = p.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    return args
 
 
 def _key(args: argparse.Namespace, *fields: str) -> str:
-    data = {f: str(getattr(args, f)) for f in fields}
+    # An unset option (None) is left out, so adding one keeps the keys of existing caches.
+    data = {f: str(getattr(args, f)) for f in fields if getattr(args, f) is not None}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def build_teacher(args: argparse.Namespace, train_ds) -> tuple[torch.nn.Module, dict]:
     """Train the teacher, or load it from the workdir (state dict, weights_only)."""
-    key = _key(args, "model", "train_size", "teacher_epochs", "seed")
+    key = _key(args, "model", "width", "train_size", "teacher_epochs", "seed")
     path = args.workdir / f"teacher-{key}.pt"
     torch.manual_seed(args.seed)
-    teacher = build_zoo_model(args.model)
+    teacher = build_zoo_model(args.model, **({} if args.width is None else {"width": args.width}))
     if path.exists():
         print(f"loading teacher from {path}")
         teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -136,7 +151,7 @@ def build_teacher(args: argparse.Namespace, train_ds) -> tuple[torch.nn.Module, 
 
 def build_scalable(args: argparse.Namespace, train_ds) -> tuple[ScalableModel, dict]:
     """Teacher -> blocks -> descendants -> distillation (-> joint), cached in the workdir."""
-    key = _key(args, "model", "train_size", "teacher_epochs", "retrain_limit", "retrain_epochs",
+    key = _key(args, "model", "width", "train_size", "teacher_epochs", "retrain_limit", "retrain_epochs",
                "retrain_lr", "joint_steps", "seed")
     cached = args.workdir / f"scalable-{key}"
     timings_file = args.workdir / f"scalable-{key}-timings.json"
@@ -266,11 +281,11 @@ def _pick_rows(run: dict) -> list[str]:
     return rows
 
 
-def write_markdown(path: Path, args: argparse.Namespace, runs: list[dict], timings: dict,
+def write_markdown(path: Path, args: argparse.Namespace, argv: list[str], runs: list[dict], timings: dict,
                    latency: dict, savings: dict, load: tuple[float, float]) -> None:
     table = runs[0]["table"]
     host = next(iter(table.fingerprints.values()))
-    command = "python bench/profiling.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python bench/profiling.py " + " ".join(shlex.quote(a) for a in argv)
     lines = [
         "# Profiling benchmark",
         "",
@@ -282,7 +297,7 @@ def write_markdown(path: Path, args: argparse.Namespace, runs: list[dict], timin
         f"({platform.machine()}), torch {host.get('torch_version')}; shared with other jobs: load average "
         f"{load[0]:.1f} at the start, {load[1]:.1f} at the end; latency at {host.get('threads')} thread(s), batch 1",
         f"- date: {table.created}",
-        f"- setting: {args.model} on Fashion-MNIST, ladder {list(DEFAULT_LADDER)}, teacher trained "
+        f"- setting: {args.model}{'' if args.width is None else f' (width {args.width})'} on Fashion-MNIST, ladder {list(DEFAULT_LADDER)}, teacher trained "
         f"{args.teacher_epochs} epochs on {args.train_size} images, distillation {args.retrain_epochs} "
         f"epoch(s) (Adam lr {args.retrain_lr:g}) on {args.retrain_limit} images per block, joint stage steps "
         f"{args.joint_steps}, validation {args.val_size} images, environments {table.settings['envs']}",
@@ -366,6 +381,7 @@ def accuracy_run(scalable: ScalableModel, val_ds, train_ds, bn_batches: int, arg
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     load_start = os.getloadavg()[0]
     full = load_fashion_mnist(args.data_dir, train=True)
     train_ds, val_ds = split(full, [args.train_size, args.val_size], seed=args.seed)
@@ -384,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["latency_rounds_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     savings = prefix_savings(scalable, runs[0]["table"])
-    write_markdown(args.out, args, runs, timings, latency, savings, (load_start, os.getloadavg()[0]))
+    write_markdown(args.out, args, argv, runs, timings, latency, savings, (load_start, os.getloadavg()[0]))
 
     print(f"teacher accuracy {pts(runs[0]['table'].teacher_accuracy)}%")
     for run in runs:

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 __all__ = [
     "Budgets",
@@ -50,6 +51,7 @@ __all__ = [
     "parse_models",
     "parse_penalty",
     "parse_problem",
+    "synthetic_problem",
 ]
 
 
@@ -212,6 +214,30 @@ def _list(value: Any, path: str) -> list[Any]:
     return value
 
 
+_Item = TypeVar("_Item", Choice, Block, Model)
+
+
+def _unique(
+    raw: Any, path: str, parse: Callable[[Any, str], _Item], key: str, what: str
+) -> tuple[_Item, ...]:
+    """Parse a non-empty list with `parse`, rejecting a repeated `key` (a choice id, a
+    block or model name): selections and `current` address items by it, so a repeat
+    would make them ambiguous. The error names both places, e.g.
+    `models[0].blocks[3].name: duplicate block name 'head' (also blocks[1])`.
+    """
+    items: list[_Item] = []
+    seen: dict[str, int] = {}
+    short = path.rsplit(".", 1)[-1]
+    for i, raw_item in enumerate(_list(raw, path)):
+        item = parse(raw_item, f"{path}[{i}]")
+        name = getattr(item, key)
+        if name in seen:
+            raise ProblemError(f"{path}[{i}].{key}", f"duplicate {what} {name!r} (also {short}[{seen[name]}])")
+        seen[name] = i
+        items.append(item)
+    return tuple(items)
+
+
 def _parse_choice(raw: Any, path: str) -> Choice:
     obj = _object(raw, path, {"id", "accuracy_drop", "latency_ms", "memory_bytes"}, {"load_bytes"})
     memory = _number(obj["memory_bytes"], f"{path}.memory_bytes")
@@ -228,18 +254,8 @@ def _parse_choice(raw: Any, path: str) -> Choice:
 def _parse_block(raw: Any, path: str) -> Block:
     obj = _object(raw, path, {"name", "choices"}, set())
     name = _name(obj["name"], f"{path}.name")
-    choices: list[Choice] = []
-    seen: dict[str, int] = {}
-    for i, raw_choice in enumerate(_list(obj["choices"], f"{path}.choices")):
-        choice = _parse_choice(raw_choice, f"{path}.choices[{i}]")
-        if choice.id in seen:
-            raise ProblemError(
-                f"{path}.choices[{i}].id",
-                f"duplicate choice id {choice.id!r} (also choices[{seen[choice.id]}])",
-            )
-        seen[choice.id] = i
-        choices.append(choice)
-    return Block(name=name, choices=tuple(choices))
+    choices = _unique(obj["choices"], f"{path}.choices", _parse_choice, "id", "choice id")
+    return Block(name=name, choices=choices)
 
 
 def _parse_model(raw: Any, path: str) -> Model:
@@ -247,20 +263,10 @@ def _parse_model(raw: Any, path: str) -> Model:
         raw, path, {"name", "blocks"}, {"weight", "base_accuracy", "latency_deadline_ms"}
     )
     name = _name(obj["name"], f"{path}.name")
-    blocks: list[Block] = []
-    seen: dict[str, int] = {}
-    for i, raw_block in enumerate(_list(obj["blocks"], f"{path}.blocks")):
-        block = _parse_block(raw_block, f"{path}.blocks[{i}]")
-        if block.name in seen:
-            raise ProblemError(
-                f"{path}.blocks[{i}].name",
-                f"duplicate block name {block.name!r} (also blocks[{seen[block.name]}])",
-            )
-        seen[block.name] = i
-        blocks.append(block)
+    blocks = _unique(obj["blocks"], f"{path}.blocks", _parse_block, "name", "block name")
     return Model(
         name=name,
-        blocks=tuple(blocks),
+        blocks=blocks,
         base_accuracy=_number(obj.get("base_accuracy", 0.0), f"{path}.base_accuracy"),
         weight=_number(obj.get("weight", 1.0), f"{path}.weight", strictly=True),
         latency_deadline_ms=_optional_number(
@@ -271,17 +277,7 @@ def _parse_model(raw: Any, path: str) -> Model:
 
 def parse_models(raw: Any, path: str = "models") -> tuple[Model, ...]:
     """Validate a list of model objects (the part of a problem that does not change with budgets)."""
-    models: list[Model] = []
-    seen: dict[str, int] = {}
-    for i, raw_model in enumerate(_list(raw, path)):
-        model = _parse_model(raw_model, f"{path}[{i}]")
-        if model.name in seen:
-            raise ProblemError(
-                f"{path}[{i}].name", f"duplicate model name {model.name!r} (also {path}[{seen[model.name]}])"
-            )
-        seen[model.name] = i
-        models.append(model)
-    return tuple(models)
+    return _unique(raw, path, _parse_model, "name", "model name")
 
 
 def parse_budgets(raw: Any, path: str = "budgets") -> Budgets:
@@ -372,3 +368,56 @@ def parse_problem(source: Mapping[str, Any] | str | Path) -> Problem:
         current=parse_current(obj.get("current"), models),
         switch_penalty_per_byte=parse_penalty(obj.get("switch_penalty_per_byte")),
     )
+
+
+# ----------------------------------------------------------------------------------------
+# Synthetic instances, for the solver's benchmark and tests: one generator, so the tables
+# the benchmark times are the tables the tests check against the MILP reference.
+
+
+def synthetic_problem(
+    rng: random.Random, n_models: int, n_blocks: int, n_choices: int, tightness: float
+) -> dict[str, Any]:
+    """A problem in JSON form shaped like real profile tables, drawn from `rng`.
+
+    Per block the choices follow a sparsity ladder 0 .. 0.8: the accuracy drop grows with
+    sparsity (convexly, plus measurement noise, rounded to 1e-4 as a 10k-image validation
+    set would) while latency and memory fall. `tightness` in [0, 1] places the latency
+    budget that far from the smallest to the largest achievable total (0 = tightest); the
+    memory budget sits at 1.2x that fraction, capped at the largest total. Models are named
+    `m0, m1, ...`, blocks `b0, b1, ...`; `n_choices` must be >= 2.
+    """
+    ladder = [round(0.8 * i / (n_choices - 1), 3) for i in range(n_choices)]
+    models = []
+    for m in range(n_models):
+        blocks = []
+        for b in range(n_blocks):
+            lat0, mem0 = rng.uniform(0.2, 2.0), rng.uniform(2e4, 6e5)
+            scale, power, floor = rng.uniform(0.005, 0.08), rng.uniform(1.5, 3.0), rng.uniform(0.1, 0.3)
+            choices = []
+            for s in ladder:
+                drop = 0.0 if s == 0 else max(0.0, scale * s**power + rng.gauss(0.0, 5e-4))
+                choices.append(
+                    {
+                        "id": str(s),
+                        "accuracy_drop": round(drop, 4),
+                        "latency_ms": lat0 * (floor + (1 - floor) * (1 - s) ** 1.5) * rng.uniform(0.95, 1.05),
+                        "memory_bytes": int(mem0 * (1 - 0.9 * s)),
+                    }
+                )
+            blocks.append({"name": f"b{b}", "choices": choices})
+        models.append({"name": f"m{m}", "base_accuracy": 0.9, "blocks": blocks})
+    every = [b for model in models for b in model["blocks"]]
+
+    def budget(key: str, t: float) -> float:
+        lo = sum(min(c[key] for c in b["choices"]) for b in every)
+        hi = sum(max(c[key] for c in b["choices"]) for b in every)
+        return lo + t * (hi - lo)
+
+    return {
+        "models": models,
+        "budgets": {
+            "latency_ms": budget("latency_ms", tightness),
+            "memory_bytes": budget("memory_bytes", min(1.0, 1.2 * tightness)),
+        },
+    }

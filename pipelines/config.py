@@ -18,6 +18,9 @@ from typing import Any, Union
 
 import yaml
 
+from legoblocks.joint import JointConfig as TrainerJointConfig
+from legoblocks.retrain import RetrainConfig as TrainerRetrainConfig
+
 
 class ConfigError(ValueError):
     """A config file or value is invalid; the message names the key path and the fix."""
@@ -69,37 +72,25 @@ class DescendConfig:
 
 
 @dataclass
-class RetrainConfig:
-    """Mirrors `legoblocks.retrain.RetrainConfig`; `io_batch_size` is the teacher pass's batch."""
+class RetrainConfig(TrainerRetrainConfig):
+    """Per-block distillation: the fields of `legoblocks.retrain.RetrainConfig`, inherited
+    (a field added there is accepted here without an edit), plus `io_batch_size`, the batch
+    of the one frozen-teacher pass that records every block's inputs and outputs."""
 
-    epochs: int = 1
-    lr: float = 1e-3
-    batch_size: int = 64
-    weight_decay: float = 0.0
-    limit: int | None = None
-    val_fraction: float = 0.1
-    seed: int = 0
     io_batch_size: int = 256
 
 
 @dataclass
-class JointConfig:
-    """The composition-aware joint stage (legoblocks.joint.JointConfig) as a Ray Train job."""
+class JointConfig(TrainerJointConfig):
+    """The composition-aware joint stage as a Ray Train job.
+
+    Every training field (with its type, default and `validate` rules) is inherited from
+    `legoblocks.joint.JointConfig`, so a field added there is accepted, type-checked and
+    validated in the YAML file without an edit here; `pipelines/defaults.yaml` sets the
+    pipeline's own values. The fields below say how the pipeline runs the stage.
+    """
 
     enabled: bool = True
-    steps: int = 250
-    lr: float = 5e-4
-    batch_size: int = 64
-    temperature: float = 4.0
-    kd_weight: float = 1.0
-    feature_weight: float = 1.0
-    ce_weight: float = 0.0
-    sandwich_smallest: bool = True
-    sandwich_largest: bool = False
-    random_compositions: int = 1
-    weight_decay: float = 0.0
-    min_lr_fraction: float = 0.0
-    seed: int = 0
     num_workers: int = 1
     checkpoint_every: int = 50
 
@@ -188,13 +179,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("retrain.weight_decay", lambda v: v >= 0, "a number >= 0"),
     ("retrain.limit", lambda v: v is None or v > 0, "a positive integer or null"),
     ("retrain.val_fraction", lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)"),
-    ("joint.steps", lambda v: v >= 0, "an integer >= 0"),
-    ("joint.lr", lambda v: v > 0, "a positive number"),
     ("joint.num_workers", lambda v: v >= 1, "an integer >= 1"),
-    ("joint.batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("joint.temperature", lambda v: v > 0, "a positive number"),
-    ("joint.random_compositions", lambda v: v >= 0, "an integer >= 0"),
-    ("joint.min_lr_fraction", lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]"),
     ("joint.checkpoint_every", lambda v: v >= 1, "an integer >= 1"),
     ("profile.envs", lambda v: v >= 1, "an integer >= 1"),
     ("profile.latency_repeats", lambda v: v >= 1, "an integer >= 1"),
@@ -323,6 +308,10 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError("descend.ladder: must contain 0.0 (the untouched original block)")
     if len(set(cfg.descend.ladder)) != len(cfg.descend.ladder):
         raise ConfigError(f"descend.ladder: sparsities must be distinct, got {cfg.descend.ladder}")
+    try:
+        cfg.joint.validate()  # the trainer's own rules, so they cannot drift from this file
+    except ValueError as exc:
+        raise ConfigError(f"joint: {exc}") from exc
     return cfg
 
 

@@ -55,8 +55,61 @@ def test_quick_run_writes_every_method_and_budget(tmp_path: Path, fmnist_dir: Pa
     assert all(len(r["selection"]) == result["models"]["resnet20"]["blocks"] for r in lego)
     text = md.read_text()
     assert "| legodnn |" in text and "| uniform |" in text and "## Verdicts" in text
-    rerendered = tmp_path / "again.md"
-    assert bench.main(["--render", str(out), "--md", str(rerendered)]) == 0
-    assert "| legodnn |" in rerendered.read_text() and "## Methods" in rerendered.read_text()
+    md.write_text(text + "\n## Analysis\nkept by hand\n")  # notes after the marker survive a re-render
+    assert bench.main(["--render", str(out), "--md", str(md)]) == 0
+    again = md.read_text()
+    assert "| legodnn |" in again and "## Methods" in again
+    assert again.count("kept by hand") == 1 and again.count(bench.NOTES_MARKER) == 1
     with pytest.raises(SystemExit):
         bench.main(["--budgets", "1.5", "--quick"])
+
+
+def test_second_quick_run_loads_legodnn_from_cache(tmp_path: Path, fmnist_dir: Path) -> None:
+    bench = _load_bench()
+    args = ["--quick", "--no-progress", "--data-dir", str(fmnist_dir), "--workdir", str(tmp_path / "work"),
+            "--budgets", "0.5"]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+
+    assert bench.main([*args, "--out", str(first), "--md", str(tmp_path / "first.md")]) == 0
+    assert bench.main([*args, "--out", str(second), "--md", str(tmp_path / "second.md")]) == 0
+
+    a, b = (json.loads(p.read_text())["models"]["resnet20"] for p in (first, second))
+    assert not a["lego_cached"] and b["lego_cached"]
+    assert a["lego_cache"] == b["lego_cache"] and b["timings"] == a["timings"]  # the original wall times
+    assert len(list((tmp_path / "work").glob("lego-resnet20-*"))) == 1
+    lego = {p: [r for r in json.loads(p.read_text())["rows"] if r["method"] == "legodnn"] for p in (first, second)}
+    assert [r["selection"] for r in lego[first]] == [r["selection"] for r in lego[second]]
+    assert [r["test_acc"] for r in lego[first]] == [r["test_acc"] for r in lego[second]]
+    assert "loaded from the LegoRun cache" in (tmp_path / "second.md").read_text()
+
+
+def test_joint_overrides_are_parsed_and_checked(capsys) -> None:
+    bench = _load_bench()
+    parse = bench.build_parser().parse_args
+
+    s = bench.settings_from(parse(["--joint", "steps=7", "--joint", "kd_weight=0.5", "--joint-lr", "0.003"]))
+    cfg = bench.joint_config(s)
+    assert (cfg.steps, cfg.kd_weight, cfg.lr, cfg.seed) == (7, 0.5, 0.003, s.seed)
+    assert bench.settings_record(s)["joint_effective"]["steps"] == 7
+    assert bench.joint_config(bench.settings_from(parse(["--quick", "--joint", "steps=5"]))).steps == 5
+
+    with pytest.raises(SystemExit, match=r"unknown JointConfig field.*'bogus'.*valid fields: .*steps"):
+        bench.settings_from(parse(["--joint", "bogus=1"]))
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bench.settings_from(parse(["--joint", "steps"]))
+    with pytest.raises(SystemExit, match="steps must be >= 0"):
+        bench.settings_from(parse(["--joint", "steps=-1"]))
+
+
+def test_per_model_overrides_keep_the_teacher_cache_names() -> None:
+    bench = _load_bench()
+    s = bench.settings_from(bench.build_parser().parse_args(
+        ["--models", "resnet20", "mobilenetv2", "--model-teacher-epochs", "mobilenetv2=4",
+         "--model-kwargs", 'mobilenetv2={"width_mult": 0.5}']))
+    work = Path("/w")
+    assert bench.teacher_path("resnet20", s, 59000, work).name == "teacher-resnet20-default-n59000-e8-s0.pt"
+    assert bench.teacher_path("mobilenetv2", s, 59000, work).name == "teacher-mobilenetv2-width_mult0.5-n59000-e4-s0.pt"
+    with pytest.raises(SystemExit, match="JSON object"):
+        bench.settings_from(bench.build_parser().parse_args(["--model-kwargs", "mobilenetv2=0.5"]))
+    with pytest.raises(SystemExit, match="positive integer"):
+        bench.settings_from(bench.build_parser().parse_args(["--model-teacher-epochs", "resnet20=x"]))

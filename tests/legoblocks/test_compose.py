@@ -19,15 +19,6 @@ MODELS = Path(__file__).with_name("models_for_tests.py")
 SHAPE = (1, 28, 28)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors on a shared 2-core box: extra intra-op threads only fight for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize_bn(model: nn.Module) -> nn.Module:
     """Non-trivial BN statistics, so a lost buffer would show in the outputs."""
     gen = torch.Generator().manual_seed(0)

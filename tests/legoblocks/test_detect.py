@@ -24,16 +24,6 @@ MODELS = Path(__file__).with_name("models_for_tests.py")
 SHAPE = (1, 28, 28)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors on a shared 2-core box: extra intra-op threads only fight for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def _check_chain_and_costs(model: nn.Module, blocked, shape=SHAPE) -> None:
     assert verify_chain(model, blocked) < 1e-5
     assert sum(s.flops for s in blocked.specs) == count_flops(model, shape)

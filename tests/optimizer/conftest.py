@@ -1,5 +1,8 @@
 """Instance generators and an independent brute force for the optimizer tests.
 
+Realistic tables come from `optimizer.problem.synthetic_problem`, the generator the
+benchmark times, so the MILP comparisons check the very instances it reports on.
+
 The brute force recomputes objective and constraints itself (it does not use the solver's
 `evaluate`), so a shared bug cannot hide.
 """
@@ -11,6 +14,8 @@ import random
 from typing import Any
 
 import pytest
+
+from optimizer.problem import synthetic_problem
 
 REL_TOL = 1e-9
 
@@ -97,41 +102,6 @@ def make_random(
     return problem
 
 
-def make_realistic(rng: random.Random, n_models: int, n_blocks: int, n_choices: int, tightness: float) -> dict[str, Any]:
-    """Tables shaped like real profiles: drop grows, latency and memory fall with sparsity."""
-    ladder = [round(0.8 * i / (n_choices - 1), 3) for i in range(n_choices)]
-    models = []
-    for m in range(n_models):
-        blocks = []
-        for b in range(n_blocks):
-            lat0, mem0 = rng.uniform(0.2, 2.0), rng.uniform(2e4, 6e5)
-            scale, power, floor = rng.uniform(0.005, 0.08), rng.uniform(1.5, 3.0), rng.uniform(0.1, 0.3)
-            choices = []
-            for s in ladder:
-                drop = 0.0 if s == 0 else max(0.0, scale * s**power + rng.gauss(0, 5e-4))
-                choices.append(
-                    {
-                        "id": str(s),
-                        "accuracy_drop": round(drop, 4),
-                        "latency_ms": lat0 * (floor + (1 - floor) * (1 - s) ** 1.5) * rng.uniform(0.95, 1.05),
-                        "memory_bytes": int(mem0 * (1 - 0.9 * s)),
-                    }
-                )
-            blocks.append({"name": f"b{b}", "choices": choices})
-        models.append({"name": f"m{m}", "base_accuracy": 0.9, "blocks": blocks})
-    every = [b for m in models for b in m["blocks"]]
-
-    def at(key: str, t: float) -> float:
-        lo = sum(min(c[key] for c in b["choices"]) for b in every)
-        hi = sum(max(c[key] for c in b["choices"]) for b in every)
-        return lo + t * (hi - lo)
-
-    return {
-        "models": models,
-        "budgets": {"latency_ms": at("latency_ms", tightness), "memory_bytes": at("memory_bytes", min(1.0, 1.2 * tightness))},
-    }
-
-
 def _within(total: float, budget: float | None) -> bool:
     return budget is None or total <= budget + REL_TOL * abs(budget)
 
@@ -197,7 +167,7 @@ def gen() -> Any:
 
     class Helpers:
         random = staticmethod(make_random)
-        realistic = staticmethod(make_realistic)
+        realistic = staticmethod(synthetic_problem)  # the benchmark's generator
         check = staticmethod(check)
         brute_force = staticmethod(brute_force)
         minima = staticmethod(minima)

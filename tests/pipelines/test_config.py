@@ -89,3 +89,48 @@ def test_default_model_options_do_not_leak_to_another_model() -> None:
     assert load_config().model.options == {"width": 8}
     assert load_config(None, {"model": {"ref": "mobilenetv2"}}).model.options == {}
     assert load_config(None, {"model": {"ref": "vgg11", "options": {"width": 16}}}).model.options == {"width": 16}
+
+
+def test_joint_section_takes_every_trainer_field_and_its_rules() -> None:
+    """`joint` is derived from legoblocks.joint.JointConfig: a field added there needs no edit here."""
+    import dataclasses
+
+    from legoblocks.joint import JointConfig as TrainerJointConfig
+
+    trainer_fields = {f.name for f in dataclasses.fields(TrainerJointConfig)}
+    cfg = load_config()
+    section = cfg.section("joint")
+    assert trainer_fields | {"enabled", "num_workers", "checkpoint_every"} == section.keys()
+    assert cfg.joint.steps == 250  # pipelines/defaults.yaml still sets the pipeline's values
+    flipped = {name: not value for name, value in section.items() if isinstance(value, bool)}
+    assert "sandwich_smallest" in flipped  # a trainer field, typed bool, set from YAML
+    changed = from_dict({"joint": flipped})
+    assert all(getattr(changed.joint, name) is value for name, value in flipped.items())
+    trainer = TrainerJointConfig(**{k: v for k, v in changed.section("joint").items() if k in trainer_fields})
+    assert trainer.sandwich_smallest is False  # what the Ray Train loop builds from the section
+
+
+@pytest.mark.parametrize(
+    ("joint", "message"),
+    [
+        ({"frezze_bn": True}, "joint.frezze_bn: unknown key; valid keys here are: "),
+        ({"kd_weight": "high"}, "joint.kd_weight: expected a number, got 'high'"),
+        ({"lr": 0}, "joint: invalid JointConfig: lr must be > 0 (got 0.0)"),
+        ({"kd_weight": 0.0, "feature_weight": 0.0, "ce_weight": 0.0}, "joint: invalid JointConfig: all loss weights are 0"),
+        ({"num_workers": 0}, "joint.num_workers: expected an integer >= 1, got 0"),
+    ],
+)
+def test_bad_joint_values_are_rejected(joint: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict({"joint": joint})
+    assert message in str(info.value)
+
+
+def test_retrain_section_takes_every_trainer_field() -> None:
+    import dataclasses
+
+    from legoblocks.retrain import RetrainConfig as TrainerRetrainConfig
+
+    section = load_config().section("retrain")
+    assert {f.name for f in dataclasses.fields(TrainerRetrainConfig)} | {"io_batch_size"} == section.keys()
+    assert from_dict({"retrain": {"limit": 100}}).retrain.limit == 100

@@ -1,0 +1,103 @@
+"""bench/evaluate.py end to end in its --quick setting: every figure, the merged JSON, the
+Markdown, the PNGs and the MLflow run (a real sqlite store in tmp_path)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "evaluate.py"
+FIGURES = {"accuracy", "latency", "options", "switching", "additivity"}
+
+
+def _load_evaluate():
+    spec = importlib.util.spec_from_file_location("bench_evaluate", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_lists_every_figure(capsys) -> None:
+    bench = _load_evaluate()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in [*FIGURES, "all", "--quick", "--no-mlflow", "--joint"])
+
+
+def test_quick_all_writes_every_figure_and_logs_to_mlflow(tmp_path: Path, fmnist_dir: Path) -> None:
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    bench = _load_evaluate()
+    out, md, figs = tmp_path / "evaluation.json", tmp_path / "evaluation.md", tmp_path / "figures"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--quick", "--models", "resnet20", "--no-progress", "--data-dir", str(fmnist_dir),
+              "--workdir", str(tmp_path / "work"), "--out", str(out), "--md", str(md), "--figures-dir", str(figs)]
+    threads = torch.get_num_threads()
+
+    assert bench.main(["all", *common, "--tracking-uri", uri]) == 0
+
+    assert torch.get_num_threads() == threads, "the benchmark leaked its thread setting"
+    result = json.loads(out.read_text())
+    assert {"machine", "command", "seed", "settings", "figures"} <= result.keys()
+    assert set(result["figures"]) == FIGURES
+    assert result["settings"]["bench"]["joint_effective"]["steps"] == 2  # quick's joint override
+    figures = {name: per_model["resnet20"] for name, per_model in result["figures"].items()}
+    for name, res in figures.items():
+        assert res["wall_s"] >= 0 and "--quick" in res["command"], name
+        png = Path(res["png"])
+        assert png.is_file() and png.stat().st_size > 1000, f"{name}: {png} missing or empty"
+
+    accuracy = figures["accuracy"]
+    assert {r["method"] for r in accuracy["rows"]} == {"legodnn", "uniform", "scratch"}
+    assert len(accuracy["budgets"]) == 3 and accuracy["budgets"][-1] == 1.0
+    for r in accuracy["rows"]:
+        assert 0.0 <= r["test_acc"] <= 100.0
+        assert 0.0 < r["flops_frac"] <= r["budget"] + 1e-3, f"over budget: {r}"
+    assert accuracy["lego_time_s"]["total"] > 0 and accuracy["baseline_share_s"] > 0
+
+    latency = figures["latency"]
+    lego = [r for r in latency["rows"] if r["method"] == "legodnn"]
+    assert len(lego) == 3 and all(r["latency_ms"] > 0 and 0 <= r["test_acc"] <= 100 for r in lego)
+    assert {r["method"] for r in latency["rows"]} == {"legodnn", "uniform", "scratch"}
+
+    options = figures["options"]
+    assert options["num_options"] > 1 and options["lego_train_s"] > 0 and options["curve"]
+    assert options["ratio"] is None or options["ratio"] > 0
+
+    switching = figures["switching"]
+    assert switching["n_changes"] == 5 and len(switching["steps"]) == 5
+    assert 0 < switching["total_full_bytes"] and 0 <= switching["total_block_bytes"] <= switching["total_full_bytes"]
+    assert 0 < switching["bytes_ratio"] <= 1.0
+
+    additivity = figures["additivity"]
+    assert additivity["n"] == 6 and additivity["mae_raw"] >= 0 and additivity["max_calibrated"] >= additivity["mae_calibrated"]
+    assert all(0 <= p["measured"] <= 100 for p in additivity["points"])
+
+    text = md.read_text()
+    assert "## Verdicts" in text and "eval-switching-resnet20.png" in text and bench.acc.NOTES_MARKER in text
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("legodnn-evaluation")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    logged = {Path(a.path).name for a in client.list_artifacts(runs[0].info.run_id, "figures")}
+    assert logged == {f"eval-{name}-resnet20.png" for name in FIGURES}
+    assert "resnet20.switching.bytes_ratio" in runs[0].data.metrics
+
+    # One figure again: it comes from the caches and merges into the JSON; hand notes survive.
+    md.write_text(md.read_text() + "\nkept by hand\n")
+    before = figures["accuracy"]
+    assert bench.main(["switching", *common, "--no-mlflow"]) == 0
+    again = json.loads(out.read_text())
+    assert set(again["figures"]) == FIGURES and again["figures"]["accuracy"]["resnet20"] == before
+    assert again["figures"]["switching"]["resnet20"]["command"].startswith("bench/evaluate.py switching")
+    assert md.read_text().count("kept by hand") == 1
