@@ -243,12 +243,15 @@ def scratch_model(name: str, s: Settings, target_flops: float):
     return best
 
 
-def choose(table, budget: float, top_k: int, metric: str = "flops") -> list[list[str]]:
+def choose(table, budget: float, top_k: int, metric: str = "flops", *, current: Sequence[str] | None = None,
+           switch_penalty_per_byte: float = 0.0) -> list[list[str]]:
     """The optimizer's `top_k` best selections under a budget, best first.
 
     metric "flops": `budget` is in FLOPs; FLOPs are given to the optimizer as its latency
     column (in MFLOPs), so the selection is exact for the budget the benchmark measures.
     metric "latency": `budget` is in ms against the table's own measured latency column.
+    `current` and `switch_penalty_per_byte` (accuracy fraction per byte loaded) make the
+    choice switch-aware, as the device's RuntimeScaler can: keeping a loaded block is free.
     """
     from optimizer.problem import parse_problem
     from optimizer.solver import solve
@@ -261,7 +264,9 @@ def choose(table, budget: float, top_k: int, metric: str = "flops") -> list[list
         override, limit, unit = None, budget, "ms"
     else:
         raise ValueError(f"choose: metric must be 'flops' or 'latency', got {metric!r}")
-    problem = to_problem(table, {"latency_ms": limit}, latency_override=override)
+    problem = to_problem(table, {"latency_ms": limit}, latency_override=override,
+                         current=None if current is None else {table.model_name: list(current)},
+                         switch_penalty_per_byte=switch_penalty_per_byte)
     solution = solve(parse_problem(problem), top_k=top_k)
     if not solution.feasible:
         raise ValueError(

@@ -89,6 +89,9 @@ class EvalSettings:
     options_cap_s: float | None = None  # an absolute cap instead (quick)
     options_eval_every: int = 50  # fine-tune steps between test evaluations
     switch_steps: int = 20
+    # Switch-aware re-solves (the device's RuntimeScaler option): accuracy points charged per
+    # MiB a change loads. 0 = every budget solved on its own.
+    switch_penalties: tuple[float, ...] = (0.0, 0.25, 1.0)
     additivity_n: int = 20
     baseline_cap_s: float | None = None  # caps each baseline's per-budget time (quick only)
     quick: bool = False
@@ -373,7 +376,6 @@ def fig_switching(ctx: ModelContext) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from legoblocks.compose import BlockSwitcher
     from legoblocks.serialize import load_module, save_module
 
     scalable, names = ctx.scalable, ctx.scalable.block_names
@@ -386,7 +388,6 @@ def fig_switching(ctx: ModelContext) -> dict[str, Any]:
     rng = np.random.default_rng(ctx.s.seed)
     low = ctx.smallest_frac()
     fracs = [float(f) for f in rng.uniform(min(1.0, low + 0.002), 1.0, ctx.e.switch_steps + 1)]
-    sels = [acc.choose(ctx.table, f * ctx.teacher_flops, 1, "flops")[0] for f in fracs]
     read = {"bytes": 0}
 
     def source(block: str, choice: str) -> nn.Module:
@@ -394,9 +395,32 @@ def fig_switching(ctx: ModelContext) -> dict[str, Any]:
         read["bytes"] += path.stat().st_size
         return load_module(path)
 
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    runs = [_switch_run(ctx, root, names, fracs, penalty, source, read, x) for penalty in ctx.e.switch_penalties]
+    plain = next((r for r in runs if r["penalty_points_per_mib"] == 0.0), runs[0])
+    return {**plain, "penalties": runs,
+            "note": "the initial load is not counted (both start from the same live model); files are read "
+                    "through the OS page cache, which favours neither side"}
+
+
+def _switch_run(ctx: ModelContext, root: Path, names: list[str], fracs: list[float], penalty: float,
+                source, read: dict, x) -> dict[str, Any]:
+    """One budget sequence, re-solved with `penalty` points per MiB loaded; block switching and
+    whole-model reloads read the same per-block files."""
+    import torch
+    from torch import nn
+
+    from legoblocks.compose import BlockSwitcher
+
+    per_byte = penalty / 100.0 / 2**20
+    plain = [acc.choose(ctx.table, f * ctx.teacher_flops, 1, "flops")[0] for f in fracs]
+    sels = [plain[0]]
+    for f in fracs[1:]:
+        sels.append(acc.choose(ctx.table, f * ctx.teacher_flops, 1, "flops", current=sels[-1],
+                               switch_penalty_per_byte=per_byte)[0] if penalty else plain[len(sels)])
     switcher = BlockSwitcher(source, names, sels[0])  # both start from the same loaded model
-    steps, x = [], torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
-    for frac, sel in zip(fracs[1:], sels[1:]):
+    steps = []
+    for frac, sel, best in zip(fracs[1:], sels[1:], plain[1:]):
         read["bytes"] = 0
         report = switcher.switch(sel)
         block_bytes = read["bytes"]
@@ -407,14 +431,16 @@ def fig_switching(ctx: ModelContext) -> dict[str, Any]:
         with torch.no_grad():
             if not torch.allclose(switcher.model(x), full(x), atol=1e-5):
                 raise AssertionError("switching: the switched model differs from the reloaded one")
+        cost = 100 * (ctx.table.predicted_accuracy(best) - ctx.table.predicted_accuracy(sel))
         steps.append({"budget": round(frac, 4), "changed": len(report.changed), "block_bytes": block_bytes,
-                      "block_s": round(report.seconds, 5), "full_bytes": read["bytes"], "full_s": round(full_s, 5)})
+                      "block_s": round(report.seconds, 5), "full_bytes": read["bytes"], "full_s": round(full_s, 5),
+                      "predicted_cost_points": round(cost, 4)})
     total = {k: sum(st[k] for st in steps) for k in ("block_bytes", "full_bytes", "block_s", "full_s")}
-    return {"steps": steps, "n_changes": len(steps), **{f"total_{k}": round(v, 5) for k, v in total.items()},
+    return {"penalty_points_per_mib": penalty, "steps": steps, "n_changes": len(steps),
+            **{f"total_{k}": round(v, 5) for k, v in total.items()},
             "bytes_ratio": round(total["block_bytes"] / total["full_bytes"], 4),
             "time_ratio": round(total["block_s"] / total["full_s"], 4) if total["full_s"] else None,
-            "note": "the initial load is not counted (both start from the same live model); files are read "
-                    "through the OS page cache, which favours neither side"}
+            "mean_predicted_cost_points": round(sum(st["predicted_cost_points"] for st in steps) / len(steps), 4)}
 
 
 def fig_additivity(ctx: ModelContext) -> dict[str, Any]:
@@ -509,6 +535,10 @@ def _plot_switching(ax, res):
     steps = range(1, len(res["steps"]) + 1)
     ax.plot(steps, list(itertools.accumulate(s["block_bytes"] for s in res["steps"])), marker="o", label="block switching")
     ax.plot(steps, list(itertools.accumulate(s["full_bytes"] for s in res["steps"])), marker="s", label="whole-model reload")
+    for run in res.get("penalties", []):
+        if run["penalty_points_per_mib"]:
+            ax.plot(steps, list(itertools.accumulate(s["block_bytes"] for s in run["steps"])), marker=".",
+                    label=f"block switching, switch-aware ({run['penalty_points_per_mib']:g} points/MiB)")
     ax.set_xlabel("budget change")
     ax.set_ylabel("cumulative bytes read")
     ax.legend()
@@ -561,6 +591,13 @@ def verdicts(figures: dict[str, dict[str, Any]]) -> list[str]:
         lines.append(f"switching, {model}: block switching reads {100 * r['bytes_ratio']:.1f}% of the bytes of "
                      f"whole-model reloads (target <= 30%): {_met(r['bytes_ratio'] <= 0.3, over)}; time "
                      f"{100 * (r['time_ratio'] or 0):.1f}%")
+        for run in r.get("penalties", []):
+            if run["penalty_points_per_mib"]:
+                miss = f"{100 * (run['bytes_ratio'] - 0.3):.1f} points"
+                lines.append(f"switching, {model}, switch-aware ({run['penalty_points_per_mib']:g} points/MiB): "
+                             f"{100 * run['bytes_ratio']:.1f}% of the bytes, time {100 * (run['time_ratio'] or 0):.1f}%, "
+                             f"predicted accuracy given up {run['mean_predicted_cost_points']:.2f} points per change "
+                             f"on average: {_met(run['bytes_ratio'] <= 0.3, miss)}")
     for model, r in figures.get("additivity", {}).items():
         over = f"{r['mae_calibrated'] - 0.5:.2f} points"
         lines.append(f"additivity, {model}: MAE raw {r['mae_raw']:.2f} / calibrated {r['mae_calibrated']:.2f} points, "
@@ -638,10 +675,17 @@ def _md_options(r):
 
 
 def _md_switching(r):
-    return [f"{r['n_changes']} budget changes: block switching read {r['total_block_bytes']:,} bytes in "
-            f"{r['total_block_s']:.3f} s, whole-model reloads {r['total_full_bytes']:,} bytes in {r['total_full_s']:.3f} s "
-            f"(bytes {100 * r['bytes_ratio']:.1f}%, time {100 * (r['time_ratio'] or 0):.1f}%); {r['note']}. Per-step "
-            "numbers are in the JSON."]
+    lines = [f"{r['n_changes']} budget changes (uniformly random over the FLOPs range): {r['note']}. Per-step "
+             "numbers are in the JSON.", "",
+             "| re-solve | block switching: bytes | s | whole-model reload: bytes | s | bytes ratio | time ratio "
+             "| predicted accuracy given up per change (points) |", "|---|---|---|---|---|---|---|---|"]
+    for run in r.get("penalties", [r]):
+        penalty = run.get("penalty_points_per_mib", 0.0)
+        label = "each budget on its own" if not penalty else f"switch-aware, {penalty:g} points/MiB"
+        lines.append(f"| {label} | {run['total_block_bytes']:,} | {run['total_block_s']:.3f} | {run['total_full_bytes']:,} "
+                     f"| {run['total_full_s']:.3f} | {100 * run['bytes_ratio']:.1f}% | {100 * (run['time_ratio'] or 0):.1f}% "
+                     f"| {run.get('mean_predicted_cost_points', 0.0):.2f} |")
+    return lines
 
 
 def _md_additivity(r):
@@ -702,6 +746,9 @@ def headline_metrics(figures: dict[str, dict[str, Any]], which: Sequence[str]) -
                   f"{model}.options.ratio": r["ratio"], f"{model}.options.uniform_time_to_reach_s": r["uniform_time_to_reach_s"]})
     for model, r in figures.get("switching", {}).items() if "switching" in which else ():
         m.update({f"{model}.switching.bytes_ratio": r["bytes_ratio"], f"{model}.switching.time_ratio": r["time_ratio"]})
+        for run in r.get("penalties", []):
+            if run["penalty_points_per_mib"]:
+                m[f"{model}.switching.bytes_ratio.penalty_{run['penalty_points_per_mib']:g}"] = run["bytes_ratio"]
     for model, r in figures.get("additivity", {}).items() if "additivity" in which else ():
         m.update({f"{model}.additivity.mae_raw": r["mae_raw"], f"{model}.additivity.mae_calibrated": r["mae_calibrated"],
                   f"{model}.additivity.max_calibrated": r["max_calibrated"]})

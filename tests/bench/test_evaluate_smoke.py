@@ -76,6 +76,12 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(tmp_path: Path, fmnist
     assert switching["n_changes"] == 5 and len(switching["steps"]) == 5
     assert 0 < switching["total_full_bytes"] and 0 <= switching["total_block_bytes"] <= switching["total_full_bytes"]
     assert 0 < switching["bytes_ratio"] <= 1.0
+    penalties = {run["penalty_points_per_mib"]: run for run in switching["penalties"]}
+    assert set(penalties) == {0.0, 0.25, 1.0}
+    assert penalties[0.0]["bytes_ratio"] == switching["bytes_ratio"]
+    for run in penalties.values():  # the same budget sequence, so the reload side is comparable
+        assert run["n_changes"] == 5 and 0 < run["total_full_bytes"]
+        assert run["mean_predicted_cost_points"] >= -1e-9  # a penalty can only give accuracy up
 
     additivity = figures["additivity"]
     assert additivity["n"] == 6 and additivity["mae_raw"] >= 0 and additivity["max_calibrated"] >= additivity["mae_calibrated"]
