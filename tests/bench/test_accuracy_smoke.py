@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "accuracy.py"
 METHODS = {"legodnn", "legodnn+bn", "legodnn-blockwise", "legodnn-blockwise+bn", "uniform", "scratch"}
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_help_exits_cleanly(capsys) -> None:
-    bench = _load_bench()
+def test_help_exits_cleanly(bench_script, capsys) -> None:
+    bench = bench_script("accuracy")
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--help"])
     assert exit_info.value.code == 0
     assert "--quick" in capsys.readouterr().out
 
 
-def test_quick_run_writes_every_method_and_budget(tmp_path: Path, fmnist_dir: Path) -> None:
+def test_quick_run_writes_every_method_and_budget(bench_script, tmp_path: Path, fmnist_dir: Path) -> None:
     import torch
 
-    bench = _load_bench()
+    bench = bench_script("accuracy")
     out, md = tmp_path / "accuracy.json", tmp_path / "accuracy.md"
     threads = torch.get_num_threads()
 
@@ -64,8 +53,8 @@ def test_quick_run_writes_every_method_and_budget(tmp_path: Path, fmnist_dir: Pa
         bench.main(["--budgets", "1.5", "--quick"])
 
 
-def test_second_quick_run_loads_legodnn_from_cache(tmp_path: Path, fmnist_dir: Path) -> None:
-    bench = _load_bench()
+def test_second_quick_run_loads_legodnn_from_cache(bench_script, tmp_path: Path, fmnist_dir: Path) -> None:
+    bench = bench_script("accuracy")
     args = ["--quick", "--no-progress", "--data-dir", str(fmnist_dir), "--workdir", str(tmp_path / "work"),
             "--budgets", "0.5"]
     first, second = tmp_path / "first.json", tmp_path / "second.json"
@@ -83,8 +72,8 @@ def test_second_quick_run_loads_legodnn_from_cache(tmp_path: Path, fmnist_dir: P
     assert "loaded from the LegoRun cache" in (tmp_path / "second.md").read_text()
 
 
-def test_joint_overrides_are_parsed_and_checked(capsys) -> None:
-    bench = _load_bench()
+def test_joint_overrides_are_parsed_and_checked(bench_script, capsys) -> None:
+    bench = bench_script("accuracy")
     parse = bench.build_parser().parse_args
 
     s = bench.settings_from(parse(["--joint", "steps=7", "--joint", "kd_weight=0.5", "--joint-lr", "0.003"]))
@@ -101,8 +90,8 @@ def test_joint_overrides_are_parsed_and_checked(capsys) -> None:
         bench.settings_from(parse(["--joint", "steps=-1"]))
 
 
-def test_per_model_overrides_keep_the_teacher_cache_names() -> None:
-    bench = _load_bench()
+def test_per_model_overrides_keep_the_teacher_cache_names(bench_script) -> None:
+    bench = bench_script("accuracy")
     s = bench.settings_from(bench.build_parser().parse_args(
         ["--models", "resnet20", "mobilenetv2", "--model-teacher-epochs", "mobilenetv2=4",
          "--model-kwargs", 'mobilenetv2={"width_mult": 0.5}']))

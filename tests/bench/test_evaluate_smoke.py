@@ -3,27 +3,16 @@ Markdown, the PNGs and the MLflow run (a real sqlite store in tmp_path)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "evaluate.py"
 FIGURES = {"accuracy", "latency", "options", "switching", "additivity"}
 
 
-def _load_evaluate():
-    spec = importlib.util.spec_from_file_location("bench_evaluate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_help_lists_every_figure(capsys) -> None:
-    bench = _load_evaluate()
+def test_help_lists_every_figure(bench_script, capsys) -> None:
+    bench = bench_script("evaluate")
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--help"])
     assert exit_info.value.code == 0
@@ -31,11 +20,11 @@ def test_help_lists_every_figure(capsys) -> None:
     assert all(name in text for name in [*FIGURES, "all", "--quick", "--no-mlflow", "--joint"])
 
 
-def test_quick_all_writes_every_figure_and_logs_to_mlflow(tmp_path: Path, fmnist_dir: Path) -> None:
+def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path: Path, fmnist_dir: Path) -> None:
     import torch
     from mlflow.tracking import MlflowClient
 
-    bench = _load_evaluate()
+    bench = bench_script("evaluate")
     out, md, figs = tmp_path / "evaluation.json", tmp_path / "evaluation.md", tmp_path / "figures"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--quick", "--models", "resnet20", "--no-progress", "--data-dir", str(fmnist_dir),
