@@ -18,15 +18,6 @@ MODELS = Path(__file__).with_name("models_for_tests.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors on a shared 2-core box: extra intra-op threads only fight for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_table_lists_every_block(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["blocks", "resnet20", "--input-shape", "1,28,28"]) == 0
     out = capsys.readouterr().out

@@ -38,17 +38,8 @@ class CoreRun:
     acc_after: float
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared 2-core box: extra intra-op threads only fight for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def core_run(_one_torch_thread: None, fmnist_test_split: TensorDataset) -> CoreRun:
+def core_run(fmnist_test_split: TensorDataset) -> CoreRun:
     train, held_out = split(fmnist_test_split, [3000, 1000], seed=1)
     torch.manual_seed(0)
     teacher = build_zoo_model("resnet20", width=8)

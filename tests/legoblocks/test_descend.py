@@ -26,16 +26,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors on a shared 2-core box: extra intra-op threads only fight for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_descendant_keeps_io_shapes_and_has_fewer_params(name: str) -> None:
     blocked = detect_blocks(CASES[name](), SHAPE)

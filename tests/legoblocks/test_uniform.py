@@ -13,15 +13,6 @@ from legoblocks.uniform import count_flops, count_params, finetune, prune_to_flo
 SHAPE = (1, 28, 28)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 cores shared by many test processes: one intra-op thread is ~10x faster than two here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cnn(width: int = 16) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(

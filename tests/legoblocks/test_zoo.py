@@ -13,16 +13,6 @@ TINY = {"resnet20": {"width": 4}, "resnet32": {"width": 4}, "resnet56": {"width"
         "vgg11": {"width": 8}, "vgg16": {"width": 8}, "mobilenetv2": {"width_mult": 0.25}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors on a shared 2-core box: extra intra-op threads only fight for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def test_zoo_lists_the_contract_names() -> None:
     assert set(ZOO) == {"resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2"}
 
