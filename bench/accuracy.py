@@ -143,15 +143,9 @@ def settings_record(s: Settings) -> dict[str, Any]:
 def _machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    from profiling.latency import fingerprint
+
+    return (f"{fingerprint()['cpu_model']}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {platform.system()} {platform.release()}")
 
 

@@ -139,14 +139,9 @@ def run_shape(
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from profiling.latency import fingerprint
+
+    model = fingerprint()["cpu_model"]
     load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return f"{model}, {os.cpu_count()} logical cores, Python {platform.python_version()}, load average {load}"
 

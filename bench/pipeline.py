@@ -46,14 +46,9 @@ def _warm(_: int) -> int:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from profiling.latency import fingerprint
+
+    cpu = fingerprint()["cpu_model"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"{cpu}, {os.cpu_count()} logical CPUs, load average {load:.2f} at start, Python {platform.python_version()}"
 
