@@ -11,6 +11,11 @@ safetensors header alone (a few KB, one Range request), padded with zero bytes a
 with the same safe loader (`legoblocks.serialize.load_module`, allow-list only, never
 unpickles). That lets the first fetch choose among all descendants while downloading only
 the chosen ones. Any file that is actually run is the full, SHA-256-verified one.
+
+Blocks timed alone under-predict the composed model (warm caches, no call overhead between
+blocks), so a few compositions are also timed end to end, from the same files, and a
+scale and offset are fitted (`profiling.latency_fit`); the optimizer adds the corrected
+per-choice figures, which keeps it exact.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from infra.errors import BundleVerificationError
 from infra.manifest import BlockEntry, DescendantEntry
 
 DEVICE_TABLE_SCHEMA = 1
+DEVICE_CALIBRATION_K = 6
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class DeviceTable:
     fingerprint: dict[str, Any]
     settings: DeviceLatencySettings
     latency: dict[str, dict[str, dict[str, Any]]]
+    calibration: dict[str, Any] | None = None  # LatencyCalibration.to_dict() of this device
 
     def lookup(self, block: str, d: DescendantEntry) -> float | None:
         entry = self.latency.get(block, {}).get(d.choice)
@@ -60,7 +67,18 @@ class DeviceTable:
         return float(entry["median_ms"])
 
     def median_ms(self) -> dict[tuple[str, str], float]:
+        """Each descendant's own median, as timed alone."""
         return {(b, c): float(e["median_ms"]) for b, per in self.latency.items() for c, e in per.items()}
+
+    def choice_ms(self) -> dict[tuple[str, str], float]:
+        """Each descendant's additive share of composed-model latency: the median corrected
+        by this device's calibration (the offset spread over the blocks), for the optimizer."""
+        medians = self.median_ms()
+        cal = self.calibration
+        if not cal:
+            return medians
+        scale, offset, n = float(cal["scale"]), float(cal["offset_ms"]), max(1, len(self.latency))
+        return {key: scale * ms + offset / n for key, ms in medians.items()}
 
     def to_bytes(self) -> bytes:
         data = {
@@ -68,6 +86,7 @@ class DeviceTable:
             "fingerprint": self.fingerprint,
             "settings": asdict(self.settings),  # of the run that wrote it
             "latency": self.latency,
+            "calibration": self.calibration,
         }
         return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
@@ -83,7 +102,9 @@ class DeviceTable:
             for k in ("threads", "batch_size", "device")
         ):
             return None
-        return cls(dict(data.get("fingerprint") or {}), settings, data["latency"])
+        calibration = data.get("calibration")
+        return cls(dict(data.get("fingerprint") or {}), settings, data["latency"],
+                   calibration if isinstance(calibration, dict) else None)
 
 
 def measure_missing(
@@ -127,6 +148,67 @@ def measure_missing(
         }
         bar(f"{b.name}/{d.choice}")
     return len(todo)
+
+
+def _spread(blocks: Sequence[BlockEntry], table: DeviceTable, k: int, seed: int) -> list[tuple[str, ...]]:
+    """Up to k distinct selections from the original to the smallest: at step i every block
+    takes the descendant at about fraction i/(k-1) of its sparsity ladder, jittered (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    ladders = [[d.choice for d in sorted(b.descendants, key=lambda d: float(d.choice))
+                if table.lookup(b.name, d) is not None] for b in blocks]
+    chosen: list[tuple[str, ...]] = []
+    for i in range(k):
+        f = i / max(1, k - 1)
+        sel = []
+        for ladder in ladders:
+            j = round(f * (len(ladder) - 1) + (rng.uniform(-0.5, 0.5) if 0 < i < k - 1 else 0.0))
+            sel.append(ladder[min(len(ladder) - 1, max(0, j))])
+        if tuple(sel) not in chosen:
+            chosen.append(tuple(sel))
+    return chosen
+
+
+def calibrate_composition(
+    table: DeviceTable,
+    blocks: Sequence[BlockEntry],
+    module_file: Callable[[BlockEntry, DescendantEntry], tuple[Path, str]],
+    *,
+    where: str,
+    k: int = DEVICE_CALIBRATION_K,
+    seed: int = 0,
+) -> bool:
+    """Time up to k compositions end to end and store this device's latency correction.
+
+    Returns False (and stores nothing) when fewer than 3 distinct compositions exist.
+    """
+    from torch import nn
+
+    from legoblocks.serialize import load_module
+    from profiling.latency import measure_latency
+    from profiling.latency_fit import MIN_POINTS, fit_latency_calibration
+
+    selections = _spread(blocks, table, k, seed)
+    if len(selections) < MIN_POINTS:
+        return False
+    s = table.settings
+    medians = table.median_ms()
+    points = []
+    for sel in selections:
+        modules = []
+        for b, choice in zip(blocks, sel):
+            d = b.descendant(choice)
+            path, _ = module_file(b, d)
+            try:
+                modules.append(load_module(path).to(s.device))
+            except ValueError as e:
+                raise BundleVerificationError(f"{where}/{d.file}: does not load as a safe module ({e}); refusing it") from None
+        stats = measure_latency(nn.Sequential(*modules), blocks[0].in_shape, batch_size=s.batch_size,
+                                warmup=s.warmup, repeats=s.repeats, threads=s.threads)
+        points.append((sum(medians[(b.name, c)] for b, c in zip(blocks, sel)), stats.median_ms))
+    table.calibration = fit_latency_calibration(points, str(table.fingerprint.get("id", ""))).to_dict()
+    return True
 
 
 def _bar(enabled: bool, total: int) -> Callable[[str], None]:

@@ -41,7 +41,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from infra.bundle import ResolvedBundle, parse_version, read_verified_manifest, resolve_bundle
 from infra.device_cache import BundleFiles, DeviceCache
-from infra.device_latency import DeviceLatencySettings, DeviceTable, device_table_name, measure_missing
+from infra.device_latency import (
+    DeviceLatencySettings,
+    DeviceTable,
+    calibrate_composition,
+    device_table_name,
+    measure_missing,
+)
 from infra.errors import BundleError, BundleVerificationError
 from infra.manifest import MANIFEST_NAME, SIGNATURE_NAME, TABLE_NAME, BlockEntry, DescendantEntry, Manifest
 from infra.signing import load_public_key
@@ -157,7 +163,7 @@ class DeviceSession:
         from profiling.table import to_problem
 
         tables = [b.table for b in self.bundles.values()]
-        override = {b.model_id: b.device.median_ms() for b in self.bundles.values()}
+        override = {b.model_id: b.device.choice_ms() for b in self.bundles.values()}
         return to_problem(tables, budgets.as_problem_budgets(), latency_override=override)
 
     def solve(self, budgets: DeviceBudgets) -> Solution:
@@ -234,7 +240,7 @@ class DeviceSession:
         out = []
         for model_id, choices in selection.items():
             b = self.bundles[model_id]
-            lat = b.device.median_ms()
+            lat = b.device.choice_ms()
             names = b.manifest.block_names
             out.append(
                 ModelReport(
@@ -391,7 +397,10 @@ def _measure(
     cache: DeviceCache, where: str, progress: bool,
 ) -> int:
     try:
-        return measure_missing(device, manifest.descendants(), module_file, where=where, progress=progress)
+        measured = measure_missing(device, manifest.descendants(), module_file, where=where, progress=progress)
+        if measured or device.calibration is None:
+            calibrate_composition(device, manifest.blocks, module_file, where=where)
+        return measured
     finally:
         for skeleton in cache.staging.glob("skeleton-*"):
             skeleton.unlink()

@@ -104,6 +104,7 @@ class ProfileConfig:
     latency_threads: int = 1
     additivity_n: int = 4
     calibration_k: int = 8
+    latency_calibration_k: int = 6
     bn_recalibration_batches: int = 0
     verify_top_k: int = 5
     verify_budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
@@ -184,6 +185,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("profile.envs", lambda v: v >= 1, "an integer >= 1"),
     ("profile.latency_repeats", lambda v: v >= 1, "an integer >= 1"),
     ("profile.latency_threads", lambda v: v >= 1, "an integer >= 1"),
+    ("profile.latency_calibration_k", lambda v: v == 0 or v >= 3, "0 (off) or an integer >= 3"),
     ("profile.verify_top_k", lambda v: v >= 0, "an integer >= 0 (0 turns measured re-ranking off)"),
     ("profile.verify_budgets", lambda v: all(0.0 <= f <= 1.0 for f in v), "fractions in [0, 1]"),
     ("ray.num_cpus", lambda v: v > 0, "a positive number"),

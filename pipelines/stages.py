@@ -10,6 +10,7 @@ each stage can be run and tested in-process; `pipelines.dag` wires them into the
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+
+log = logging.getLogger(__name__)
 
 TEACHER_FILE = "teacher.safetensors"
 BLOCKS_JSON = "blocks.json"
@@ -379,6 +382,7 @@ def table_stage(out: Path, *, scalable_dir: str, cost_dirs: list[str], accuracy_
         blocks.append(dataclasses.replace(block, choices=choices))
     table.blocks = blocks
     table.fingerprints = {h["id"]: dict(h) for h in hosts.values()}
+    latency_fit = _latency_calibration(table, scalable, profile)
     if profile["verify_top_k"] and profile["verify_budgets"]:
         splits = load_splits(data)
         bn = profile["bn_recalibration_batches"]
@@ -392,11 +396,36 @@ def table_stage(out: Path, *, scalable_dir: str, cost_dirs: list[str], accuracy_
         "additivity_mae": additivity.mae if additivity else None,
         "calibrated_mae": calibration.heldout_calibrated.mae if calibration else None,
         "calibration_method": calibration.method if calibration else None,
+        "latency_calibration": {k: v for k, v in latency_fit.to_dict().items() if k != "points"} if latency_fit else None,
         "drops": {b: dict(d) for b, d in drops.items()},
         "hosts": sorted(table.fingerprints),
         "verified": [{"fraction": v["fraction"], "optimizer_rank": v["optimizer_rank"],
                       "measured_accuracy": v["measured_accuracy"]} for v in table.verified],
     }
+
+
+def _latency_calibration(table, scalable, profile: dict):
+    """Time a few compositions end to end here and store the fit in the table, when every
+    block was timed on this same host (a fit mixes block and chain timings of one host)."""
+    from profiling.latency import fingerprint
+    from profiling.latency_fit import measure_latency_calibration
+
+    k = int(profile.get("latency_calibration_k") or 0)
+    if k == 0:
+        return None
+    here = fingerprint(threads=profile["latency_threads"])
+    if set(table.fingerprints) != {here["id"]}:
+        log.warning("latency calibration skipped: blocks were timed on %s, this host is %s",
+                    sorted(table.fingerprints), here["id"])
+        return None
+    medians = {b.name: {c: ch.latency.median_ms for c, ch in b.choices.items()} for b in table.blocks}
+    fit = measure_latency_calibration(
+        scalable, medians, fingerprint=here["id"], k=k, seed=profile["seed"],
+        batch_size=profile["latency_batch_size"], warmup=profile["latency_warmup"],
+        repeats=profile["latency_repeats"], threads=profile["latency_threads"],
+    )
+    table.latency_calibration = fit.to_dict()
+    return fit
 
 
 # --------------------------------------------------------------------------- optimizer points
@@ -424,7 +453,7 @@ def verify_top_k(table, evaluator, fractions: list[float], k: int) -> list[dict[
     names = table.block_names
     original = ["0.0"] * len(names)
     smallest = [max(table.block(b).choices, key=float) for b in names]
-    lo, hi = table.total(smallest, "latency"), table.total(original, "latency")
+    lo, hi = table.predicted_latency(smallest), table.predicted_latency(original)
     verified = []
     for fraction in fractions:
         budget = lo + fraction * (hi - lo)
@@ -468,18 +497,21 @@ def points_stage(out: Path, *, scalable_dir: str, table_dir: str, data: dict, gr
             sel = solved["selection"]
             entry.update(
                 predicted_accuracy=table.predicted_accuracy(sel),
-                latency_ms=table.total(sel, "latency"),
+                latency_ms=table.predicted_latency(sel),
                 memory_bytes=table.total(sel, "peak_bytes"),
                 flops=table.total(sel, "flops"),
             )
         return entry
 
+    def total(sel: list[str], metric: str) -> float:
+        return table.predicted_latency(sel) if metric == "latency" else table.total(sel, metric)
+
     for key, metric in (("latency_ms", "latency"), ("memory_bytes", "peak_bytes")):
-        lo, hi = table.total(smallest, metric), table.total(original, metric)
+        lo, hi = total(smallest, metric), total(original, metric)
         for i in range(grid):
             fraction = i / max(1, grid - 1)
             result["latency" if key == "latency_ms" else "memory"].append(row(key, lo + fraction * (hi - lo), fraction))
-    lo, hi = table.total(smallest, "latency"), table.total(original, "latency")
+    lo, hi = table.predicted_latency(smallest), table.predicted_latency(original)
     for fraction in measure_fractions:
         entry = row("latency_ms", lo + fraction * (hi - lo), fraction)
         if entry["feasible"]:

@@ -40,6 +40,7 @@ from profiling.accuracy import (
 from profiling.calibrate import DEFAULT_K, Calibration, apply_calibration, measure_calibration
 from profiling.cost import Cost, measure_cost
 from profiling.latency import LatencyStats, fingerprint, measure_latency
+from profiling.latency_fit import DEFAULT_LATENCY_K, LatencyCalibration, measure_latency_calibration
 from profiling.table import BlockProfile, ChoiceProfile, LatencyColumn, ProfileTable
 
 Drops = Mapping[str, Mapping[str, float]]
@@ -111,6 +112,7 @@ def assemble_table(
     bn_recalibration_batches: int = 0,
     model_name: str | None = None,
     settings: Mapping[str, Any] | None = None,
+    latency_calibration: LatencyCalibration | None = None,
 ) -> ProfileTable:
     """Build the ProfileTable from the measured parts (no measuring happens here)."""
     drops = apply_calibration(drops_raw, calibration.block_weights) if calibration else drops_raw
@@ -143,6 +145,7 @@ def assemble_table(
         environments=[dict(e) for e in environments],
         additivity=additivity.to_dict() if additivity else None,
         calibration=calibration.to_dict() if calibration else None,
+        latency_calibration=latency_calibration.to_dict() if latency_calibration else None,
         bn_recalibration_batches=bn_recalibration_batches,
         settings=dict(settings or {}),
     )
@@ -156,6 +159,7 @@ def profile_model(
     latency: LatencySettings = LatencySettings(),
     additivity_n: int = 20,
     calibration_k: int = DEFAULT_K,
+    latency_calibration_k: int = DEFAULT_LATENCY_K,
     seed: int = 0,
     bn_recalibration_batches: int = 0,
     bn_data: Dataset | None = None,
@@ -187,6 +191,13 @@ def profile_model(
     )
     costs = measure_costs(model, progress=progress)
     latencies, host = measure_latencies(model, latency, progress=progress)
+    latency_calibration = None
+    if latency_calibration_k:
+        latency_calibration = measure_latency_calibration(
+            model, {b: {c: st.median_ms for c, st in per.items()} for b, per in latencies.items()},
+            fingerprint=host["id"], k=latency_calibration_k, seed=seed, batch_size=latency.batch_size,
+            warmup=latency.warmup, repeats=latency.repeats, threads=latency.threads, progress=progress,
+        )
 
     original = tuple(ORIGINAL for _ in model.block_names)
     units = plan_units(model, environments)
@@ -214,6 +225,7 @@ def profile_model(
         "envs": [e.name for e in environments],
         "additivity_n": additivity_n,
         "calibration_k": calibration_k,
+        "latency_calibration_k": latency_calibration_k,
         "latency": {
             "batch_size": latency.batch_size,
             "warmup": latency.warmup,
@@ -237,4 +249,5 @@ def profile_model(
         bn_recalibration_batches=bn_recalibration_batches,
         model_name=model_name,
         settings=settings,
+        latency_calibration=latency_calibration,
     )

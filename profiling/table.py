@@ -123,6 +123,9 @@ class ProfileTable:
     environments: the background selections the drops were averaged over.
     additivity: AdditivityReport.to_dict() (mae, max_error, n, points) of the raw drops.
     calibration: Calibration.to_dict() or None when the drops are uncalibrated.
+    latency_calibration: `profiling.latency_fit.LatencyCalibration.to_dict()` or None: the
+    fitted scale and offset that turn summed block medians into composed-model latency on
+    the host named by its `fingerprint` (`to_problem` applies it to this table's medians).
     verified: measured top-k winners per budget grid point, each {budget, selection,
     measured_accuracy} (issue 11 item 4; written by the pipeline).
     settings: how the table was made (seed, validation size, latency settings, ...).
@@ -137,6 +140,7 @@ class ProfileTable:
     environments: list[dict[str, Any]] = field(default_factory=list)
     additivity: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
+    latency_calibration: dict[str, Any] | None = None
     bn_recalibration_batches: int = 0
     verified: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -189,8 +193,27 @@ class ProfileTable:
             total += c.accuracy_drop_raw if raw else c.accuracy_drop
         return self.teacher_accuracy - total
 
+    def predicted_latency(self, selection: Sequence[str] | Mapping[str, str], *, raw: bool = False) -> float:
+        """Composed-model latency (ms) on the profiling host: the summed block medians,
+        corrected by the latency calibration unless `raw` or the table has none."""
+        summed = self.total(selection, "latency")
+        cal = self.latency_calibration
+        if raw or not cal:
+            return summed
+        return float(cal["scale"]) * summed + float(cal["offset_ms"])
+
+    def choice_latency_ms(self, block: str, choice: str, *, raw: bool = False) -> float:
+        """One choice's additive latency share: summed over a selection it gives
+        `predicted_latency` (the offset is spread evenly over the blocks)."""
+        ms = self.block(block).choices[choice].latency.median_ms
+        cal = self.latency_calibration
+        if raw or not cal:
+            return ms
+        return float(cal["scale"]) * ms + float(cal["offset_ms"]) / len(self.blocks)
+
     def total(self, selection: Sequence[str] | Mapping[str, str], metric: str) -> float:
-        """Sum of a per-choice metric (`flops`, `params`, `latency`, ...) over a selection."""
+        """Sum of a per-choice metric (`flops`, `params`, `latency`, ...) over a selection
+        (`latency`: the raw block medians; see `predicted_latency` for the composed model)."""
         chosen = self.normalize_selection(selection)
         values = []
         for b, cid in zip(self.blocks, chosen):
@@ -211,6 +234,7 @@ class ProfileTable:
             "environments": [dict(e) for e in self.environments],
             "additivity": self.additivity,
             "calibration": self.calibration,
+            "latency_calibration": self.latency_calibration,
             "bn_recalibration_batches": self.bn_recalibration_batches,
             "verified": [dict(v) for v in self.verified],
             "settings": dict(self.settings),
@@ -247,6 +271,7 @@ class ProfileTable:
             environments=[dict(e) for e in data.get("environments") or []],
             additivity=data.get("additivity"),
             calibration=data.get("calibration"),
+            latency_calibration=data.get("latency_calibration"),
             bn_recalibration_batches=int(data.get("bn_recalibration_batches") or 0),
             verified=[dict(v) for v in data.get("verified") or []],
             settings=dict(data.get("settings") or {}),
@@ -406,6 +431,25 @@ def _check_calibration(cal: Any, order: Sequence[str]) -> None:
     _number(cal, "k", "calibration", integer=True)
 
 
+def _check_latency_calibration(cal: Any, fingerprints: Mapping[str, Any]) -> None:
+    if cal is None:
+        return
+    if not isinstance(cal, Mapping):
+        raise _fail("latency_calibration", f"expected an object or null, got {type(cal).__name__}")
+    if cal.get("method") not in ("identity", "scale", "affine"):
+        raise _fail("latency_calibration.method",
+                    f"expected 'identity', 'scale' or 'affine', got {cal.get('method')!r}")
+    _number(cal, "scale", "latency_calibration", minimum=None)
+    if not cal["scale"] > 0:
+        raise _fail("latency_calibration.scale", f"must be > 0, got {cal['scale']}")
+    _number(cal, "offset_ms", "latency_calibration")
+    _number(cal, "k", "latency_calibration", integer=True)
+    fp = _string(cal, "fingerprint", "latency_calibration")
+    if fp not in fingerprints:
+        raise _fail("latency_calibration.fingerprint",
+                    f"{fp!r} is not in fingerprints ({sorted(fingerprints)}); the fit must name the host it timed")
+
+
 def validate(data: Any) -> None:
     """Raise TableError naming the first bad field of a table in its JSON form."""
     if not isinstance(data, Mapping):
@@ -433,6 +477,7 @@ def validate(data: Any) -> None:
         raise _fail(f"blocks[{len(order)}]", f"not in block_order (block_order has {len(order)} blocks)")
     _check_additivity(data.get("additivity"))
     _check_calibration(data.get("calibration"), order)
+    _check_latency_calibration(data.get("latency_calibration"), fingerprints)
     verified = data.get("verified") or []
     if not isinstance(verified, list):
         raise _fail("verified", f"expected a list, got {type(verified).__name__}")
@@ -514,13 +559,17 @@ def to_problem(
     latency_override: Mapping[Any, Any] | None = None,
     deadlines: Mapping[str, float | None] | None = None,
     switch_penalty_per_byte: float = 0.0,
+    raw_latency: bool = False,
 ) -> dict[str, Any]:
     """The optimizer's JSON problem (see `optimizer.problem`) for one or several models.
 
     Per choice: accuracy_drop = the table's (calibrated) drop (it may be slightly negative;
     the optimizer accepts that);
-    latency_ms = the table's median, or `latency_override[(block, choice)]` (for several
-    tables `{model_name: {(block, choice): ms}}`), since a device measures its own;
+    latency_ms = the table's median corrected by its latency calibration (see
+    `ProfileTable.choice_latency_ms`; `raw_latency=True` uses the bare medians), or
+    `latency_override[(block, choice)]` as given (for several tables
+    `{model_name: {(block, choice): ms}}`), since a device measures its own and the
+    table's correction belongs to the host that profiled it;
     memory_bytes = peak_bytes = weights + peak live activation at batch 1 (summing blocks
     is conservative: activations of different blocks are not alive together);
     load_bytes = weight_bytes (what a switch must load).
@@ -554,7 +603,7 @@ def to_problem(
                         )
                     latency = float(override[(block.name, cid)])
                 else:
-                    latency = c.latency.median_ms
+                    latency = table.choice_latency_ms(block.name, cid, raw=raw_latency)
                 choices.append(
                     {
                         "id": cid,

@@ -77,6 +77,13 @@ def test_s3_fetch_equals_server_compose_then_caches(built_models, keypair, bucke
     assert set(first.session.stats.downloaded) == chosen | {"rn8/v1/profile.json"}
     n_desc = len(first.session.bundles["rn8"].manifest.descendants())
     assert first.session.stats.measured == n_desc, "every descendant is timed on the device once"
+    # Compositions were also timed end to end (from headers, nothing extra downloaded), and the
+    # reported latency is the device's corrected composed-model figure, not the bare sum.
+    device = first.session.bundles["rn8"].device
+    cal = device.calibration
+    assert cal is not None and cal["k"] >= 3 and all(m > 0 for _, m in cal["points"])
+    summed = sum(device.median_ms()[(b, c)] for b, c in zip(names, sel))
+    assert first.models[0].latency_ms == pytest.approx(cal["scale"] * summed + cal["offset_ms"])
 
     # same budget again: nothing downloaded (not even a header) and nothing timed
     before = len(_block_gets(dropping_proxy))
@@ -84,6 +91,7 @@ def test_s3_fetch_equals_server_compose_then_caches(built_models, keypair, bucke
     assert second.session.stats.downloaded == [] and second.session.stats.measured == 0
     assert len(_block_gets(dropping_proxy)) == before
     assert second.solution.selection == first.solution.selection
+    assert second.session.bundles["rn8"].device.calibration == cal, "the device's fit is cached, not re-timed"
 
     # a looser budget downloads only the newly chosen blocks that are not cached yet
     before = len(_block_gets(dropping_proxy))

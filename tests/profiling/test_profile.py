@@ -16,6 +16,7 @@ def _without_timing(table: ProfileTable) -> dict:
     data = table.to_dict()
     data.pop("created")
     data.pop("fingerprints")
+    data.pop("latency_calibration")
     for block in data["blocks"]:
         for choice in block["choices"].values():
             choice.pop("latency")
