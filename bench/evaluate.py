@@ -151,8 +151,15 @@ class ModelContext:
             root = self.workdir / f"lego-{self.name}-{self.lego.key}"
             path, meta = root / f"profile-{acc._digest(spec)}.json", root / f"profile-{acc._digest(spec)}.meta.json"
             if path.is_file() and meta.is_file():
-                self._table, self.profile_s = load(path), json.loads(meta.read_text())["profile_s"]
-                log.info("%s: profile loaded from cache %s (profiled originally in %.1f s)", self.name, path, self.profile_s)
+                from profiling.calibrate import refit_table
+
+                cached, self.profile_s = load(path), json.loads(meta.read_text())["profile_s"]
+                # Refit the accuracy calibration with today's fit from the cached measurements:
+                # a better fit must not need a re-profile (which would also re-time it).
+                self._table = refit_table(cached)
+                log.info("%s: profile loaded from cache %s (profiled originally in %.1f s); calibration %s -> %s",
+                         self.name, path, self.profile_s, (cached.calibration or {}).get("method"),
+                         (self._table.calibration or {}).get("method"))
             else:
                 self._table, self.profile_s = acc.profile(self.name, self.s, self.scalable, self.data["val"],
                                                           calibration_k=self.s.calibration_k, latency=lat,

@@ -350,11 +350,13 @@ def table_stage(out: Path, *, scalable_dir: str, cost_dirs: list[str], accuracy_
         ]
 
     additivity = AdditivityReport.from_points(points(plan["additivity"])) if plan["additivity"] else None
-    calibration = None
-    if plan["calibration"] and additivity is not None:
-        calibration = fit_calibration(names, drops, teacher, points(plan["calibration"]), additivity.points)
     costs_raw = read_costs(cost_dirs)
     costs = {b: {c: Cost(**row["cost"]) for c, row in costs_raw[b]["choices"].items()} for b in names}
+    calibration = None
+    if plan["calibration"] and additivity is not None:
+        flops = {b: {c: cost.flops for c, cost in per.items()} for b, per in costs.items()}
+        calibration = fit_calibration(names, drops, teacher, points(plan["calibration"]), additivity.points,
+                                      flops=flops)
     latencies = {b: {c: LatencyStats(**row["latency"]) for c, row in costs_raw[b]["choices"].items()} for b in names}
     hosts = {b: costs_raw[b]["fingerprint"] for b in names}
     first_host = hosts[names[0]]

@@ -8,12 +8,17 @@ optimizer looks. We measure K compositions spread over the FLOPs range and fit
 
 so the calibrated drop of every (b, c) is w_b * drop_b(c): still one number per choice,
 still summed, so the optimizer stays exact. The fit is a single scale w_b = s (least
-squares through the origin) unless per-block weights (ridge regression shrunk toward s)
-are measurably better in leave-one-out cross-validation on the K compositions; and if
-neither beats the raw drops (w_b = 1) in that cross-validation, the raw drops are kept
+squares through the origin) unless a richer fit is measurably better in leave-one-out
+cross-validation on the K compositions:
+- "scale+flops": s * drop_b(c) + f * pruned_b(c), where pruned_b(c) is the share of the
+  model's FLOPs the choice removes. Single-swap drops can be ~0 or negative when the
+  retrained descendants beat an under-trained original in isolation (seen on MobileNetV2),
+  yet compositions still lose accuracy as they shrink; the FLOPs term carries that.
+- "ridge": per-block weights shrunk toward s.
+If none beats the raw drops (w_b = 1) in that cross-validation, the raw drops are kept
 (method "identity"): a correction must earn its place. The result is reported on
 held-out compositions (the additivity check's random ones), raw against calibrated.
-Everything here except `measure_calibration` is pure NumPy.
+Everything here except `measure_calibration` is pure NumPy/SciPy.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.optimize import nnls
 
 from profiling.accuracy import (
     ORIGINAL,
@@ -50,7 +56,8 @@ Drops = Mapping[str, Mapping[str, float]]
 class Calibration:
     """A fitted correction and its figures (accuracy fractions, x100 for points).
 
-    method: "scale" (every block weight = scale), "ridge" (per-block weights) or
+    method: "scale" (every block weight = scale), "scale+flops" (weights = scale plus
+    `flops_weight` times each choice's pruned FLOPs share), "ridge" (per-block weights) or
     "identity" (weights 1: the fitted scale did not beat the raw drops; `scale` still
     reports the fit). cv_mae_*: leave-one-out MAE on the K fit compositions (cv_mae_raw:
     the raw drops' MAE there, which has nothing to fit). heldout: raw and calibrated
@@ -68,6 +75,16 @@ class Calibration:
     heldout_raw: AdditivityReport
     heldout_calibrated: AdditivityReport
     fit_points: list[AdditivityPoint] = field(default_factory=list)
+    flops_weight: float = 0.0
+    cv_mae_flops: float | None = None
+
+    def apply(self, drops: Drops, flops: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, dict[str, float]]:
+        """The calibrated drops of every choice (`flops` per block and choice is needed
+        when `flops_weight` is not 0)."""
+        if self.flops_weight and flops is None:
+            raise ValueError(f"calibration {self.method!r} has a FLOPs term: pass the per-choice FLOPs")
+        pruned = pruned_share(flops) if self.flops_weight else None
+        return apply_calibration(drops, self.block_weights, self.flops_weight, pruned)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +96,8 @@ class Calibration:
             "cv_mae_scale": self.cv_mae_scale,
             "cv_mae_ridge": self.cv_mae_ridge,
             "cv_mae_raw": self.cv_mae_raw,
+            "flops_weight": self.flops_weight,
+            "cv_mae_flops": self.cv_mae_flops,
             "heldout_n": self.heldout_raw.n,
             "heldout_mae_raw": self.heldout_raw.mae,
             "heldout_max_raw": self.heldout_raw.max_error,
@@ -103,15 +122,28 @@ class Calibration:
             heldout_raw=AdditivityReport.from_dict(d["heldout_raw"]),
             heldout_calibrated=AdditivityReport.from_dict(d["heldout_calibrated"]),
             fit_points=[AdditivityPoint.from_dict(p) for p in d.get("fit_points", [])],
+            flops_weight=float(d.get("flops_weight") or 0.0),
+            cv_mae_flops=None if d.get("cv_mae_flops") is None else float(d["cv_mae_flops"]),
         )
 
 
-def apply_calibration(drops: Drops, block_weights: Mapping[str, float]) -> dict[str, dict[str, float]]:
-    """Calibrated drops: each block's raw drops times its weight ("0.0" stays exactly 0)."""
-    return {
-        b: {c: (0.0 if c == ORIGINAL else float(block_weights[b] * d)) for c, d in per.items()}
-        for b, per in drops.items()
-    }
+def pruned_share(flops: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """pruned[b][c] = FLOPs choice c removes from block b, as a share of the whole original model."""
+    total = sum(per[ORIGINAL] for per in flops.values()) or 1.0
+    return {b: {c: (per[ORIGINAL] - f) / total for c, f in per.items()} for b, per in flops.items()}
+
+
+def apply_calibration(drops: Drops, block_weights: Mapping[str, float], flops_weight: float = 0.0,
+                      pruned: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, dict[str, float]]:
+    """Calibrated drops: each block's raw drops times its weight, plus `flops_weight` times
+    the choice's pruned FLOPs share when given ("0.0" stays exactly 0)."""
+    def one(b: str, c: str, d: float) -> float:
+        if c == ORIGINAL:
+            return 0.0
+        extra = flops_weight * pruned[b][c] if pruned is not None and flops_weight else 0.0
+        return float(block_weights[b] * d + extra)
+
+    return {b: {c: one(b, c, d) for c, d in per.items()} for b, per in drops.items()}
 
 
 # --------------------------------------------------------------------------- fitting
@@ -147,6 +179,22 @@ def fit_ridge(X: np.ndarray, y: np.ndarray, lam: float, prior: float) -> np.ndar
     return np.clip(w, 0.0, None)
 
 
+def fit_scale_flops(X: np.ndarray, P: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Non-negative least squares (s, f) in y ~= s * X.sum(1) + f * P.sum(1)."""
+    A = np.stack([X.sum(axis=1), P.sum(axis=1)], axis=1)
+    (s, f), _ = nnls(A, y)
+    return float(s), float(f)
+
+
+def _loo_mae_flops(X: np.ndarray, P: np.ndarray, y: np.ndarray) -> float:
+    errors = []
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        s, f = fit_scale_flops(X[keep], P[keep], y[keep])
+        errors.append(abs(s * float(X[i].sum()) + f * float(P[i].sum()) - y[i]))
+    return float(np.mean(errors))
+
+
 def _loo_mae(X: np.ndarray, y: np.ndarray, lam: float | None) -> float:
     """Leave-one-out MAE of the scale fit (lam None) or of ridge at strength lam."""
     errors = []
@@ -176,12 +224,15 @@ def fit_calibration(
     ridge_lambdas: Sequence[float] = DEFAULT_RIDGE_LAMBDAS,
     ridge_min_gain: float = RIDGE_MIN_GAIN,
     ridge_min_points: int = RIDGE_MIN_POINTS,
+    flops: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Calibration:
     """Fit the correction on `fit_points` (measured compositions) and score it on `heldout_points`.
 
     Only `selection` and `measured` of the points are used; predictions are recomputed
     from `drops`. Leave-one-out scores need at least 3 fit points; per-block weights are
-    considered only with at least `ridge_min_points`.
+    considered only with at least `ridge_min_points`, the FLOPs term only when `flops`
+    (per block and choice) is given. A richer fit replaces a simpler one only when its
+    leave-one-out MAE is below `ridge_min_gain` times the simpler one's.
     """
     if not fit_points:
         raise ValueError("calibration needs at least one measured composition (calibration_k >= 1)")
@@ -195,19 +246,27 @@ def fit_calibration(
     cv_scale: float | None = None
     cv_ridge: float | None = None
     cv_raw = float(np.mean(np.abs(y - X.sum(axis=1))))
+    flops_weight, cv_flops = 0.0, None
+    pruned = pruned_share(flops) if flops is not None else None
     if len(y) >= 3:
         cv_scale = _loo_mae(X, y, None)
         best_simple = min(cv_scale, cv_raw)
         if cv_raw <= cv_scale:
             method, weights = "identity", {b: 1.0 for b in names}
+        if pruned is not None:
+            P = _design(names, pruned, [p.selection for p in fit_points])
+            cv_flops = _loo_mae_flops(X, P, y)
+            if cv_flops < ridge_min_gain * best_simple:
+                s_f, flops_weight = fit_scale_flops(X, P, y)
+                method, weights, best_simple = "scale+flops", {b: s_f for b in names}, cv_flops
         unit = float(np.mean(np.diag(X.T @ X))) or 1.0
         scored = [(_loo_mae(X, y, f * unit), f * unit) for f in ridge_lambdas] if len(y) >= ridge_min_points else []
         if scored:
             cv_ridge, best_lam = min(scored)
             if cv_ridge < ridge_min_gain * best_simple:
-                method = "ridge"
+                method, flops_weight = "ridge", 0.0
                 weights = dict(zip(names, (float(w) for w in fit_ridge(X, y, best_lam, scale))))
-    calibrated = apply_calibration(drops, weights)
+    calibrated = apply_calibration(drops, weights, flops_weight, pruned)
     fit_report = [
         AdditivityPoint(p.selection, teacher_accuracy - summed_drop(names, calibrated, p.selection), p.measured)
         for p in fit_points
@@ -224,6 +283,8 @@ def fit_calibration(
         heldout_raw=_report(names, drops, teacher_accuracy, heldout_points),
         heldout_calibrated=_report(names, calibrated, teacher_accuracy, heldout_points),
         fit_points=fit_report,
+        flops_weight=flops_weight,
+        cv_mae_flops=cv_flops,
     )
 
 
@@ -301,4 +362,25 @@ def measure_calibration(
     fit_points = [
         AdditivityPoint(sel, teacher - summed_drop(names, drops, sel), m) for sel, m in zip(selections, measured)
     ]
-    return fit_calibration(names, drops, teacher, fit_points, heldout.points)
+    return fit_calibration(names, drops, teacher, fit_points, heldout.points, flops=flops)
+
+
+def refit_table(table: Any) -> Any:
+    """A copy of a calibrated ProfileTable refitted with this module's current fit, from
+    what the table already holds (raw drops, FLOPs, the fit and held-out compositions'
+    measured accuracies): nothing is re-measured. Tables without calibration come back as is.
+    """
+    import dataclasses
+
+    if not table.calibration:
+        return table
+    old = Calibration.from_dict(table.calibration)
+    heldout = AdditivityReport.from_dict(table.additivity or {"mae": 0, "max_error": 0, "n": 0})
+    names = table.block_names
+    drops = {b.name: {c: ch.accuracy_drop_raw for c, ch in b.choices.items()} for b in table.blocks}
+    flops = {b.name: {c: float(ch.flops) for c, ch in b.choices.items()} for b in table.blocks}
+    cal = fit_calibration(names, drops, table.teacher_accuracy, old.fit_points, heldout.points, flops=flops)
+    calibrated = cal.apply(drops, flops)
+    blocks = [dataclasses.replace(b, choices={c: dataclasses.replace(ch, accuracy_drop=calibrated[b.name][c])
+                                              for c, ch in b.choices.items()}) for b in table.blocks]
+    return dataclasses.replace(table, blocks=blocks, calibration=cal.to_dict())

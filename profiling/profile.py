@@ -37,7 +37,7 @@ from profiling.accuracy import (
     sorted_choices,
     unit_selections,
 )
-from profiling.calibrate import DEFAULT_K, Calibration, apply_calibration, measure_calibration
+from profiling.calibrate import DEFAULT_K, Calibration, measure_calibration
 from profiling.cost import Cost, measure_cost
 from profiling.latency import LatencyStats, fingerprint, measure_latency
 from profiling.latency_fit import DEFAULT_LATENCY_K, LatencyCalibration, measure_latency_calibration
@@ -115,7 +115,8 @@ def assemble_table(
     latency_calibration: LatencyCalibration | None = None,
 ) -> ProfileTable:
     """Build the ProfileTable from the measured parts (no measuring happens here)."""
-    drops = apply_calibration(drops_raw, calibration.block_weights) if calibration else drops_raw
+    flops = {b: {c: cost.flops for c, cost in per.items()} for b, per in costs.items()}
+    drops = calibration.apply(drops_raw, flops) if calibration else drops_raw
     model_ref = str(getattr(model, "model_ref", "") or "")
     blocks = []
     for name in model.block_names:

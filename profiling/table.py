@@ -420,9 +420,12 @@ def _check_calibration(cal: Any, order: Sequence[str]) -> None:
         return
     if not isinstance(cal, Mapping):
         raise _fail("calibration", f"expected an object or null, got {type(cal).__name__}")
-    if cal.get("method") not in ("identity", "scale", "ridge"):
-        raise _fail("calibration.method", f"expected 'identity', 'scale' or 'ridge', got {cal.get('method')!r}")
+    if cal.get("method") not in ("identity", "scale", "scale+flops", "ridge"):
+        raise _fail("calibration.method",
+                    f"expected 'identity', 'scale', 'scale+flops' or 'ridge', got {cal.get('method')!r}")
     _number(cal, "scale", "calibration")
+    if cal.get("flops_weight") is not None:
+        _number(cal, "flops_weight", "calibration")
     weights = _mapping(cal, "block_weights", "calibration")
     for name in order:
         _number(weights, name, "calibration.block_weights")

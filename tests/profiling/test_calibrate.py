@@ -88,3 +88,45 @@ def test_a_fit_that_does_not_beat_raw_drops_is_not_applied() -> None:
     # Exactly additive truth: raw is perfect, any fitted scale equals 1, identity wins ties.
     exact = fit_calibration(BLOCKS, drops, 0.9, _points(drops, truth, 16, 11), _points(drops, truth, 5, 12))
     assert exact.method == "identity" and exact.heldout_calibrated.mae == pytest.approx(0.0, abs=1e-12)
+
+
+def test_flops_term_carries_what_single_swap_drops_miss() -> None:
+    # Descendants that beat the original alone (drops <= 0) yet compositions lose accuracy in
+    # proportion to the FLOPs they remove: the MobileNetV2 case.
+    rng = np.random.default_rng(5)
+    drops = {b: {"0.0": 0.0, **{c: float(-rng.uniform(0.0, 0.004)) for c in CHOICES[1:]}} for b in BLOCKS}
+    flops = {b: {c: 100.0 * (1.0 - float(c)) for c in CHOICES} for b in BLOCKS}
+
+    def points(n: int, seed: int):
+        r = np.random.default_rng(seed)
+        out = []
+        for _ in range(n):
+            sel = tuple(CHOICES[int(r.integers(len(CHOICES)))] for _ in BLOCKS)
+            removed = sum(float(c) * 100.0 for c in sel) / 400.0
+            raw = 0.9 - sum(drops[b][c] for b, c in zip(BLOCKS, sel))
+            out.append(AdditivityPoint(sel, raw, 0.9 - 0.05 * removed + float(r.normal(0.0, 0.0005))))
+        return out
+
+    fit, heldout = points(16, 6), points(20, 7)
+    without = fit_calibration(BLOCKS, drops, 0.9, fit, heldout)
+    cal = fit_calibration(BLOCKS, drops, 0.9, fit, heldout, flops=flops)
+    assert without.method != "scale+flops" and without.cv_mae_flops is None
+    assert cal.method == "scale+flops"
+    assert cal.flops_weight == pytest.approx(0.05, rel=0.1)
+    assert cal.heldout_calibrated.mae < 0.2 * min(cal.heldout_raw.mae, without.heldout_calibrated.mae)
+    calibrated = cal.apply(drops, flops)
+    assert all(calibrated[b]["0.0"] == 0.0 for b in BLOCKS)
+    assert calibrated["b1"]["0.8"] > 0.0 > drops["b1"]["0.8"]
+    assert Calibration.from_dict(cal.to_dict()).apply(drops, flops) == calibrated
+    with pytest.raises(ValueError, match="FLOPs"):
+        cal.apply(drops)
+
+
+def test_refit_of_a_real_table_is_stable(table) -> None:
+    from profiling.calibrate import refit_table
+
+    again = refit_table(table)
+    assert again.calibration["method"] == table.calibration["method"]
+    for b_old, b_new in zip(table.blocks, again.blocks):
+        for c in b_old.choices:
+            assert b_new.choices[c].accuracy_drop == pytest.approx(b_old.choices[c].accuracy_drop, abs=1e-12)
