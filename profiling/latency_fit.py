@@ -1,8 +1,9 @@
 """Composition latency: correct the summed block latencies without giving up additivity.
 
-Blocks are timed one at a time, so each runs with warm caches and no call overhead from its
-neighbours; the sum of their medians under-predicts the composed model (measured on
-ResNet-20, 2-core CPU: blocks 1.79 ms, the composed chain 2.13-2.31 ms). The optimizer
+Blocks are timed one at a time, each with its own warm cache and its own per-call costs, so
+the sum of their medians misses the composed model both ways (2-core CPU, batch 1: ResNet-20's
+blocks 1.79 ms against its chain's 2.13-2.31 ms on an idle core; MobileNetV2's 19 small
+blocks sum 28% above the chain, each paying a fixed cost per call when timed alone). The optimizer
 needs a per-choice number it can add up, so we measure K compositions end to end and fit
 
     measured_ms  ~=  scale * sum_b latency_b(choice_b) + offset_ms
