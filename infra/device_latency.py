@@ -73,12 +73,13 @@ class DeviceTable:
     def choice_ms(self) -> dict[tuple[str, str], float]:
         """Each descendant's additive share of composed-model latency: the median corrected
         by this device's calibration (the offset spread over the blocks), for the optimizer."""
+        from profiling.latency_fit import LatencyCalibration
+
         medians = self.median_ms()
-        cal = self.calibration
-        if not cal:
+        if not self.calibration:
             return medians
-        scale, offset, n = float(cal["scale"]), float(cal["offset_ms"]), max(1, len(self.latency))
-        return {key: scale * ms + offset / n for key, ms in medians.items()}
+        fit, n = LatencyCalibration.from_dict(self.calibration), max(1, len(self.latency))
+        return {key: fit.per_choice(ms, n) for key, ms in medians.items()}
 
     def to_bytes(self) -> bytes:
         data = {

@@ -20,10 +20,11 @@ times its own blocks fits its own.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # NumPy is imported where fitting happens: tables and devices only apply a fit
+    import numpy as np
 
 Selection = tuple[str, ...]
 # Leave-one-out needs a fit on k-1 points; an affine fit needs >= 2 distinct x values.
@@ -63,20 +64,7 @@ class LatencyCalibration:
         return self.scale * latency_ms + self.offset_ms / n_blocks
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "scale": self.scale,
-            "offset_ms": self.offset_ms,
-            "k": self.k,
-            "loo_mae_raw_ms": self.loo_mae_raw_ms,
-            "loo_max_raw_ms": self.loo_max_raw_ms,
-            "loo_mae_calibrated_ms": self.loo_mae_calibrated_ms,
-            "loo_max_calibrated_ms": self.loo_max_calibrated_ms,
-            "fingerprint": self.fingerprint,
-            "fitted_scale": self.fitted_scale,
-            "fitted_offset_ms": self.fitted_offset_ms,
-            "points": [list(p) for p in self.points],
-        }
+        return {**asdict(self), "points": [list(p) for p in self.points]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LatencyCalibration:
@@ -100,6 +88,8 @@ def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Least-squares (scale, offset); through the origin when x has (almost) no spread or the
     offset comes out negative: spread over the blocks, a negative offset could make a small
     block's share negative, and call overhead cannot be."""
+    import numpy as np
+
     if len(x) >= 2 and np.ptp(x) > 1e-3 * max(float(np.mean(x)), 1e-12):
         scale, offset = np.polyfit(x, y, 1)
         if scale > 0 and offset >= 0:
@@ -111,6 +101,8 @@ def fit_latency_calibration(
     points: Sequence[tuple[float, float]], fingerprint: str
 ) -> LatencyCalibration:
     """Fit measured = scale * summed + offset on (summed, measured) pairs, scored by LOO."""
+    import numpy as np
+
     if len(points) < MIN_POINTS:
         raise ValueError(f"latency calibration needs >= {MIN_POINTS} compositions, got {len(points)}")
     x = np.array([p for p, _ in points], dtype=float)

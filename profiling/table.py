@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from profiling.latency_fit import LatencyCalibration
+
 SCHEMA_VERSION = 2
 ORIGINAL = "0.0"
 
@@ -197,19 +199,17 @@ class ProfileTable:
         """Composed-model latency (ms) on the profiling host: the summed block medians,
         corrected by the latency calibration unless `raw` or the table has none."""
         summed = self.total(selection, "latency")
-        cal = self.latency_calibration
-        if raw or not cal:
+        if raw or not self.latency_calibration:
             return summed
-        return float(cal["scale"]) * summed + float(cal["offset_ms"])
+        return LatencyCalibration.from_dict(self.latency_calibration).predict(summed)
 
     def choice_latency_ms(self, block: str, choice: str, *, raw: bool = False) -> float:
         """One choice's additive latency share: summed over a selection it gives
         `predicted_latency` (the offset is spread evenly over the blocks)."""
         ms = self.block(block).choices[choice].latency.median_ms
-        cal = self.latency_calibration
-        if raw or not cal:
+        if raw or not self.latency_calibration:
             return ms
-        return float(cal["scale"]) * ms + float(cal["offset_ms"]) / len(self.blocks)
+        return LatencyCalibration.from_dict(self.latency_calibration).per_choice(ms, len(self.blocks))
 
     def total(self, selection: Sequence[str] | Mapping[str, str], metric: str) -> float:
         """Sum of a per-choice metric (`flops`, `params`, `latency`, ...) over a selection
