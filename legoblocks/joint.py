@@ -14,7 +14,7 @@ Invariants the rest of the system relies on:
   in eval mode, so neither their parameters nor their BatchNorm running statistics move, also
   when a student composition samples `"0.0"` for a block.
 * Only the descendants sampled in a step get gradients and are in train mode for that step.
-  Gradients are zeroed with `set_to_none=True` and `torch.optim.Adam` skips parameters whose
+  Gradients are zeroed with `set_to_none=True` and Adam and SGD skip parameters whose
   `.grad` is None, so an unsampled descendant is bit-identical before and after a step (Adam's
   moments never touch it, weight decay included).
 * Everything random (the batch and the compositions) is derived from `(cfg.seed, step)`, so
@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 ORIGINAL = "0.0"
 STATE_FORMAT = 1
+# Both skip parameters whose .grad is None (unsampled descendants): no step, no decay, no
+# momentum update. "sgd" is the uniform-pruning baseline's optimizer (Nesterov momentum 0.9).
+OPTIMIZERS = ("adam", "sgd")
 
 GradSync = Callable[[list[nn.Parameter]], None]
 BufferSync = Callable[[list[nn.Module]], None]
@@ -65,8 +68,12 @@ class JointConfig:
     """Hyperparameters of the joint stage; every field is a plain number so Optuna can tune it.
 
     `steps` counts optimizer steps; each step trains `random_compositions` random compositions
-    plus the smallest (and optionally the largest trainable) one on one batch. The learning
-    rate decays from `lr` to `lr * min_lr_fraction` on a cosine over `steps`. `freeze_bn`
+    plus the smallest (and optionally the largest trainable) one on one batch, and, when
+    `anchor_budgets` (FLOPs fractions of the original model) are given, the even composition
+    of one of those budgets in turn (`legoblocks.anchors`): budgets a deployment is known to
+    serve get compositions trained for them, as the smallest one is. The learning
+    rate decays from `lr` to `lr * min_lr_fraction` on a cosine over `steps`; `optimizer` is
+    "adam" or "sgd" (Nesterov momentum 0.9, the uniform baseline's fine-tuning optimizer). `freeze_bn`
     keeps the sampled descendants in eval mode too: their BatchNorm layers normalise with the
     running statistics from per-block distillation and never update them, so a composition
     behaves at run time exactly as it was trained (no train/eval statistics mismatch); on full
@@ -90,6 +97,8 @@ class JointConfig:
     weight_decay: float = 0.0
     min_lr_fraction: float = 0.0
     freeze_bn: bool = False
+    anchor_budgets: list[float] = field(default_factory=list)
+    optimizer: str = "adam"
     seed: int = 0
 
     def validate(self) -> None:
@@ -109,10 +118,17 @@ class JointConfig:
             problems.append(f"random_compositions must be >= 0 (got {self.random_compositions})")
         if not 0.0 <= self.min_lr_fraction <= 1.0:
             problems.append(f"min_lr_fraction must be in [0, 1] (got {self.min_lr_fraction})")
-        if self.random_compositions == 0 and not (self.sandwich_smallest or self.sandwich_largest):
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {sorted(OPTIMIZERS)} (got {self.optimizer!r})")
+        bad = [b for b in self.anchor_budgets if not (isinstance(b, (int, float)) and 0 < b <= 1)]
+        if bad:
+            problems.append(f"anchor_budgets must be FLOPs fractions in (0, 1] (got {bad})")
+        if self.random_compositions == 0 and not (
+            self.sandwich_smallest or self.sandwich_largest or self.anchor_budgets
+        ):
             problems.append(
-                "nothing to train: set random_compositions >= 1 or enable sandwich_smallest "
-                "or sandwich_largest"
+                "nothing to train: set random_compositions >= 1, enable sandwich_smallest "
+                "or sandwich_largest, or give anchor_budgets"
             )
         if self.kd_weight == 0 and self.feature_weight == 0 and self.ce_weight == 0:
             problems.append("all loss weights are 0: set kd_weight, feature_weight or ce_weight > 0")
@@ -242,7 +258,16 @@ class JointTrainer:
             p.requires_grad_(True)
         self.smallest: list[str] = list(model.smallest_selection())
         self.largest: list[str] = self._largest_trainable_selection()
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.anchors: list[list[str]] = []
+        if cfg.anchor_budgets:
+            from legoblocks.anchors import anchor_selections
+
+            self.anchors = anchor_selections(model, cfg.anchor_budgets)
+        if cfg.optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                self.params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.step_count = 0
         self.losses: list[float] = []
@@ -275,6 +300,8 @@ class JointTrainer:
                 [self.choices[b][int(torch.randint(len(self.choices[b]), (1,), generator=gen))]
                  for b in self.block_names]
             )
+        if self.anchors:
+            picked.append(self.anchors[step % len(self.anchors)])
         if self.cfg.sandwich_smallest:
             picked.append(self.smallest)
         if self.cfg.sandwich_largest:

@@ -506,12 +506,15 @@ def _run_stages(cfg: PipelineConfig, runner: RayRunner, workdir: Path,
         config={"data": data_key, "selections": chunk, "bn": bn_batches, "seed": profile_cfg["seed"]},
         upstream=[final],
     ) for i, chunk in enumerate(chunks)])
+    # The joint stage's anchor compositions are re-ranking candidates too (legoblocks.anchors).
+    anchor_budgets = list(cfg.joint.anchor_budgets) if cfg.joint.enabled and trainable else []
     (table,) = stage("table", [Unit(
         "table", stages.table_stage,
         {"scalable_dir": str(scalable_dir), "cost_dirs": [folder(r) for r in cost],
          "accuracy_dirs": [folder(r) for r in accuracy], "plan": plan, "profile": profile_cfg,
-         "model_name": _model_name(cfg), "data": data},
-        config={"plan": plan, "profile": profile_cfg, "model_name": _model_name(cfg), "data": data_key},
+         "model_name": _model_name(cfg), "data": data, "anchor_budgets": anchor_budgets},
+        config={"plan": plan, "profile": profile_cfg, "model_name": _model_name(cfg), "data": data_key,
+                "anchors": anchor_budgets},
         upstream=[final, *cost, *accuracy],
     )])
     (points,) = stage("points", [Unit(

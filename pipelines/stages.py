@@ -321,9 +321,11 @@ def read_costs(cost_dirs: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def table_stage(out: Path, *, scalable_dir: str, cost_dirs: list[str], accuracy_dirs: list[str],
-                plan: dict, profile: dict, model_name: str, data: dict) -> dict:
+                plan: dict, profile: dict, model_name: str, data: dict,
+                anchor_budgets: list[float] | None = None) -> dict:
     """Assemble the ProfileTable: drops over environments, additivity, calibration, costs,
-    and the measured top-k winners of a budget grid."""
+    and the measured top-k winners of a budget grid (the joint stage's anchor compositions
+    for `anchor_budgets` compete there too)."""
     import dataclasses
 
     from profiling.accuracy import (
@@ -391,7 +393,8 @@ def table_stage(out: Path, *, scalable_dir: str, cost_dirs: list[str], accuracy_
         evaluator = SelectionEvaluator(scalable, splits.val, bn_data=splits.train if bn else None,
                                        bn_recalibration_batches=bn, seed=profile["seed"])
         evaluator.update(measured)
-        table.verified = verify_top_k(table, evaluator, profile["verify_budgets"], profile["verify_top_k"])
+        table.verified = verify_top_k(table, evaluator, profile["verify_budgets"], profile["verify_top_k"],
+                                      extra=_anchors(table, anchor_budgets or []))
     save_table(table, out / TABLE_FILE)
     return {
         "teacher_val_accuracy": teacher,
@@ -445,12 +448,23 @@ def _solve(table, budgets: dict[str, float | None], top_k: int = 1) -> dict[str,
             "candidates": candidates, "solution": solution.as_dict()}
 
 
-def verify_top_k(table, evaluator, fractions: list[float], k: int) -> list[dict[str, Any]]:
+def _anchors(table, budgets: list[float]) -> list[list[str]]:
+    """The even composition of each FLOPs budget, from the table's measured FLOPs."""
+    from legoblocks.anchors import even_selection
+
+    flops = {b.name: {cid: c.flops for cid, c in b.choices.items()} for b in table.blocks}
+    return [even_selection(flops, float(b), table.block_names) for b in budgets]
+
+
+def verify_top_k(table, evaluator, fractions: list[float], k: int,
+                 extra: list[list[str]] | None = None) -> list[dict[str, Any]]:
     """Measured re-ranking: at each latency budget of the grid, measure the optimizer's top k
     on validation data and record the measured winner (ProfileTable.verified).
 
     The additive prediction ranks near-ties by noise; measuring a handful of them picks the
     composition that is actually best, and a device whose budget matches a grid point uses it.
+    `extra` selections (the joint stage's anchors) join the candidates of every budget whose
+    predicted latency they fit.
     """
     names = table.block_names
     original = ["0.0"] * len(names)
@@ -460,6 +474,9 @@ def verify_top_k(table, evaluator, fractions: list[float], k: int) -> list[dict[
     for fraction in fractions:
         budget = lo + fraction * (hi - lo)
         solved = _solve(table, {"latency_ms": budget}, top_k=k)
+        for sel in extra or []:
+            if sel not in solved["candidates"] and table.predicted_latency(sel) <= budget:
+                solved["candidates"].append(list(sel))
         if not solved["candidates"]:
             continue
         accuracies = evaluator.accuracy_many(solved["candidates"])

@@ -57,13 +57,14 @@ def scalable(make_tiny_resnet, data) -> ScalableModel:
     return model
 
 
-def test_only_sampled_descendants_move(scalable: ScalableModel, data) -> None:
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_only_sampled_descendants_move(scalable: ScalableModel, data, optimizer: str) -> None:
     train, _ = data
     model = copy.deepcopy(scalable)
-    # Weight decay and Adam momentum are the trap: a descendant trained in step 1 must not
+    # Weight decay and momentum are the trap: a descendant trained in step 1 must not
     # drift in step 2 when step 2 does not sample it.
     cfg = JointConfig(steps=2, batch_size=32, weight_decay=0.01, random_compositions=1,
-                      sandwich_smallest=False, seed=0)
+                      sandwich_smallest=False, optimizer=optimizer, seed=0)
     trainer = JointTrainer(model, train, cfg)
     # Pick a seed whose step 2 leaves out a descendant that step 1 trained.
     for seed in range(50):
@@ -137,6 +138,8 @@ def test_shards_partition_the_batch_and_bad_input_is_named(scalable: ScalableMod
         JointTrainer(scalable, train, JointConfig(batch_size=10_000))
     with pytest.raises(ValueError, match="lr must be > 0"):
         JointConfig(lr=0).validate()
+    with pytest.raises(ValueError, match=r"optimizer must be one of \['adam', 'sgd'\] \(got 'lbfgs'\)"):
+        JointConfig(optimizer="lbfgs").validate()
     state = JointTrainer(copy.deepcopy(scalable), train, cfg).get_state()
     state["trainable"] = state["trainable"][:-1]
     with pytest.raises(ValueError, match="other descendants"):

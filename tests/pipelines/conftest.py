@@ -36,7 +36,7 @@ def tiny_config(data_dir: Path, workdir: Path, **sections: Any) -> dict[str, Any
         "data": {"dir": str(data_dir), "train_size": 300, "val_size": 200, "test_size": 200, "seed": 0},
         "teacher": {"epochs": 3, "lr": 0.1, "batch_size": 32},
         "retrain": {"epochs": 1, "batch_size": 32},
-        "joint": {"steps": 10, "checkpoint_every": 5, "batch_size": 32},
+        "joint": {"steps": 10, "checkpoint_every": 5, "batch_size": 32, "anchor_budgets": [0.6]},
         "profile": {"envs": 1, "additivity_n": 3, "calibration_k": 3, "latency_repeats": 3, "latency_warmup": 1,
                     "latency_batch_size": 1},
         "ray": {"local_num_cpus": 2},

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import stages
+
 STAGES = ("teacher", "detect", "descend", "blockio", "retrain", "assemble", "cost", "accuracy",
           "table", "points", "publish")
 
@@ -46,8 +48,11 @@ def test_end_to_end_runs_every_stage_on_ray_and_tracks_lineage(clean_run, monkey
     assert descendants == sum(len(c) for c in summary["choices"].values())
     # Measured re-ranking: at each grid budget the optimizer's top k were measured, the best kept.
     assert [v["fraction"] for v in table.verified] == [0.25, 0.5, 0.75]
+    (anchor,) = stages._anchors(table, [0.6])  # the joint stage's anchor competes where it fits
     for v in table.verified:
-        assert 1 <= len(v["candidates"]) <= 5
+        assert 1 <= len(v["candidates"]) <= 6
+        fits = table.predicted_latency(anchor) <= v["budget"]["latency_ms"]
+        assert (anchor in [c["selection"] for c in v["candidates"]]) == fits
         assert v["measured_accuracy"] == max(c["measured_accuracy"] for c in v["candidates"])
         assert table.predicted_latency(v["selection"]) <= v["budget"]["latency_ms"] * (1 + 1e-9)
     # The table stage timed whole compositions on the host that timed the blocks.
