@@ -93,6 +93,10 @@ class Settings:
     uniform_lr: float = 0.01
     prune_iterations: int = 12
     threads: int | None = None
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+
+
+METHODS = ("legodnn", "legodnn-blockwise", "uniform", "scratch")  # each with its +bn row where it has one
 
 
 def quick_settings(base: Settings) -> Settings:
@@ -108,7 +112,7 @@ def quick_settings(base: Settings) -> Settings:
         teacher_epochs=1, ladder=[0.0, 0.8], retrain_limit=256,
         joint={"steps": 2, "batch_size": 32, **base.joint},
         additivity_n=2, calibration_k=2, top_k=2, bn_batches=1, uniform_epochs=0.05,
-        prune_iterations=4, threads=base.threads if base.threads is not None else 1,
+        prune_iterations=4, threads=base.threads if base.threads is not None else 1, methods=base.methods,
     )
 
 
@@ -366,22 +370,38 @@ def train_legodnn(name: str, s: Settings, data: dict, teacher, workdir: Path, pr
     if (root / "lego.json").is_file():
         return _load_lego(name, s, teacher, root, key)
     torch.manual_seed(s.seed)
-    with Timer() as t_block:
-        blocked = detect_blocks(teacher, SHAPE)
-        scalable = _descendants(blocked, s, name)
-        io = collect_block_io(blocked.blocks, train, limit=s.retrain_limit, batch_size=256, seed=s.seed)
-        cfg = RetrainConfig(epochs=s.retrain_epochs, lr=s.retrain_lr, batch_size=64, seed=s.seed)
-        for block_spec, block_io in zip(scalable.specs, io):
-            if len(scalable.choices(block_spec.name)) > 1:
-                retrain_descendants(scalable.variants[block_spec.name], block_io, cfg, progress=progress)
-        del io
+    # The per-block stage does not depend on the joint stage's settings: runs that differ
+    # only there share it (cached on its own, with its original wall time).
+    block_spec_key = {k: v for k, v in spec.items() if k != "joint"}
+    block_root = workdir / f"blockwise-{name}-{_digest(block_spec_key)}"
+    if (block_root / "blockwise.json").is_file():
+        scalable = _descendants(detect_blocks(teacher, SHAPE), s, name)
+        _load_variants(scalable, block_root / "variants")
+        blockwise_s = json.loads((block_root / "blockwise.json").read_text())["blockwise_s"]
+        log.info("%s: per-block descendants loaded from cache %s (trained originally in %.1f s)",
+                 name, block_root, blockwise_s)
+    else:
+        with Timer() as t_block:
+            blocked = detect_blocks(teacher, SHAPE)
+            scalable = _descendants(blocked, s, name)
+            io = collect_block_io(blocked.blocks, train, limit=s.retrain_limit, batch_size=256, seed=s.seed)
+            cfg = RetrainConfig(epochs=s.retrain_epochs, lr=s.retrain_lr, batch_size=64, seed=s.seed)
+            for block_spec, block_io in zip(scalable.specs, io):
+                if len(scalable.choices(block_spec.name)) > 1:
+                    retrain_descendants(scalable.variants[block_spec.name], block_io, cfg, progress=progress)
+            del io
+        blockwise_s = round(t_block.seconds, 1)
+        tmp = cache_tmp(block_root)
+        _save_variants(scalable, tmp / "variants")
+        (tmp / "blockwise.json").write_text(json.dumps({"key": block_spec_key, "blockwise_s": blockwise_s}) + "\n")
+        publish_cache(tmp, block_root)
     blockwise = copy.deepcopy(scalable)
     with Timer() as t_joint:
         joint = train_joint(scalable, train, joint_config(s), progress=progress)
     tail = joint.losses[-10:]
-    timings = {"blockwise_s": round(t_block.seconds, 1), "joint_s": round(t_joint.seconds, 1),
+    timings = {"blockwise_s": blockwise_s, "joint_s": round(t_joint.seconds, 1),
                "joint_final_loss": round(sum(tail) / max(1, len(tail)), 4)}
-    log.info("%s: per-block stage %.1f s, joint stage %.1f s", name, t_block.seconds, t_joint.seconds)
+    log.info("%s: per-block stage %.1f s, joint stage %.1f s", name, blockwise_s, t_joint.seconds)
     tmp = cache_tmp(root)
     _save_variants(scalable, tmp / "scalable")
     _save_variants(blockwise, tmp / "blockwise")
@@ -437,18 +457,26 @@ def select(table, model, val, budgets: Sequence[float], *, metric: str, top_k: i
 
     metric "flops": budgets are fractions of the teacher's FLOPs (the table's per-block FLOPs
     add up exactly to the whole model's); metric "latency": budgets in ms against the table's
-    latency column. Without `rerank` the optimizer's best is kept as is (its validation
+    latency column. With `rerank` on FLOPs budgets the budget's even composition
+    (`legoblocks.anchors`, the one an anchored joint stage trains) is a candidate too. Without
+    `rerank` the optimizer's best is kept as is (its validation
     accuracy is still measured, to report how wrong the prediction was). Returns the picks
     (`Pick.budget` as given) and the seconds.
     """
+    from legoblocks.anchors import even_selection
     from profiling.accuracy import SelectionEvaluator
 
     evaluator = SelectionEvaluator(model, val)
     scale = table.total(["0.0"] * len(table.blocks), "flops") if metric == "flops" else 1.0
+    flops = {b.name: {cid: c.flops for cid, c in b.choices.items()} for b in table.blocks}
     picks = []
     with Timer() as t:
         for budget in budgets:
             candidates = choose(table, budget * scale, top_k if rerank else 1, metric)
+            if rerank and metric == "flops":
+                anchor = even_selection(flops, budget, [b.name for b in table.blocks])
+                if anchor not in candidates and table.total(anchor, "flops") <= budget * scale:
+                    candidates.append(anchor)
             measured = evaluator.accuracy_many(candidates)
             best = max(range(len(candidates)), key=lambda i: (measured[i], -i))
             picks.append(Pick(budget, list(candidates[best]), measured[best],
@@ -586,7 +614,7 @@ def bench_model(name: str, s: Settings, data: dict, workdir: Path, progress: boo
         ("legodnn-blockwise", lego.blockwise, 0, False, lego.timings["blockwise_s"]),
     ]
     info["profiles"] = {}
-    for method, model, k, rerank, trained_s in variants:
+    for method, model, k, rerank, trained_s in [v for v in variants if v[0] in s.methods]:
         sel = profile_and_select(name, s, model, val, s.budgets,
                                  calibration_k=k, rerank=rerank, progress=progress)
         info["profiles"][method] = {"profile_s": round(sel.profile_s, 1), "rerank_s": round(sel.rerank_s, 1),
@@ -605,10 +633,14 @@ def bench_model(name: str, s: Settings, data: dict, workdir: Path, progress: boo
                              wall + t_bn.seconds * len(s.budgets), selection=pick.selection,
                              bn_s=round(t_bn.seconds, 2)))
 
+    if "uniform" not in s.methods:
+        return rows, info
     uniform = uniform_baseline(name, s, data, teacher, s.budgets, epochs=s.uniform_epochs, progress=progress)
     total_uniform = sum(u.seconds for u in uniform)
     for u in uniform:
         rows.append(_row(name, "uniform", u.budget, u.flops_frac, u.test_acc, total_uniform, ratio=u.extra["ratio"]))
+    if "scratch" not in s.methods:
+        return rows, info
     # scratch trains for the time uniform spent fine-tuning at that budget
     scratch = scratch_baseline(name, s, data, teacher, s.budgets, progress=progress,
                                seconds_per_budget={u.budget: u.extra["finetune_s"] for u in uniform})
@@ -826,6 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md", type=Path, default=REPO / "docs" / "benchmarks" / "accuracy.md")
     p.add_argument("--bn-batches", type=int, default=d.bn_batches, help="batches of 128 for BN re-estimation")
     p.add_argument("--uniform-epochs", type=float, default=d.uniform_epochs)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods),
+                   help="methods to run (default: all); scratch trains for uniform's time, so it needs uniform")
     p.add_argument("--quick", action="store_true", help="tiny smoke setting (seconds, meaningless numbers)")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="only rewrite the Markdown (--md) from an existing results JSON")
@@ -852,7 +886,11 @@ def common_settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     s = common_settings(args, models=list(args.models), budgets=list(args.budgets),
-                        bn_batches=args.bn_batches, uniform_epochs=args.uniform_epochs)
+                        bn_batches=args.bn_batches, uniform_epochs=args.uniform_epochs,
+                        methods=list(dict.fromkeys(args.methods)))
+    if "scratch" in s.methods and "uniform" not in s.methods:
+        raise SystemExit("bench/accuracy.py: --methods scratch needs uniform too (scratch trains for the "
+                         "time uniform spent fine-tuning); add uniform or drop scratch")
     bad = [b for b in s.budgets if not 0 < b < 1]
     if bad:
         raise SystemExit(f"bench/accuracy.py: budgets must be fractions in (0, 1), got {bad}")

@@ -102,3 +102,24 @@ def test_per_model_overrides_keep_the_teacher_cache_names(bench_script) -> None:
         bench.settings_from(bench.build_parser().parse_args(["--model-kwargs", "mobilenetv2=0.5"]))
     with pytest.raises(SystemExit, match="positive integer"):
         bench.settings_from(bench.build_parser().parse_args(["--model-teacher-epochs", "resnet20=x"]))
+
+
+def test_joint_variants_share_the_per_block_stage_and_methods_can_be_chosen(
+        bench_script, tmp_path: Path, fmnist_dir: Path) -> None:
+    bench = bench_script("accuracy")
+    work = tmp_path / "work"
+    base = ["--quick", "--no-progress", "--data-dir", str(fmnist_dir), "--workdir", str(work),
+            "--budgets", "0.5", "--methods", "legodnn"]
+    runs = {}
+    for tag, joint in (("a", []), ("b", ["--joint", "steps=3", "--joint", "anchor_budgets=[0.5]"])):
+        out = tmp_path / f"{tag}.json"
+        assert bench.main([*base, *joint, "--out", str(out), "--md", str(tmp_path / f"{tag}.md")]) == 0
+        runs[tag] = json.loads(out.read_text())
+    # Two joint stages, one per-block stage: the second run reports the first one's wall time.
+    assert len(list(work.glob("lego-resnet20-*"))) == 2 and len(list(work.glob("blockwise-resnet20-*"))) == 1
+    a, b = (runs[t]["models"]["resnet20"] for t in "ab")
+    assert a["lego_cache"] != b["lego_cache"] and a["timings"]["blockwise_s"] == b["timings"]["blockwise_s"]
+    for result in runs.values():
+        assert {r["method"] for r in result["rows"]} == {"legodnn", "legodnn+bn"}
+    with pytest.raises(SystemExit, match="scratch needs uniform"):
+        bench.settings_from(bench.build_parser().parse_args(["--methods", "legodnn", "scratch"]))
