@@ -116,8 +116,18 @@ def quick_settings(base: Settings) -> Settings:
     )
 
 
+def anchored_joint(budgets: Sequence[float]) -> dict[str, Any]:
+    """The benchmark's joint-stage recipe (docs/benchmarks/accuracy.md, session 4): each step
+    trains the smallest composition and one budget anchor in turn, no random composition.
+    Anchors are the budgets served, except the smallest when there are several (the sandwich's
+    smallest composition stands in for it). `--joint` overrides any of these."""
+    ordered = sorted(budgets)
+    return {"random_compositions": 0, "anchor_budgets": ordered[1:] if len(ordered) > 1 else ordered}
+
+
 def joint_config(s: Settings):
-    """The effective JointConfig: JointConfig's own defaults, the run's seed, then `s.joint`.
+    """The effective JointConfig: JointConfig's own defaults, the run's seed, the benchmark's
+    anchored recipe for its budgets (`anchored_joint`), then `s.joint`.
 
     Unknown keys and invalid values fail here, before any training, naming the valid fields.
     """
@@ -128,7 +138,7 @@ def joint_config(s: Settings):
     if unknown:
         raise SystemExit(f"bench: --joint: unknown JointConfig field(s) {unknown}; "
                          f"valid fields: {', '.join(sorted(fields))}")
-    cfg = JointConfig(**{"seed": s.seed, **s.joint})
+    cfg = JointConfig(**{"seed": s.seed, **anchored_joint(s.budgets), **s.joint})
     try:
         cfg.validate()
     except ValueError as exc:
@@ -663,12 +673,14 @@ def _brief(report: dict | None) -> dict | None:
 
 METHODS_DOC = """\
 - `legodnn`: per-block feature distillation of every descendant (one teacher pass, MSE),
-  then the composition-aware joint stage (`legoblocks.joint`: a random and the smallest
-  composition per step, T^2 KL to the teacher's logits + per-block feature MSE), then the
-  profile with calibrated drops (`profiling.profile_model`, K FLOPs-spread compositions);
-  per budget the optimizer (`optimizer.solve`, FLOPs as its latency column) returns its
-  top k selections, which are measured on validation data and the best is kept. One
-  training run serves every budget: `train_wall_s` = per-block + joint + profile + selection.
+  then the composition-aware joint stage (`legoblocks.joint`: per step the smallest
+  composition and one budget anchor in turn, the even composition of each budget but the
+  smallest (`legoblocks.anchors`); 0.5 T^2 KL to the teacher's logits + 0.5 CE + per-block
+  feature MSE), then the profile with calibrated drops (`profiling.profile_model`, K
+  FLOPs-spread compositions); per budget the optimizer (`optimizer.solve`, FLOPs as its
+  latency column) returns its top k selections, which are measured on validation data with
+  the budget's even composition and the best is kept. One training run serves every budget
+  (all compositions stay available): `train_wall_s` = per-block + joint + profile + selection.
 - `legodnn+bn`: the same selections, BatchNorm statistics re-estimated on a few training
   batches after composing (`legoblocks.bn.recalibrate_bn`).
 - `legodnn-blockwise`: the paper's recipe: per-block distillation only, raw (uncalibrated)

@@ -123,3 +123,17 @@ def test_joint_variants_share_the_per_block_stage_and_methods_can_be_chosen(
         assert {r["method"] for r in result["rows"]} == {"legodnn", "legodnn+bn"}
     with pytest.raises(SystemExit, match="scratch needs uniform"):
         bench.settings_from(bench.build_parser().parse_args(["--methods", "legodnn", "scratch"]))
+
+
+def test_the_default_recipe_anchors_every_budget_but_the_smallest(bench_script) -> None:
+    bench = bench_script("accuracy")
+    parse = bench.build_parser().parse_args
+
+    default = bench.joint_config(bench.settings_from(parse([])))
+    assert (default.anchor_budgets, default.random_compositions, default.sandwich_smallest) == ([0.5, 0.75], 0, True)
+    assert bench.joint_config(bench.settings_from(parse(["--budgets", "0.6", "0.3"]))).anchor_budgets == [0.6]
+    assert bench.joint_config(bench.settings_from(parse(["--budgets", "0.4"]))).anchor_budgets == [0.4]
+    # The recipe before anchors, spelled out: --joint overrides the anchored defaults.
+    old = bench.joint_config(bench.settings_from(parse(["--joint", "anchor_budgets=[]", "--joint",
+                                                        "random_compositions=1"])))
+    assert (old.anchor_budgets, old.random_compositions) == ([], 1)
