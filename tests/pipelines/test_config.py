@@ -118,6 +118,9 @@ def test_joint_section_takes_every_trainer_field_and_its_rules() -> None:
         ({"lr": 0}, "joint: invalid JointConfig: lr must be > 0 (got 0.0)"),
         ({"kd_weight": 0.0, "feature_weight": 0.0, "ce_weight": 0.0}, "joint: invalid JointConfig: all loss weights are 0"),
         ({"num_workers": 0}, "joint.num_workers: expected an integer >= 1, got 0"),
+        ({"anchor_budgets": "half"}, "joint.anchor_budgets: expected a list, got 'half'"),
+        ({"anchor_budgets": [0.5, 2]}, "joint: invalid JointConfig: anchor_budgets must be FLOPs fractions in (0, 1]"),
+        ({"optimizer": "rmsprop"}, "joint: invalid JointConfig: optimizer must be one of ['adam', 'sgd']"),
     ],
 )
 def test_bad_joint_values_are_rejected(joint: dict, message: str) -> None:
