@@ -63,13 +63,10 @@ def even_selection(flops: dict[str, dict[str, int]], budget: float, order: Seque
             if level[b] + 1 < len(ladders[b]):
                 here, there = ladders[b][level[b]], ladders[b][level[b] + 1]
                 steps.append((-float(here), flops[b][there] - flops[b][here], i, b))
-        fitting = [s for s in sorted(steps) if total + s[1] <= limit]
-        if not fitting:
-            break
         # Only the sparsest blocks may move, so the composition stays even; among them the
         # cheapest step first. When none of those fits, no denser block may move either.
-        sparsest = min(s[0] for s in steps)
-        fitting = [s for s in fitting if s[0] == sparsest]
+        sparsest = min((s[0] for s in steps), default=None)
+        fitting = sorted(s for s in steps if s[0] == sparsest and total + s[1] <= limit)
         if not fitting:
             break
         _, delta, _, b = fitting[0]

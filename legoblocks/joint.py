@@ -65,16 +65,17 @@ BufferSync = Callable[[list[nn.Module]], None]
 
 @dataclass
 class JointConfig:
-    """Hyperparameters of the joint stage; every field is a plain number so Optuna can tune it.
+    """Hyperparameters of the joint stage; every field is a plain value (numbers, a string, a
+    list of numbers), so a YAML file or Optuna can set it.
 
     `steps` counts optimizer steps; each step trains `random_compositions` random compositions
     plus the smallest (and optionally the largest trainable) one on one batch, and, when
     `anchor_budgets` (FLOPs fractions of the original model) are given, the even composition
     of one of those budgets in turn (`legoblocks.anchors`): budgets a deployment is known to
-    serve get compositions trained for them, as the smallest one is. The learning
-    rate decays from `lr` to `lr * min_lr_fraction` on a cosine over `steps`; `optimizer` is
-    "adam" or "sgd" (Nesterov momentum 0.9, the uniform baseline's fine-tuning optimizer). `freeze_bn`
-    keeps the sampled descendants in eval mode too: their BatchNorm layers normalise with the
+    serve get compositions trained for them, as the smallest one is. The learning rate
+    decays from `lr` to `lr * min_lr_fraction` on a cosine over `steps`; `optimizer` is
+    "adam" or "sgd" (Nesterov momentum 0.9, the uniform baseline's fine-tuning optimizer).
+    `freeze_bn` keeps the sampled descendants in eval mode too: their BatchNorm layers normalise with the
     running statistics from per-block distillation and never update them, so a composition
     behaves at run time exactly as it was trained (no train/eval statistics mismatch); on full
     Fashion-MNIST it measured 0.3-1.1 points worse than training-mode BatchNorm, so it is off.
