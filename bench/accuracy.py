@@ -473,18 +473,17 @@ def select(table, model, val, budgets: Sequence[float], *, metric: str, top_k: i
     accuracy is still measured, to report how wrong the prediction was). Returns the picks
     (`Pick.budget` as given) and the seconds.
     """
-    from legoblocks.anchors import even_selection
     from profiling.accuracy import SelectionEvaluator
+    from profiling.table import even_selections
 
     evaluator = SelectionEvaluator(model, val)
     scale = table.total(["0.0"] * len(table.blocks), "flops") if metric == "flops" else 1.0
-    flops = {b.name: {cid: c.flops for cid, c in b.choices.items()} for b in table.blocks}
     picks = []
     with Timer() as t:
         for budget in budgets:
             candidates = choose(table, budget * scale, top_k if rerank else 1, metric)
             if rerank and metric == "flops":
-                anchor = even_selection(flops, budget, [b.name for b in table.blocks])
+                (anchor,) = even_selections(table, [budget])
                 if anchor not in candidates and table.total(anchor, "flops") <= budget * scale:
                     candidates.append(anchor)
             measured = evaluator.accuracy_many(candidates)

@@ -336,6 +336,7 @@ def table_stage(out: Path, *, scalable_dir: str, cost_dirs: list[str], accuracy_
     from profiling.cost import Cost
     from profiling.latency import LatencyStats
     from profiling.profile import assemble_table
+    from profiling.table import even_selections
     from profiling.table import save as save_table
 
     scalable = load_scalable(scalable_dir)
@@ -394,7 +395,7 @@ def table_stage(out: Path, *, scalable_dir: str, cost_dirs: list[str], accuracy_
                                        bn_recalibration_batches=bn, seed=profile["seed"])
         evaluator.update(measured)
         table.verified = verify_top_k(table, evaluator, profile["verify_budgets"], profile["verify_top_k"],
-                                      extra=_anchors(table, anchor_budgets or []))
+                                      extra=even_selections(table, anchor_budgets or []))
     save_table(table, out / TABLE_FILE)
     return {
         "teacher_val_accuracy": teacher,
@@ -446,14 +447,6 @@ def _solve(table, budgets: dict[str, float | None], top_k: int = 1) -> dict[str,
                   if s.feasible and s.selection]
     return {"feasible": bool(solution.feasible), "selection": candidates[0] if candidates else None,
             "candidates": candidates, "solution": solution.as_dict()}
-
-
-def _anchors(table, budgets: list[float]) -> list[list[str]]:
-    """The even composition of each FLOPs budget, from the table's measured FLOPs."""
-    from legoblocks.anchors import even_selection
-
-    flops = {b.name: {cid: c.flops for cid, c in b.choices.items()} for b in table.blocks}
-    return [even_selection(flops, float(b), table.block_names) for b in budgets]
 
 
 def verify_top_k(table, evaluator, fractions: list[float], k: int,

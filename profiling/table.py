@@ -553,6 +553,16 @@ def _override_for(
     return latency_override
 
 
+def even_selections(table: ProfileTable, budgets: Sequence[float]) -> list[list[str]]:
+    """The even composition (`legoblocks.anchors`) of each FLOPs budget, a fraction of the
+    original model's FLOPs, from the table's measured FLOPs: the anchors a joint stage trained
+    for those budgets, as re-ranking candidates."""
+    from legoblocks.anchors import even_selection
+
+    flops = {b.name: {cid: c.flops for cid, c in b.choices.items()} for b in table.blocks}
+    return [even_selection(flops, float(b), table.block_names) for b in budgets]
+
+
 def to_problem(
     tables: Sequence[ProfileTable] | ProfileTable,
     budgets: Mapping[str, float | None],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import stages
+from profiling.table import even_selections
 
 STAGES = ("teacher", "detect", "descend", "blockio", "retrain", "assemble", "cost", "accuracy",
           "table", "points", "publish")
@@ -48,7 +48,7 @@ def test_end_to_end_runs_every_stage_on_ray_and_tracks_lineage(clean_run, monkey
     assert descendants == sum(len(c) for c in summary["choices"].values())
     # Measured re-ranking: at each grid budget the optimizer's top k were measured, the best kept.
     assert [v["fraction"] for v in table.verified] == [0.25, 0.5, 0.75]
-    (anchor,) = stages._anchors(table, [0.6])  # the joint stage's anchor competes where it fits
+    (anchor,) = even_selections(table, [0.6])  # the joint stage's anchor competes where it fits
     for v in table.verified:
         assert 1 <= len(v["candidates"]) <= 6
         fits = table.predicted_latency(anchor) <= v["budget"]["latency_ms"]
