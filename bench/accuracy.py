@@ -81,13 +81,22 @@ class Settings:
     teacher_lr: float = 0.1
     ladder: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8])
     retrain_epochs: int = 1
-    retrain_limit: int | None = 15000
+    # Pairs collected per block: 500 of them (retrain_val_limit) measure the loss before and
+    # after, the other 13,500 train (the training share of the earlier 15,000 with 10% held out).
+    retrain_limit: int | None = 14000
+    retrain_val_limit: int | None = 500
+    # The joint stage trains on the per-block stage's samples and reads the teacher's targets
+    # from its teacher pass (no teacher forward per step) instead of sampling the whole set.
+    joint_on_block_io: bool = False
     retrain_lr: float = 1e-3
     joint: dict[str, Any] = field(default_factory=dict)  # JointConfig overrides
     profile_envs: int = 1
     additivity_n: int = 20
     calibration_k: int = 16
     top_k: int = 20  # the recipe docs/benchmarks/accuracy.md measured
+    # A trained anchor is kept unless a candidate beats it on validation by more than this
+    # many standard errors (profiling.rerank); 0 keeps the best measured candidate.
+    rerank_margin_se: float = 1.0
     bn_batches: int = 8
     uniform_epochs: float = 1.0
     uniform_lr: float = 0.01
@@ -109,7 +118,8 @@ def quick_settings(base: Settings) -> Settings:
         models=base.models, budgets=base.budgets, seed=base.seed, data_dir=base.data_dir,
         model_kwargs={m: {WIDTH_KEY.get(m, "width"): QUICK_WIDTH[_width_family(m)]} for m in base.models},
         train_size=768, val_size=128, test_size=256,
-        teacher_epochs=1, ladder=[0.0, 0.8], retrain_limit=256,
+        teacher_epochs=1, ladder=[0.0, 0.8], retrain_limit=256, joint_on_block_io=base.joint_on_block_io,
+        rerank_margin_se=base.rerank_margin_se,
         joint={"steps": 2, "batch_size": 32, **base.joint},
         additivity_n=2, calibration_k=2, top_k=2, bn_batches=1, uniform_epochs=0.05,
         prune_iterations=4, threads=base.threads if base.threads is not None else 1, methods=base.methods,
@@ -117,12 +127,15 @@ def quick_settings(base: Settings) -> Settings:
 
 
 def anchored_joint(budgets: Sequence[float]) -> dict[str, Any]:
-    """The benchmark's joint-stage recipe (docs/benchmarks/accuracy.md, session 4): each step
-    trains the smallest composition and one budget anchor in turn, no random composition.
-    Anchors are the budgets served, except the smallest when there are several (the sandwich's
-    smallest composition stands in for it). `--joint` overrides any of these."""
+    """The benchmark's joint-stage recipe (docs/benchmarks/accuracy.md, session 5): each step
+    trains the even composition of the smallest budget (the sandwich floor, in place of the
+    smallest composition) and one anchor of the other budgets in turn, no random
+    composition. With one budget it is the anchor and the smallest composition stays the
+    floor. `--joint` overrides any of these (session 4's recipe: `--joint sandwich_floor=null`)."""
     ordered = sorted(budgets)
-    return {"random_compositions": 0, "anchor_budgets": ordered[1:] if len(ordered) > 1 else ordered}
+    if len(ordered) == 1:
+        return {"random_compositions": 0, "anchor_budgets": ordered}
+    return {"random_compositions": 0, "anchor_budgets": ordered[1:], "sandwich_floor": ordered[0]}
 
 
 def joint_config(s: Settings):
@@ -144,6 +157,12 @@ def joint_config(s: Settings):
     except ValueError as exc:
         raise SystemExit(f"bench: --joint: {exc}") from exc
     return cfg
+
+
+def trained_anchors(s: Settings) -> list[float]:
+    """The budgets whose even composition the joint stage trains (anchors and the floor)."""
+    cfg = joint_config(s)
+    return [*cfg.anchor_budgets, *([cfg.sandwich_floor] if cfg.sandwich_floor is not None else [])]
 
 
 def settings_record(s: Settings) -> dict[str, Any]:
@@ -319,8 +338,10 @@ def lego_key(name: str, s: Settings, train_n: int, workdir: Path) -> dict[str, A
         "format": LEGO_CACHE_FORMAT, "model": name, "model_kwargs": s.model_kwargs.get(name, {}),
         "teacher": teacher_path(name, s, train_n, workdir).name, "train_size": train_n, "seed": s.seed,
         "ladder": list(s.ladder), "retrain": {"epochs": s.retrain_epochs, "limit": s.retrain_limit,
+                                              "val_limit": s.retrain_val_limit,
                                               "lr": s.retrain_lr, "batch_size": 64},
         "joint": asdict(joint_config(s)),
+        **({"joint_on_block_io": True} if s.joint_on_block_io else {}),
     }
 
 
@@ -374,6 +395,7 @@ def train_legodnn(name: str, s: Settings, data: dict, teacher, workdir: Path, pr
     from legoblocks.retrain import RetrainConfig, collect_block_io, retrain_descendants
 
     train = data["train"]
+    io = None
     spec = lego_key(name, s, len(train), workdir)
     key = _digest(spec)
     root = workdir / f"lego-{name}-{key}"
@@ -382,7 +404,7 @@ def train_legodnn(name: str, s: Settings, data: dict, teacher, workdir: Path, pr
     torch.manual_seed(s.seed)
     # The per-block stage does not depend on the joint stage's settings: runs that differ
     # only there share it (cached on its own, with its original wall time).
-    block_spec_key = {k: v for k, v in spec.items() if k != "joint"}
+    block_spec_key = {k: v for k, v in spec.items() if k not in ("joint", "joint_on_block_io")}
     block_root = workdir / f"blockwise-{name}-{_digest(block_spec_key)}"
     if (block_root / "blockwise.json").is_file():
         scalable = _descendants(detect_blocks(teacher, SHAPE), s, name)
@@ -395,11 +417,11 @@ def train_legodnn(name: str, s: Settings, data: dict, teacher, workdir: Path, pr
             blocked = detect_blocks(teacher, SHAPE)
             scalable = _descendants(blocked, s, name)
             io = collect_block_io(blocked.blocks, train, limit=s.retrain_limit, batch_size=256, seed=s.seed)
-            cfg = RetrainConfig(epochs=s.retrain_epochs, lr=s.retrain_lr, batch_size=64, seed=s.seed)
+            cfg = RetrainConfig(epochs=s.retrain_epochs, lr=s.retrain_lr, batch_size=64,
+                                val_limit=s.retrain_val_limit, seed=s.seed)
             for block_spec, block_io in zip(scalable.specs, io):
                 if len(scalable.choices(block_spec.name)) > 1:
                     retrain_descendants(scalable.variants[block_spec.name], block_io, cfg, progress=progress)
-            del io
         blockwise_s = round(t_block.seconds, 1)
         tmp = cache_tmp(block_root)
         _save_variants(scalable, tmp / "variants")
@@ -407,7 +429,11 @@ def train_legodnn(name: str, s: Settings, data: dict, teacher, workdir: Path, pr
         publish_cache(tmp, block_root)
     blockwise = copy.deepcopy(scalable)
     with Timer() as t_joint:
-        joint = train_joint(scalable, train, joint_config(s), progress=progress)
+        joint_ds, outputs = train, None
+        if s.joint_on_block_io:
+            joint_ds, outputs, io = _block_io_for_joint(scalable, train, s, io)
+        joint = train_joint(scalable, joint_ds, joint_config(s), progress=progress, teacher_outputs=outputs)
+    del io, joint_ds, outputs
     tail = joint.losses[-10:]
     timings = {"blockwise_s": blockwise_s, "joint_s": round(t_joint.seconds, 1),
                "joint_final_loss": round(sum(tail) / max(1, len(tail)), 4)}
@@ -418,6 +444,24 @@ def train_legodnn(name: str, s: Settings, data: dict, teacher, workdir: Path, pr
     (tmp / "lego.json").write_text(json.dumps({"key": spec, "timings": timings}, indent=2) + "\n")
     publish_cache(tmp, root)
     return LegoRun(scalable, blockwise, timings, key)
+
+
+def _block_io_for_joint(scalable, train, s: Settings, io):
+    """(dataset, teacher outputs, block I/O) for a joint stage on the per-block stage's samples.
+
+    The joint stage then reads the teacher's targets from the per-block stage's one teacher
+    pass instead of running the teacher every step. When the per-block stage came from the
+    cache its pass is redone here, inside the joint stage's timer.
+    """
+    from torch.utils.data import TensorDataset
+
+    from legoblocks.retrain import block_io_indices, collect_block_io
+
+    if io is None:
+        teacher_blocks = [scalable.variants[b]["0.0"] for b in scalable.block_names]
+        io = collect_block_io(teacher_blocks, train, limit=s.retrain_limit, batch_size=256, seed=s.seed)
+    index = block_io_indices(len(train), s.retrain_limit, s.seed)
+    return TensorDataset(io[0].inputs, train.tensors[1][index]), [d.outputs for d in io], io
 
 
 def cache_tmp(root: Path) -> Path:
@@ -451,6 +495,7 @@ class Pick:
     val_acc: float
     predicted: float
     candidates: int
+    anchor: bool = False  # the budget's trained even composition was kept
 
 
 @dataclass
@@ -462,55 +507,79 @@ class Selected:
 
 
 def select(table, model, val, budgets: Sequence[float], *, metric: str, top_k: int,
-           rerank: bool) -> tuple[list[Pick], float]:
+           rerank: bool, trained_anchors: Sequence[float] = (),
+           margin_se: float = 1.0) -> tuple[list[Pick], float]:
     """Per budget, the optimizer's top-k re-ranked on validation data.
 
     metric "flops": budgets are fractions of the teacher's FLOPs (the table's per-block FLOPs
     add up exactly to the whole model's); metric "latency": budgets in ms against the table's
     latency column. With `rerank` on FLOPs budgets the budget's even composition
-    (`legoblocks.anchors`, the one an anchored joint stage trains) is a candidate too. Without
-    `rerank` the optimizer's best is kept as is (its validation
-    accuracy is still measured, to report how wrong the prediction was). Returns the picks
-    (`Pick.budget` as given) and the seconds.
+    (`legoblocks.anchors`, the one an anchored joint stage trains) is a candidate too; where
+    the joint stage trained it (the budget is in `trained_anchors`) it is kept unless another
+    candidate measures better by more than `margin_se` standard errors
+    (`profiling.rerank.pick_measured`). Without `rerank` the optimizer's best is kept as is
+    (its validation accuracy is still measured, to report how wrong the prediction was).
+    Returns the picks (`Pick.budget` as given) and the seconds.
     """
     from profiling.accuracy import SelectionEvaluator
+    from profiling.rerank import pick_measured
     from profiling.table import even_selections
 
     evaluator = SelectionEvaluator(model, val)
     scale = table.total(["0.0"] * len(table.blocks), "flops") if metric == "flops" else 1.0
+    trained = set(trained_anchors)
     picks = []
     with Timer() as t:
         for budget in budgets:
             candidates = choose(table, budget * scale, top_k if rerank else 1, metric)
+            preferred = []
             if rerank and metric == "flops":
                 (anchor,) = even_selections(table, [budget])
                 if anchor not in candidates and table.total(anchor, "flops") <= budget * scale:
                     candidates.append(anchor)
+                if budget in trained and anchor in candidates:
+                    preferred.append(candidates.index(anchor))
             measured = evaluator.accuracy_many(candidates)
-            best = max(range(len(candidates)), key=lambda i: (measured[i], -i))
+            best = pick_measured(measured, preferred, n=len(val), margin_se=margin_se)
             picks.append(Pick(budget, list(candidates[best]), measured[best],
-                              table.predicted_accuracy(candidates[best]), len(candidates)))
+                              table.predicted_accuracy(candidates[best]), len(candidates),
+                              anchor=best in preferred))
     return picks, t.seconds
 
 
 def profile(name: str, s: Settings, model, val, *, calibration_k: int, latency=None,
             additivity_n: int | None = None, progress: bool = False):
-    """The ProfileTable of `model` on validation data, and the seconds it took."""
+    """The ProfileTable of `model` on validation data, and the seconds serving needs of it.
+
+    The held-out additivity check (`heldout_seconds(table)`) is left out of those seconds:
+    it scores the profile for the report and nothing downstream reads it (the calibration
+    picks its fit by cross-validation on its own compositions), as test-set scoring is left
+    out of every method's time. Without `latency` (FLOPs budgets) latency is measured
+    briefly and the composed-latency fit is skipped: nothing here reads either.
+    """
+    from profiling.latency_fit import DEFAULT_LATENCY_K
     from profiling.profile import LatencySettings, profile_model
 
-    lat = latency or LatencySettings(warmup=1, repeats=3)  # FLOPs budgets: latency unused
+    lat = latency or LatencySettings(warmup=1, repeats=3)
     with Timer() as t:
         table = profile_model(model, val, envs=s.profile_envs, latency=lat,
                               additivity_n=s.additivity_n if additivity_n is None else additivity_n,
-                              calibration_k=calibration_k, seed=s.seed, model_name=name, progress=progress)
-    return table, t.seconds
+                              calibration_k=calibration_k, latency_calibration_k=DEFAULT_LATENCY_K if latency else 0,
+                              seed=s.seed, model_name=name, progress=progress)
+    return table, t.seconds - heldout_seconds(table)
+
+
+def heldout_seconds(table) -> float:
+    """Seconds the profile spent on its held-out additivity check (report only)."""
+    return float(table.settings.get("seconds", {}).get("additivity", 0.0))
 
 
 def profile_and_select(name: str, s: Settings, model, val, budgets: Sequence[float], *, metric: str = "flops",
                        calibration_k: int, rerank: bool, latency=None, progress: bool = False) -> Selected:
     """Profile `model`, then pick a selection per budget: FLOPs fractions or ms (see `select`)."""
     table, profile_s = profile(name, s, model, val, calibration_k=calibration_k, latency=latency, progress=progress)
-    picks, rerank_s = select(table, model, val, budgets, metric=metric, top_k=s.top_k, rerank=rerank)
+    picks, rerank_s = select(table, model, val, budgets, metric=metric, top_k=s.top_k, rerank=rerank,
+                             trained_anchors=trained_anchors(s), margin_se=s.rerank_margin_se)
     log.info("%s: profile %.1f s, selection %.1f s", name, profile_s, rerank_s)
     return Selected(table, picks, profile_s, rerank_s)
 
@@ -627,6 +696,7 @@ def bench_model(name: str, s: Settings, data: dict, workdir: Path, progress: boo
         sel = profile_and_select(name, s, model, val, s.budgets,
                                  calibration_k=k, rerank=rerank, progress=progress)
         info["profiles"][method] = {"profile_s": round(sel.profile_s, 1), "rerank_s": round(sel.rerank_s, 1),
+                                    "heldout_check_s": round(heldout_seconds(sel.table), 1),
                                     "additivity": _brief(sel.table.additivity),
                                     "calibration": _brief(sel.table.calibration)}
         wall = trained_s + sel.profile_s + sel.rerank_s
@@ -635,7 +705,8 @@ def bench_model(name: str, s: Settings, data: dict, workdir: Path, progress: boo
             composed = model.compose(pick.selection)
             frac = count_flops(composed, SHAPE) / teacher_flops
             rows.append(_row(name, method, budget, frac, evaluate(composed, test), wall, selection=pick.selection,
-                             predicted_val_acc=round(100 * pick.predicted, 2), val_acc=round(100 * pick.val_acc, 2)))
+                             predicted_val_acc=round(100 * pick.predicted, 2), val_acc=round(100 * pick.val_acc, 2),
+                             anchor=pick.anchor))
             with Timer() as t_bn:
                 recalibrated = recalibrate_bn(composed, bn_batches)
             rows.append(_row(name, f"{method}+bn", budget, frac, evaluate(recalibrated, test),
@@ -672,14 +743,17 @@ def _brief(report: dict | None) -> dict | None:
 
 METHODS_DOC = """\
 - `legodnn`: per-block feature distillation of every descendant (one teacher pass, MSE),
-  then the composition-aware joint stage (`legoblocks.joint`: per step the smallest
-  composition and one budget anchor in turn, the even composition of each budget but the
-  smallest (`legoblocks.anchors`); 0.5 T^2 KL to the teacher's logits + 0.5 CE + per-block
-  feature MSE), then the profile with calibrated drops (`profiling.profile_model`, K
+  then the composition-aware joint stage (`legoblocks.joint`: per step the even composition
+  (`legoblocks.anchors`) of the smallest budget, as the sandwich floor, and the even
+  composition of one other budget in turn; 0.5 T^2 KL to the teacher's logits + 0.5 CE +
+  per-block feature MSE), then the profile with calibrated drops (`profiling.profile_model`, K
   FLOPs-spread compositions); per budget the optimizer (`optimizer.solve`, FLOPs as its
   latency column) returns its top k selections, which are measured on validation data with
   the budget's even composition and the best is kept. One training run serves every budget
   (all compositions stay available): `train_wall_s` = per-block + joint + profile + selection.
+  The profile's held-out additivity check (20 random compositions that score the
+  calibration for this report; nothing downstream reads them) is timed but not counted,
+  as no method's test-set scoring is.
 - `legodnn+bn`: the same selections, BatchNorm statistics re-estimated on a few training
   batches after composing (`legoblocks.bn.recalibrate_bn`).
 - `legodnn-blockwise`: the paper's recipe: per-block distillation only, raw (uncalibrated)
@@ -752,6 +826,8 @@ def markdown(result: dict) -> str:
         cached = " (descendants loaded from the LegoRun cache; original training times)" if info.get("lego_cached") else ""
         out.append(f"LegoDNN time{cached}: per-block {t.get('blockwise_s')} s, joint {t.get('joint_s')} s; "
                    + "; ".join(f"{m}: profile {p['profile_s']} s, re-rank {p['rerank_s']} s"
+                               + (f" (held-out additivity check, not counted: {p['heldout_check_s']} s)"
+                                  if p.get("heldout_check_s") else "")
                                for m, p in info.get("profiles", {}).items()) + ".")
         cal = (info.get("profiles", {}).get("legodnn") or {}).get("calibration")
         if cal:
@@ -826,6 +902,19 @@ def _epochs_value(key: str, value: Any) -> int:
     return value
 
 
+def _optional_count(text: str) -> int | None:
+    """argparse type: a positive integer, or 'none'."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {text!r}")
+    return value
+
+
 def add_common_arguments(p: argparse.ArgumentParser, d: Settings) -> None:
     """The arguments that define teachers and the LegoDNN training run (shared with
     bench/evaluate.py, so both scripts find the same caches)."""
@@ -841,7 +930,14 @@ def add_common_arguments(p: argparse.ArgumentParser, d: Settings) -> None:
     p.add_argument("--model-teacher-epochs", action="append", metavar="NAME=N",
                    help="teacher epochs of one model, overriding --teacher-epochs (repeatable)")
     p.add_argument("--retrain-epochs", type=int, default=d.retrain_epochs)
-    p.add_argument("--retrain-limit", type=int, default=d.retrain_limit, help="block I/O pairs per block")
+    p.add_argument("--retrain-limit", type=int, default=d.retrain_limit,
+                   help="block I/O pairs collected per block (the teacher pass), held-out ones included")
+    p.add_argument("--retrain-val-limit", type=_optional_count, default=d.retrain_val_limit,
+                   help="at most this many of them measure the per-block loss before/after, the rest "
+                        "train ('none': 10%% of them, no cap)")
+    p.add_argument("--joint-on-block-io", action="store_true",
+                   help="train the joint stage on the per-block stage's samples, with the teacher's targets "
+                        "from its one teacher pass (no teacher forward per step)")
     p.add_argument("--joint", action="append", metavar="KEY=VALUE",
                    help="override a legoblocks.joint.JointConfig field (VALUE parsed as JSON, else a "
                    "string), e.g. --joint steps=600 --joint freeze_bn=true (repeatable); unset fields "
@@ -851,6 +947,9 @@ def add_common_arguments(p: argparse.ArgumentParser, d: Settings) -> None:
     p.add_argument("--joint-lr", type=float, default=None, help="alias of --joint lr=X")
     p.add_argument("--calibration-k", type=int, default=d.calibration_k)
     p.add_argument("--top-k", type=int, default=d.top_k, help="selections re-ranked on validation data")
+    p.add_argument("--rerank-margin-se", type=float, default=d.rerank_margin_se,
+                   help="keep a trained anchor unless a candidate beats it on validation by more than this "
+                        "many standard errors (0: keep the best measured candidate)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -888,8 +987,10 @@ def common_settings(args: argparse.Namespace, **extra: Any) -> Settings:
         model_kwargs=parse_assignments(args.model_kwargs, "--model-kwargs", _model_kwargs_value),
         teacher_epochs=args.teacher_epochs,
         model_teacher_epochs=parse_assignments(args.model_teacher_epochs, "--model-teacher-epochs", _epochs_value),
-        retrain_epochs=args.retrain_epochs, retrain_limit=args.retrain_limit, joint=joint,
-        calibration_k=args.calibration_k, top_k=args.top_k, threads=args.threads, **extra,
+        retrain_epochs=args.retrain_epochs, retrain_limit=args.retrain_limit,
+        retrain_val_limit=args.retrain_val_limit, joint_on_block_io=args.joint_on_block_io, joint=joint,
+        calibration_k=args.calibration_k, top_k=args.top_k, rerank_margin_se=args.rerank_margin_se,
+        threads=args.threads, **extra,
     )
     joint_config(s)  # unknown or invalid joint fields fail before any data is loaded
     return s

@@ -282,7 +282,8 @@ def baselines(ctx: ModelContext, rerank_s: float | None = None) -> dict[str, Any
 
 def legodnn_flops_picks(ctx: ModelContext, budgets: Sequence[float]):
     """LegoDNN's selection per FLOPs fraction: top-k re-ranked on validation data."""
-    return acc.select(ctx.table, ctx.scalable, ctx.data["val"], budgets, metric="flops", top_k=ctx.s.top_k, rerank=True)
+    return acc.select(ctx.table, ctx.scalable, ctx.data["val"], budgets, metric="flops", top_k=ctx.s.top_k, rerank=True,
+                      trained_anchors=acc.trained_anchors(ctx.s), margin_se=ctx.s.rerank_margin_se)
 
 
 # ----------------------------------------------------------------------------- figures

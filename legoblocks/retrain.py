@@ -81,6 +81,10 @@ class RetrainConfig:
     # Share of the pairs held out to measure loss before/after; 0 measures on the training
     # pairs instead (cheaper, but then "after" is a training loss).
     val_fraction: float = 0.1
+    # At most this many pairs measure the loss before/after (None: no cap). The loss is a
+    # diagnostic: a few hundred pairs measure it well, and each one costs a forward pass
+    # of every descendant twice.
+    val_limit: int | None = None
     seed: int = 0
 
     def validate(self) -> None:
@@ -96,6 +100,8 @@ class RetrainConfig:
             raise ValueError(f"RetrainConfig.limit must be >= 1 or None, got {self.limit}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"RetrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_limit is not None and self.val_limit < 1:
+            raise ValueError(f"RetrainConfig.val_limit must be >= 1 or None, got {self.val_limit}")
 
 
 @dataclass
@@ -126,6 +132,13 @@ def _sample_inputs(ds: Dataset, index: torch.Tensor, batch_size: int) -> list[to
     return batches
 
 
+def block_io_indices(total: int, limit: int | None, seed: int) -> torch.Tensor:
+    """The dataset indices `collect_block_io` records, in its row order (a seeded choice),
+    so a caller can pair its rows with the samples' labels."""
+    n = total if limit is None else min(limit, total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 @torch.no_grad()
 def collect_block_io(
     blocks: Sequence[nn.Module],
@@ -151,18 +164,22 @@ def collect_block_io(
         raise ValueError("the dataset is empty")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
-    n = total if limit is None else min(limit, total)
-    index = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    index = block_io_indices(total, limit, seed)
+    n = len(index)
     device = _first_device(blocks)
     modes = [b.training for b in blocks]
     for b in blocks:
         b.eval()
-    acts: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
+    # One preallocated tensor per cut point, filled batch by batch: holding every batch's
+    # activations and concatenating them at the end needed twice the memory and, on CPU,
+    # about as long again as the forward passes themselves (page faults on fresh memory).
+    acts: list[torch.Tensor] = []
     try:
         batches = _sample_inputs(ds, index, batch_size)
+        start = 0
         for x in tqdm(batches, desc="teacher pass", disable=not progress, unit="batch"):
             x = x.to(device)
-            acts[0].append(x.cpu())
+            outs = [x]
             for i, block in enumerate(blocks):
                 x = block(x)
                 if not isinstance(x, torch.Tensor):
@@ -170,12 +187,17 @@ def collect_block_io(
                         f"block {i} returned a {type(x).__name__}, not a tensor: blocks must form "
                         "a chain with exactly one tensor between them"
                     )
-                acts[i + 1].append(x.cpu())
+                outs.append(x)
+            if not acts:
+                acts = [torch.empty((n, *t.shape[1:]), dtype=t.dtype) for t in outs]
+            stop = start + len(outs[0])
+            for buffer, t in zip(acts, outs):
+                buffer[start:stop].copy_(t)
+            start = stop
     finally:
         for b, mode in zip(blocks, modes):
             b.train(mode)
-    cat = [torch.cat(a) for a in acts]
-    return [BlockData(cat[i], cat[i + 1]) for i in range(len(blocks))]
+    return [BlockData(acts[i], acts[i + 1]) for i in range(len(blocks))]
 
 
 @torch.no_grad()
@@ -194,9 +216,13 @@ def _mse(
 
 
 def _split(data: BlockData, cfg: RetrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) pair indices: a seeded shuffle, held-out first, then up to `limit`."""
+    """(train, measured) pair indices: a seeded shuffle, held-out first (at most `val_limit`),
+    then up to `limit` training pairs; without a held-out share the loss is measured on
+    (at most `val_limit` of) the training pairs."""
     n = len(data)
     n_val = max(1, round(n * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+    if cfg.val_limit is not None:
+        n_val = min(n_val, cfg.val_limit)
     if n - n_val < 1:
         raise ValueError(
             f"{n} pairs are too few to hold out {cfg.val_fraction:.0%} and still train; collect more"
@@ -205,7 +231,7 @@ def _split(data: BlockData, cfg: RetrainConfig) -> tuple[torch.Tensor, torch.Ten
     val, train = perm[:n_val], perm[n_val:]
     if cfg.limit is not None:
         train = train[: cfg.limit]
-    return train, (val if n_val else train)
+    return train, (val if n_val else train[: cfg.val_limit])
 
 
 def _check_shapes(descendants: dict[str, nn.Module], data: BlockData, device: torch.device) -> None:

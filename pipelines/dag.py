@@ -507,7 +507,10 @@ def _run_stages(cfg: PipelineConfig, runner: RayRunner, workdir: Path,
         upstream=[final],
     ) for i, chunk in enumerate(chunks)])
     # The joint stage's anchor compositions are re-ranking candidates too (legoblocks.anchors).
-    anchor_budgets = list(cfg.joint.anchor_budgets) if cfg.joint.enabled and trainable else []
+    anchor_budgets = []
+    if cfg.joint.enabled and trainable:
+        floor = [cfg.joint.sandwich_floor] if cfg.joint.sandwich_floor is not None else []
+        anchor_budgets = [*cfg.joint.anchor_budgets, *floor]
     (table,) = stage("table", [Unit(
         "table", stages.table_stage,
         {"scalable_dir": str(scalable_dir), "cost_dirs": [folder(r) for r in cost],

@@ -9,6 +9,7 @@ each stage can be run and tested in-process; `pipelines.dag` wires them into the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -210,8 +211,8 @@ def retrain_stage(out: Path, *, descend_dir: str, blockio_file: str, block: str,
     from legoblocks.serialize import load_module, save_module
 
     _fail_once_hook()
-    cfg = RetrainConfig(**{k: retrain[k] for k in (
-        "epochs", "lr", "batch_size", "weight_decay", "limit", "val_fraction", "seed")})
+    # Every library field the stage's config carries (the pipeline's extra ones stay out).
+    cfg = RetrainConfig(**{f.name: retrain[f.name] for f in dataclasses.fields(RetrainConfig) if f.name in retrain})
     choices = sorted((p.stem for p in Path(descend_dir).glob("*.safetensors")), key=float)
     descendants = {c: load_module(Path(descend_dir) / f"{c}.safetensors") for c in choices}
     data = BlockData.load(blockio_file)
@@ -450,38 +451,52 @@ def _solve(table, budgets: dict[str, float | None], top_k: int = 1) -> dict[str,
 
 
 def verify_top_k(table, evaluator, fractions: list[float], k: int,
-                 extra: list[list[str]] | None = None) -> list[dict[str, Any]]:
+                 extra: list[list[str]] | None = None, margin_se: float = 1.0) -> list[dict[str, Any]]:
     """Measured re-ranking: at each latency budget of the grid, measure the optimizer's top k
     on validation data and record the measured winner (ProfileTable.verified).
 
     The additive prediction ranks near-ties by noise; measuring a handful of them picks the
     composition that is actually best, and a device whose budget matches a grid point uses it.
     `extra` selections (the joint stage's anchors) join the candidates of every budget whose
-    predicted latency they fit.
+    predicted latency they fit. At the smallest grid budget an anchor fits, it was trained
+    for about that budget: there it is kept unless a candidate measures better by more than
+    `margin_se` standard errors of the validation accuracy (`profiling.rerank`).
     """
+    from profiling.rerank import pick_measured
+
     names = table.block_names
     original = ["0.0"] * len(names)
     smallest = [max(table.block(b).choices, key=float) for b in names]
     lo, hi = table.predicted_latency(smallest), table.predicted_latency(original)
+    n = len(evaluator.val_ds)
+    anchors = [list(sel) for sel in extra or []]
+    # The smallest grid budget each anchor fits: where it is preferred.
+    home: dict[int, float] = {}
+    for i, sel in enumerate(anchors):
+        fits = [f for f in sorted(fractions) if table.predicted_latency(sel) <= lo + f * (hi - lo)]
+        if fits:
+            home[i] = fits[0]
     verified = []
     for fraction in fractions:
         budget = lo + fraction * (hi - lo)
         solved = _solve(table, {"latency_ms": budget}, top_k=k)
-        for sel in extra or []:
+        for sel in anchors:
             if sel not in solved["candidates"] and table.predicted_latency(sel) <= budget:
                 solved["candidates"].append(list(sel))
         if not solved["candidates"]:
             continue
-        accuracies = evaluator.accuracy_many(solved["candidates"])
+        candidates = solved["candidates"]
+        accuracies = evaluator.accuracy_many(candidates)
         measured = [
             {"selection": sel, "predicted_accuracy": table.predicted_accuracy(sel), "measured_accuracy": acc}
-            for sel, acc in zip(solved["candidates"], accuracies)
+            for sel, acc in zip(candidates, accuracies)
         ]
-        best = max(measured, key=lambda m: m["measured_accuracy"])
+        preferred = [candidates.index(anchors[i]) for i, f in home.items() if f == fraction]
+        best = measured[pick_measured(accuracies, preferred, n=n, margin_se=margin_se)]
         verified.append({
             "budget": {"latency_ms": budget}, "fraction": fraction, "selection": best["selection"],
             "measured_accuracy": best["measured_accuracy"], "optimizer_rank": measured.index(best) + 1,
-            "candidates": measured,
+            "anchor": measured.index(best) in preferred, "candidates": measured,
         })
     return verified
 

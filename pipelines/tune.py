@@ -23,6 +23,7 @@ pruning decisions see every finished trial of every process.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -104,8 +105,8 @@ def run_trial(
     started = time.perf_counter()
     study = optuna.load_study(study_name=study_name, storage=storage, pruner=make_pruner(pruner))
     trial = optuna.trial.Trial(study, trial_id)
-    cfg = RetrainConfig(**{**{k: retrain[k] for k in (
-        "epochs", "lr", "batch_size", "weight_decay", "limit", "val_fraction", "seed")}, **params})
+    fields = {f.name for f in dataclasses.fields(RetrainConfig)}
+    cfg = RetrainConfig(**{**{k: v for k, v in retrain.items() if k in fields}, **params})
     losses: dict[str, float] = {}
     total = 0.0
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

@@ -16,6 +16,8 @@ selection is never evaluated twice.
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -190,7 +192,19 @@ def profile_model(
         model, val_ds, batch_size=batch_size, bn_data=bn_data,
         bn_recalibration_batches=bn_recalibration_batches, bn_batch_size=bn_batch_size, seed=seed,
     )
+    # Seconds per phase, so a caller can tell what serving needs (costs, drops, calibration)
+    # from what only reports (the held-out additivity check).
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] = round(now - clock, 3)
+        clock = now
+
     costs = measure_costs(model, progress=progress)
+    lap("costs")
     latencies, host = measure_latencies(model, latency, progress=progress)
     latency_calibration = None
     if latency_calibration_k:
@@ -199,6 +213,7 @@ def profile_model(
             fingerprint=host["id"], k=latency_calibration_k, seed=seed, batch_size=latency.batch_size,
             warmup=latency.warmup, repeats=latency.repeats, threads=latency.threads, progress=progress,
         )
+    lap("latency")
 
     original = tuple(ORIGINAL for _ in model.block_names)
     units = plan_units(model, environments)
@@ -207,12 +222,14 @@ def profile_model(
     teacher = evaluator.accuracy(original)
     results = [evaluate_unit(model, u, evaluator) for u in units]
     drops = accuracy_drops(model, results)
+    lap("drops")
 
     additivity = None
     if additivity_n > 0:
         additivity = additivity_check(
             model, drops, evaluator, additivity_n, seed, teacher_accuracy=teacher, progress=progress
         )
+    lap("additivity")
     calibration = None
     if calibration_k > 0 and additivity is not None:
         flops = {b: {c: cost.flops for c, cost in per.items()} for b, per in costs.items()}
@@ -220,6 +237,7 @@ def profile_model(
             model, drops, flops, evaluator, additivity, k=calibration_k, seed=seed + 1,
             teacher_accuracy=teacher, progress=progress,
         )
+    lap("calibration")
     settings = {
         "seed": seed,
         "val_size": len(val_ds),  # type: ignore[arg-type]
@@ -234,6 +252,7 @@ def profile_model(
             "threads": latency.threads,
         },
         "evaluations": evaluator.evaluations,
+        "seconds": seconds,
     }
     if bn_recalibration_batches:
         settings["bn_batch_size"] = bn_batch_size

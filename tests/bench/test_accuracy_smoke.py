@@ -111,29 +111,49 @@ def test_joint_variants_share_the_per_block_stage_and_methods_can_be_chosen(
     base = ["--quick", "--no-progress", "--data-dir", str(fmnist_dir), "--workdir", str(work),
             "--budgets", "0.5", "--methods", "legodnn"]
     runs = {}
-    for tag, joint in (("a", []), ("b", ["--joint", "steps=3", "--joint", "anchor_budgets=[0.5]"])):
+    for tag, joint in (("a", []), ("b", ["--joint", "steps=3", "--joint", "anchor_budgets=[0.5]"]),
+                       ("c", ["--joint-on-block-io"])):
         out = tmp_path / f"{tag}.json"
         assert bench.main([*base, *joint, "--out", str(out), "--md", str(tmp_path / f"{tag}.md")]) == 0
         runs[tag] = json.loads(out.read_text())
-    # Two joint stages, one per-block stage: the second run reports the first one's wall time.
-    assert len(list(work.glob("lego-resnet20-*"))) == 2 and len(list(work.glob("blockwise-resnet20-*"))) == 1
-    a, b = (runs[t]["models"]["resnet20"] for t in "ab")
-    assert a["lego_cache"] != b["lego_cache"] and a["timings"]["blockwise_s"] == b["timings"]["blockwise_s"]
+    # Three joint stages, one per-block stage: later runs report the first one's wall time.
+    assert len(list(work.glob("lego-resnet20-*"))) == 3 and len(list(work.glob("blockwise-resnet20-*"))) == 1
+    a, b, c = (runs[t]["models"]["resnet20"] for t in "abc")
+    assert len({a["lego_cache"], b["lego_cache"], c["lego_cache"]}) == 3
+    assert a["timings"]["blockwise_s"] == b["timings"]["blockwise_s"] == c["timings"]["blockwise_s"]
     for result in runs.values():
         assert {r["method"] for r in result["rows"]} == {"legodnn", "legodnn+bn"}
+    # A joint stage on the per-block stage's samples redoes that stage's teacher pass when it
+    # came from the cache (run c); trained in one go (run d) it reuses the pass: same weights.
+    out = tmp_path / "d.json"
+    fresh = [a if a != str(work) else str(tmp_path / "fresh") for a in base]
+    assert bench.main([*fresh, "--joint-on-block-io", "--out", str(out), "--md", str(tmp_path / "d.md")]) == 0
+    d = json.loads(out.read_text())
+    assert d["models"]["resnet20"]["lego_cache"] == c["lego_cache"]
+    assert [r["test_acc"] for r in d["rows"]] == [r["test_acc"] for r in runs["c"]["rows"]]
     with pytest.raises(SystemExit, match="scratch needs uniform"):
         bench.settings_from(bench.build_parser().parse_args(["--methods", "legodnn", "scratch"]))
 
 
-def test_the_default_recipe_anchors_every_budget_but_the_smallest(bench_script) -> None:
+def test_the_default_recipe_anchors_every_budget_and_floors_the_sandwich(bench_script) -> None:
     bench = bench_script("accuracy")
     parse = bench.build_parser().parse_args
 
     default = bench.joint_config(bench.settings_from(parse([])))
-    assert (default.anchor_budgets, default.random_compositions, default.sandwich_smallest) == ([0.5, 0.75], 0, True)
-    assert bench.joint_config(bench.settings_from(parse(["--budgets", "0.6", "0.3"]))).anchor_budgets == [0.6]
-    assert bench.joint_config(bench.settings_from(parse(["--budgets", "0.4"]))).anchor_budgets == [0.4]
+    assert (default.anchor_budgets, default.sandwich_floor) == ([0.5, 0.75], 0.25)
+    assert (default.random_compositions, default.sandwich_smallest) == (0, True)
+    two = bench.joint_config(bench.settings_from(parse(["--budgets", "0.6", "0.3"])))
+    assert (two.anchor_budgets, two.sandwich_floor) == ([0.6], 0.3)
+    one = bench.joint_config(bench.settings_from(parse(["--budgets", "0.4"])))
+    assert (one.anchor_budgets, one.sandwich_floor) == ([0.4], None)
+    # Session 4's recipe: the smallest composition as the floor again.
+    assert bench.joint_config(bench.settings_from(parse(["--joint", "sandwich_floor=null"]))).sandwich_floor is None
     # The recipe before anchors, spelled out: --joint overrides the anchored defaults.
     old = bench.joint_config(bench.settings_from(parse(["--joint", "anchor_budgets=[]", "--joint",
-                                                        "random_compositions=1"])))
-    assert (old.anchor_budgets, old.random_compositions) == ([], 1)
+                                                        "random_compositions=1", "--joint", "sandwich_floor=null"])))
+    assert (old.anchor_budgets, old.random_compositions, old.sandwich_floor) == ([], 1, None)
+    # Session 4's per-block stage: 15,000 pairs, 10% held out without a cap.
+    s4 = bench.settings_from(parse(["--retrain-limit", "15000", "--retrain-val-limit", "none"]))
+    assert (s4.retrain_limit, s4.retrain_val_limit) == (15000, None)
+    with pytest.raises(SystemExit):
+        parse(["--retrain-val-limit", "-3"])

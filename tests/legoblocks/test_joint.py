@@ -7,7 +7,9 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
+from legoblocks.anchors import anchor_selections
 from legoblocks.compose import ScalableModel
 from legoblocks.data import split
 from legoblocks.detect import detect_blocks
@@ -18,7 +20,7 @@ from legoblocks.joint import (
     save_state,
     train_joint,
 )
-from legoblocks.retrain import RetrainConfig, collect_block_io, retrain_descendants
+from legoblocks.retrain import RetrainConfig, block_io_indices, collect_block_io, retrain_descendants
 from legoblocks.train import evaluate, train_teacher
 
 LADDER = (0.0, 0.5, 0.75)
@@ -134,6 +136,11 @@ def test_shards_partition_the_batch_and_bad_input_is_named(scalable: ScalableMod
     both = JointTrainer(copy.deepcopy(scalable), train, JointConfig(steps=1, sandwich_largest=True, random_compositions=0))
     assert both.selections_for(0) == [scalable.smallest_selection(), both.largest]
     assert all(c != "0.0" for c, n in zip(both.largest, scalable.block_names) if len(scalable.choices(n)) > 1)
+    # A sandwich floor replaces the smallest composition by the even one of that budget.
+    floored = JointTrainer(copy.deepcopy(scalable), train,
+                           JointConfig(steps=1, random_compositions=0, sandwich_floor=0.7))
+    (floor,) = anchor_selections(scalable, [0.7])
+    assert floored.selections_for(0) == [floor] and floor != scalable.smallest_selection()
     with pytest.raises(ValueError, match="batch_size"):
         JointTrainer(scalable, train, JointConfig(batch_size=10_000))
     with pytest.raises(ValueError, match="lr must be > 0"):
@@ -144,6 +151,36 @@ def test_shards_partition_the_batch_and_bad_input_is_named(scalable: ScalableMod
     state["trainable"] = state["trainable"][:-1]
     with pytest.raises(ValueError, match="other descendants"):
         JointTrainer(copy.deepcopy(scalable), train, cfg).load_state(state)
+
+
+def test_cached_teacher_outputs_replace_the_teacher_pass(scalable: ScalableModel, data) -> None:
+    train, _ = data
+    teacher_blocks = [scalable.variants[b]["0.0"] for b in scalable.block_names]
+    io = collect_block_io(teacher_blocks, train, limit=600, batch_size=256, seed=3)
+    index = block_io_indices(len(train), 600, seed=3)
+    labels = torch.tensor([int(train[int(i)][1]) for i in index])
+    ds = TensorDataset(io[0].inputs, labels)
+    cfg = JointConfig(steps=3, batch_size=64, anchor_budgets=[0.6], random_compositions=1, seed=2)
+    plain = JointTrainer(copy.deepcopy(scalable), ds, cfg)
+    cached = JointTrainer(copy.deepcopy(scalable), ds, cfg, teacher_outputs=[d.outputs for d in io])
+
+    def no_teacher_pass(x):
+        raise AssertionError("the teacher ran although its outputs were given")
+
+    cached._teacher_forward = no_teacher_pass
+    a = [plain.step().loss for _ in range(3)]
+    b = [cached.step().loss for _ in range(3)]
+    # Same targets up to float rounding (the cache ran in batches of 256, the steps in 64).
+    assert a == pytest.approx(b, rel=1e-4)
+    for name in scalable.block_names:
+        for choice, module in plain.variants[name].items():
+            other = cached.variants[name][choice].state_dict()
+            for key, value in module.state_dict().items():
+                assert torch.allclose(value.float(), other[key].float(), atol=1e-4), (name, choice, key)
+    with pytest.raises(ValueError, match="holds 1 tensors"):
+        JointTrainer(copy.deepcopy(scalable), ds, cfg, teacher_outputs=[io[0].outputs])
+    with pytest.raises(ValueError, match="one row per training sample"):
+        JointTrainer(copy.deepcopy(scalable), ds, cfg, teacher_outputs=[d.outputs[:10] for d in io])
 
 
 def test_joint_stage_makes_the_smallest_composition_more_accurate(scalable: ScalableModel, data) -> None:

@@ -14,6 +14,8 @@ from legoblocks.retrain import (
     BlockData,
     RetrainConfig,
     RetrainReport,
+    _split,
+    block_io_indices,
     collect_block_io,
     retrain_descendants,
 )
@@ -35,12 +37,16 @@ def test_collect_block_io_chains_the_frozen_teacher(trained_tiny_resnet: nn.Sequ
         assert prev.outputs is nxt.inputs  # shared, not copied
     with torch.no_grad():
         for block, data in zip(blocks, block_io):
-            assert torch.allclose(block(data.inputs[:32]), data.outputs[:32], atol=1e-5)
+            # First and last batch: every batch lands at its own rows of the preallocated tensors.
+            for rows in (slice(0, 32), slice(-40, None)):
+                assert torch.allclose(block(data.inputs[rows]), data.outputs[rows], atol=1e-5)
         logits = trained_tiny_resnet(block_io[0].inputs[:32])
     assert torch.allclose(logits, block_io[3].outputs[:32], atol=1e-5)
-    # The inputs are real samples from the dataset, picked by the seed.
-    rows = {tuple(r.flatten()[:50].tolist()) for r in fmnist_small[0].tensors[0]}
-    assert tuple(block_io[0].inputs[0].flatten()[:50].tolist()) in rows
+    # The inputs are real samples from the dataset, picked by the seed: block_io_indices
+    # names which, row by row (how a caller pairs them with labels).
+    images = fmnist_small[0].tensors[0]
+    index = block_io_indices(len(images), 512, seed=0)
+    assert torch.equal(block_io[0].inputs, images[index])
 
 
 def test_collect_block_io_restores_modes_and_seeds_the_choice(trained_tiny_resnet: nn.Sequential, fmnist_small) -> None:
@@ -168,6 +174,18 @@ def test_descend_then_file_round_trip_then_retrain(trained_tiny_resnet: nn.Seque
         with torch.no_grad():  # the retrained module, not a copy, was updated in place
             x = block_io[1].inputs[:8]
             assert not torch.equal(loaded[choice](x), made[choice](x))
+
+
+def test_val_limit_caps_the_measured_pairs_and_trains_on_the_rest(block_io) -> None:
+    data = block_io[1]  # 512 pairs
+    train, held = _split(data, RetrainConfig(val_fraction=0.5, val_limit=10, seed=2))
+    assert len(held) == 10 and len(train) == 502
+    assert not set(held.tolist()) & set(train.tolist())
+    # Without a held-out share the loss is measured on (at most val_limit) training pairs.
+    train, measured = _split(data, RetrainConfig(val_fraction=0.0, val_limit=10, seed=2))
+    assert len(train) == 512 and torch.equal(measured, train[:10])
+    with pytest.raises(ValueError, match="val_limit must be >= 1"):
+        RetrainConfig(val_limit=0).validate()
 
 
 def test_zero_val_fraction_reports_on_the_training_pairs(trained_tiny_resnet: nn.Sequential, block_io, make_hand_descendants) -> None:

@@ -121,6 +121,8 @@ def test_joint_section_takes_every_trainer_field_and_its_rules() -> None:
         ({"anchor_budgets": "half"}, "joint.anchor_budgets: expected a list, got 'half'"),
         ({"anchor_budgets": [0.5, 2]}, "joint: invalid JointConfig: anchor_budgets must be FLOPs fractions in (0, 1]"),
         ({"optimizer": "rmsprop"}, "joint: invalid JointConfig: optimizer must be one of ['adam', 'sgd']"),
+        ({"sandwich_floor": "low"}, "joint.sandwich_floor: expected a number"),
+        ({"sandwich_floor": 1.5}, "joint: invalid JointConfig: sandwich_floor must be a FLOPs fraction in (0, 1]"),
     ],
 )
 def test_bad_joint_values_are_rejected(joint: dict, message: str) -> None:

@@ -12,9 +12,10 @@ from .conftest import PROFILE_KW
 
 
 def _without_timing(table: ProfileTable) -> dict:
-    """The table minus what legitimately varies between runs: latency and timestamps."""
+    """The table minus what legitimately varies between runs: latency, timestamps, seconds."""
     data = table.to_dict()
     data.pop("created")
+    data["settings"].pop("seconds")
     data.pop("fingerprints")
     data.pop("latency_calibration")
     for block in data["blocks"]:
@@ -89,6 +90,14 @@ def test_additivity_and_calibration_reported(table: ProfileTable) -> None:
     measured = [p["measured"] for p in add["points"]]
     mae = sum(abs(table.predicted_accuracy(s) - m) for s, m in zip(held, measured)) / len(held)
     assert math.isclose(cal["heldout_mae_calibrated"], mae, abs_tol=1e-12)
+
+
+def test_phase_seconds_are_recorded(table: ProfileTable) -> None:
+    # Callers separate what serving needs from the report-only held-out check by these.
+    seconds = table.settings["seconds"]
+    assert set(seconds) == {"costs", "latency", "drops", "additivity", "calibration"}
+    assert all(v >= 0 for v in seconds.values())
+    assert seconds["drops"] > 0 and seconds["additivity"] > 0 and seconds["calibration"] > 0
 
 
 def test_profiling_is_deterministic(table: ProfileTable, scalable: ScalableModel, fmnist_parts) -> None:
