@@ -684,13 +684,15 @@ def bench_model(name: str, s: Settings, data: dict, workdir: Path, progress: boo
     log.info("%s teacher: %.2f%% test, %.2f MFLOPs", name, info["teacher_test_acc"], teacher_flops / 1e6)
     bn_batches = calibration_batches(train, num_batches=s.bn_batches, batch_size=128, seed=s.seed)
 
-    lego = train_legodnn(name, s, data, teacher, workdir, progress)
-    info.update(blocks=len(lego.scalable.block_names), compositions=lego.scalable.num_options(),
-                timings=lego.timings, lego_cache=lego.key, lego_cached=lego.cached)
-    variants = [  # method, model, calibration compositions, re-rank top k, training seconds
-        ("legodnn", lego.scalable, s.calibration_k, True, lego.timings["blockwise_s"] + lego.timings["joint_s"]),
-        ("legodnn-blockwise", lego.blockwise, 0, False, lego.timings["blockwise_s"]),
-    ]
+    variants = []
+    if {"legodnn", "legodnn-blockwise"} & set(s.methods):  # baselines alone train no LegoDNN
+        lego = train_legodnn(name, s, data, teacher, workdir, progress)
+        info.update(blocks=len(lego.scalable.block_names), compositions=lego.scalable.num_options(),
+                    timings=lego.timings, lego_cache=lego.key, lego_cached=lego.cached)
+        variants = [  # method, model, calibration compositions, re-rank top k, training seconds
+            ("legodnn", lego.scalable, s.calibration_k, True, lego.timings["blockwise_s"] + lego.timings["joint_s"]),
+            ("legodnn-blockwise", lego.blockwise, 0, False, lego.timings["blockwise_s"]),
+        ]
     info["profiles"] = {}
     for method, model, k, rerank, trained_s in [v for v in variants if v[0] in s.methods]:
         sel = profile_and_select(name, s, model, val, s.budgets,
@@ -824,11 +826,12 @@ def markdown(result: dict) -> str:
         out.append("")
         t = info.get("timings", {})
         cached = " (descendants loaded from the LegoRun cache; original training times)" if info.get("lego_cached") else ""
-        out.append(f"LegoDNN time{cached}: per-block {t.get('blockwise_s')} s, joint {t.get('joint_s')} s; "
-                   + "; ".join(f"{m}: profile {p['profile_s']} s, re-rank {p['rerank_s']} s"
-                               + (f" (held-out additivity check, not counted: {p['heldout_check_s']} s)"
-                                  if p.get("heldout_check_s") else "")
-                               for m, p in info.get("profiles", {}).items()) + ".")
+        if t:
+            out.append(f"LegoDNN time{cached}: per-block {t.get('blockwise_s')} s, joint {t.get('joint_s')} s; "
+                       + "; ".join(f"{m}: profile {p['profile_s']} s, re-rank {p['rerank_s']} s"
+                                   + (f" (held-out additivity check, not counted: {p['heldout_check_s']} s)"
+                                      if p.get("heldout_check_s") else "")
+                                   for m, p in info.get("profiles", {}).items()) + ".")
         cal = (info.get("profiles", {}).get("legodnn") or {}).get("calibration")
         if cal:
             out.append(f"Calibration ({cal.get('method')}, k={cal.get('k')}): held-out MAE "

@@ -133,6 +133,14 @@ def test_joint_variants_share_the_per_block_stage_and_methods_can_be_chosen(
     assert [r["test_acc"] for r in d["rows"]] == [r["test_acc"] for r in runs["c"]["rows"]]
     with pytest.raises(SystemExit, match="scratch needs uniform"):
         bench.settings_from(bench.build_parser().parse_args(["--methods", "legodnn", "scratch"]))
+    # The baselines alone train no LegoDNN (they can run beside a legodnn-only process).
+    alone = tmp_path / "baselines"
+    out = tmp_path / "u.json"
+    args = [a if a != str(work) else str(alone) for a in base]
+    args[args.index("legodnn")] = "uniform"
+    assert bench.main([*args, "--out", str(out), "--md", str(tmp_path / "u.md")]) == 0
+    assert {r["method"] for r in json.loads(out.read_text())["rows"]} == {"uniform"}
+    assert not list(alone.glob("lego-*")) and not list(alone.glob("blockwise-*"))
 
 
 def test_the_default_recipe_anchors_every_budget_and_floors_the_sandwich(bench_script) -> None:
