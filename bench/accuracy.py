@@ -161,8 +161,7 @@ def joint_config(s: Settings):
 
 def trained_anchors(s: Settings) -> list[float]:
     """The budgets whose even composition the joint stage trains (anchors and the floor)."""
-    cfg = joint_config(s)
-    return [*cfg.anchor_budgets, *([cfg.sandwich_floor] if cfg.sandwich_floor is not None else [])]
+    return joint_config(s).trained_budgets()
 
 
 def settings_record(s: Settings) -> dict[str, Any]:

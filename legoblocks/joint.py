@@ -106,6 +106,12 @@ class JointConfig:
     sandwich_floor: float | None = None
     seed: int = 0
 
+    def trained_budgets(self) -> list[float]:
+        """The FLOPs budgets whose even composition this stage trains: the anchors and the
+        sandwich floor (re-ranking prefers these compositions, `profiling.rerank`)."""
+        floor = [self.sandwich_floor] if self.sandwich_floor is not None else []
+        return [*self.anchor_budgets, *floor]
+
     def validate(self) -> None:
         problems = []
         if self.steps < 0:

@@ -507,10 +507,7 @@ def _run_stages(cfg: PipelineConfig, runner: RayRunner, workdir: Path,
         upstream=[final],
     ) for i, chunk in enumerate(chunks)])
     # The joint stage's anchor compositions are re-ranking candidates too (legoblocks.anchors).
-    anchor_budgets = []
-    if cfg.joint.enabled and trainable:
-        floor = [cfg.joint.sandwich_floor] if cfg.joint.sandwich_floor is not None else []
-        anchor_budgets = [*cfg.joint.anchor_budgets, *floor]
+    anchor_budgets = cfg.joint.trained_budgets() if cfg.joint.enabled and trainable else []
     (table,) = stage("table", [Unit(
         "table", stages.table_stage,
         {"scalable_dir": str(scalable_dir), "cost_dirs": [folder(r) for r in cost],

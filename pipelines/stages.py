@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from profiling.rerank import DEFAULT_MARGIN_SE, pick_measured
+
 log = logging.getLogger(__name__)
 
 TEACHER_FILE = "teacher.safetensors"
@@ -451,7 +453,7 @@ def _solve(table, budgets: dict[str, float | None], top_k: int = 1) -> dict[str,
 
 
 def verify_top_k(table, evaluator, fractions: list[float], k: int,
-                 extra: list[list[str]] | None = None, margin_se: float = 1.0) -> list[dict[str, Any]]:
+                 extra: list[list[str]] | None = None, margin_se: float = DEFAULT_MARGIN_SE) -> list[dict[str, Any]]:
     """Measured re-ranking: at each latency budget of the grid, measure the optimizer's top k
     on validation data and record the measured winner (ProfileTable.verified).
 
@@ -462,8 +464,6 @@ def verify_top_k(table, evaluator, fractions: list[float], k: int,
     for about that budget: there it is kept unless a candidate measures better by more than
     `margin_se` standard errors of the validation accuracy (`profiling.rerank`).
     """
-    from profiling.rerank import pick_measured
-
     names = table.block_names
     original = ["0.0"] * len(names)
     smallest = [max(table.block(b).choices, key=float) for b in names]

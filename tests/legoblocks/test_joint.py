@@ -141,6 +141,8 @@ def test_shards_partition_the_batch_and_bad_input_is_named(scalable: ScalableMod
                            JointConfig(steps=1, random_compositions=0, sandwich_floor=0.7))
     (floor,) = anchor_selections(scalable, [0.7])
     assert floored.selections_for(0) == [floor] and floor != scalable.smallest_selection()
+    assert JointConfig(anchor_budgets=[0.5], sandwich_floor=0.2).trained_budgets() == [0.5, 0.2]
+    assert JointConfig(anchor_budgets=[0.5]).trained_budgets() == [0.5]
     with pytest.raises(ValueError, match="batch_size"):
         JointTrainer(scalable, train, JointConfig(batch_size=10_000))
     with pytest.raises(ValueError, match="lr must be > 0"):
