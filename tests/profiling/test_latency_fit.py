@@ -61,7 +61,18 @@ def _with_fit(table: ProfileTable, scale: float, offset: float) -> ProfileTable:
     return dataclasses.replace(table, latency_calibration=fit.to_dict())
 
 
+def _latency_from_flops(table: ProfileTable) -> ProfileTable:
+    """The table with each median set from FLOPs: timings of tiny blocks are noise-dominated
+    (a smaller descendant can time slower), and this test is about the fit, not the timer."""
+    data = table.to_dict()
+    for block in data["blocks"]:
+        for choice in block["choices"].values():
+            choice["latency"]["median_ms"] = 1e-6 * choice["flops"] + 0.01
+    return ProfileTable.from_dict(data)
+
+
 def test_table_applies_the_fit_additively_and_the_optimizer_respects_it(table: ProfileTable, tmp_path) -> None:
+    table = _latency_from_flops(table)
     fitted = _with_fit(table, 1.5, 0.4)
     again = load(save(fitted, tmp_path / "t.json"))
     assert again.latency_calibration == fitted.latency_calibration
@@ -73,8 +84,8 @@ def test_table_applies_the_fit_additively_and_the_optimizer_respects_it(table: P
     assert sum(shares) == pytest.approx(again.predicted_latency(original))
     # A budget the raw sum meets but the corrected latency does not: the optimizer must prune.
     smallest = [max(b.choices, key=float) for b in again.blocks]
-    budget = (again.predicted_latency(smallest) + again.predicted_latency(original)) / 2
-    assert raw <= budget < again.predicted_latency(original)
+    budget = (raw + again.predicted_latency(original)) / 2
+    assert again.predicted_latency(smallest) < budget
     solution = solve(parse_problem(to_problem(again, {"latency_ms": budget})))
     assert solution.feasible
     chosen = solution.selection[again.model_name]
