@@ -330,12 +330,19 @@ def fig_latency(ctx: ModelContext) -> dict[str, Any]:
                           rerank=True)
     rows = []
     for pick in picks:
-        composed = ctx.scalable.compose(pick.selection)
+        first_ms = ctx.latency_ms(ctx.scalable.compose(pick.selection))
+        selection, guard = pick.selection, None
+        if first_ms > pick.budget:  # what a device does: time it, re-solve under a tightened budget
+            guard = _measured_guard(ctx, table, pick.budget)
+            selection = list(guard.solution.selection[table.model_name])
         rows.append({"method": "legodnn", "budget_ms": round(pick.budget, 4),
-                     "predicted_ms": round(table.predicted_latency(pick.selection), 4),
-                     "predicted_raw_ms": round(table.predicted_latency(pick.selection, raw=True), 4),
-                     "latency_ms": round(ctx.latency_ms(composed), 4), **ctx.measured(pick.selection),
-                     "selection": pick.selection})
+                     "predicted_ms": round(table.predicted_latency(selection), 4),
+                     "predicted_raw_ms": round(table.predicted_latency(selection, raw=True), 4),
+                     # a fresh timing: the guard stops at its first timing under budget, which may be a lucky one
+                     "latency_ms": round(ctx.latency_ms(ctx.scalable.compose(selection)), 4),
+                     "first_pick_ms": round(first_ms, 4),
+                     "guard_rounds": 0 if guard is None else len(guard.rounds),
+                     **ctx.measured(selection), "selection": selection})
     for r in baselines(ctx)["rows"]:
         rows.append({"method": r["method"], "budget": r["budget"], "flops_frac": r["flops_frac"],
                      "latency_ms": round(ctx.latency_ms(r["model"]), 4),
@@ -347,6 +354,15 @@ def fig_latency(ctx: ModelContext) -> dict[str, Any]:
             "teacher_test_acc": round(100 * ctx.teacher_acc, 2), "rows": rows,
             "note": "uniform and scratch are the accuracy figure's models (no extra training) at their "
                     "measured latencies; latency = median of >= 30 runs at batch 1 on 1 thread"}
+
+
+def _measured_guard(ctx: ModelContext, table, budget_ms: float):
+    """optimizer.solve_measured on this host: the composition timed end to end each round."""
+    from optimizer import parse_problem, solve_measured
+    from profiling.table import to_problem
+
+    problem = parse_problem(to_problem(table, {"latency_ms": budget_ms}))
+    return solve_measured(problem, lambda sel: ctx.latency_ms(ctx.scalable.compose(sel[table.model_name])))
 
 
 class _Reached(Exception):
@@ -616,6 +632,17 @@ def verdicts(figures: dict[str, dict[str, Any]]) -> list[str]:
         vs_scratch = f"legodnn - scratch max {sc['max']:+.2f} / mean {sc['mean']:+.2f}" if sc else "no scratch model fits"
         lines.append(f"accuracy, {model}: legodnn - uniform max {u['max']:+.2f} / mean {u['mean']:+.2f} points; "
                      f"legodnn >= uniform at every budget: {_met(u['min'] >= 0, worst)}; {vs_scratch}")
+    for model, r in figures.get("latency", {}).items():
+        lego = [x for x in r["rows"] if x["method"] == "legodnn"]
+        if lego:
+            over = [x for x in lego if x["latency_ms"] > x["budget_ms"]]
+            worst = max(x["latency_ms"] / x["budget_ms"] for x in lego)
+            line = (f"latency, {model}: LegoDNN picks over their budget when timed: {len(over)} of {len(lego)} "
+                    f"(worst {100 * (worst - 1):+.1f}%)")
+            if "first_pick_ms" in lego[0]:
+                first = [x for x in lego if x["first_pick_ms"] > x["budget_ms"]]
+                line += f"; before the measured re-solve {len(first)} of {len(lego)}"
+            lines.append(line)
     for model, r in figures.get("options", {}).items():
         head = f"options, {model}: {r['num_options']:,} models in {r['lego_train_s']:.0f} s; uniform "
         if r["ratio"] is None:
@@ -711,6 +738,13 @@ def _md_latency(r):
         worst = max(x["latency_ms"] / x["budget_ms"] for x in lego)
         lines.append(f"LegoDNN picks over their budget when measured: {len(over)} of {len(lego)} "
                      f"(worst {100 * (worst - 1):+.1f}%).")
+    if lego and "first_pick_ms" in lego[0]:
+        first = [x for x in lego if x["first_pick_ms"] > x["budget_ms"]]
+        worst = max(x["first_pick_ms"] / x["budget_ms"] for x in lego)
+        lines.append(f"Before the measured re-solve (`optimizer.solve_measured`): {len(first)} of {len(lego)} over "
+                     f"(worst {100 * (worst - 1):+.1f}%); re-solved picks took "
+                     f"{sum(x['guard_rounds'] for x in lego)} timed rounds in all. The measured ms column is a "
+                     "fresh timing of the final pick.")
     return lines
 
 

@@ -1,7 +1,7 @@
 """`legodnn-fetch`: the device side. Fetch signed bundles, time them here, solve, assemble, adapt.
 
     legodnn-fetch URI [URI ...] --public-key KEY --cache DIR --latency-ms X --memory-mb Y
-                  [--json] [--watch FILE] [--offline]
+                  [--json] [--watch FILE] [--offline] [--verify-latency ROUNDS]
 
 For each bundle URI (a model URI `<store>/<model_id>` meaning its `latest` version, or a
 version URI `<store>/<model_id>/vN`):
@@ -17,6 +17,10 @@ version URI `<store>/<model_id>/vN`):
    checked), and commit to the cache only after everything verified;
 6. assemble each model as a BlockSwitcher whose blocks load from the verified cache.
 
+`--verify-latency ROUNDS` then times the assembled models end to end and, while they run
+over the latency budget, re-solves under a budget tightened by the overrun
+(optimizer.solve_measured): summed block timings are right on average, but the optimizer
+picks exactly the compositions they underestimate.
 `--watch FILE` then re-reads budgets from FILE (`{"latency_ms": .., "memory_mb": ..}`)
 whenever it changes, re-solves and swaps only changed blocks (optimizer.RuntimeScaler).
 `--offline` does all of it from the cache, choosing only among cached descendants.
@@ -34,7 +38,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -55,6 +59,7 @@ from infra.skeleton import fetch_header, write_skeleton
 from infra.store import Store, open_store
 
 if TYPE_CHECKING:  # imported lazily at run time: `legodnn-fetch --help` stays instant
+    from optimizer.measured import MeasuredSolution
     from optimizer.solver import Solution
     from profiling.table import ProfileTable
 
@@ -145,9 +150,11 @@ class DeviceSession:
         attempts: int,
         progress: bool,
         torch_device: str = "cpu",
+        settings: DeviceLatencySettings | None = None,
     ) -> None:
         self.bundles = {b.model_id: b for b in bundles}
         self.torch_device = torch_device
+        self.settings = settings or DeviceLatencySettings(device=torch_device)
         self.cache = cache
         self.stats = stats
         self.fingerprint = fingerprint
@@ -180,6 +187,35 @@ class DeviceSession:
                 "raise the budgets" + (" or fetch online (offline uses only cached blocks)" if self.offline else "")
             )
         return solution
+
+    def solve_measured(self, budgets: DeviceBudgets, max_rounds: int) -> MeasuredSolution:
+        """Solve, then time the assembled models here and re-solve under a tightened latency
+        budget while they run over (optimizer.solve_measured). Each round downloads and
+        assembles what its selection needs; the models are left assembled with the answer."""
+        from optimizer.measured import solve_measured
+        from optimizer.problem import parse_problem
+
+        self.solve(budgets)  # the clear error when nothing fits even on paper
+        result = solve_measured(parse_problem(self.problem(budgets)), self.time_selection, max_rounds=max_rounds)
+        if result.rounds[-1].selection != result.solution.selection:
+            self.time_selection(result.solution.selection)  # assemble the chosen one again
+        return result
+
+    def time_selection(self, selection: Mapping[str, Sequence[str]]) -> float:
+        """Download, commit and assemble `selection`, then time each model end to end on this
+        device; returns the summed median latency (ms), what a shared latency budget limits."""
+        from profiling.latency import measure_latency
+
+        selection = {name: list(choices) for name, choices in selection.items()}
+        self.cache.commit(self.stage(selection), [b.files for b in self.bundles.values()])
+        self.assemble(selection)
+        s = self.settings
+        return sum(
+            measure_latency(self.switchers[model_id].model, self.bundles[model_id].manifest.blocks[0].in_shape,
+                            batch_size=s.batch_size, warmup=s.warmup, repeats=s.repeats,
+                            threads=s.threads).median_ms
+            for model_id in selection
+        )
 
     # ------------------------------------------------------------------ files
 
@@ -443,7 +479,7 @@ def open_session(
     if len(set(ids)) != len(ids):
         raise ValueError(f"the bundles must be different models, got model ids {ids}")
     return DeviceSession(bundles, dc, stats, fingerprint=fp, offline=offline, attempts=attempts, progress=progress,
-                         torch_device=settings.device)
+                         torch_device=settings.device, settings=settings)
 
 
 @dataclass
@@ -452,6 +488,7 @@ class FetchResult:
     solution: Solution
     models: list[ModelReport]
     budgets: DeviceBudgets
+    measured: MeasuredSolution | None = None  # set by --verify-latency
 
     @property
     def switchers(self) -> dict[str, Any]:
@@ -473,6 +510,11 @@ class FetchResult:
             "measured": s.measured,
             "device": self.session.fingerprint,
             "offline": self.session.offline,
+            "verified_latency": None if self.measured is None else {
+                "measured_ms": self.measured.measured_ms,
+                "fits": self.measured.fits,
+                "rounds": [dataclasses.asdict(r) for r in self.measured.rounds],
+            },
         }
 
 
@@ -486,8 +528,13 @@ def fetch(
     settings: DeviceLatencySettings = DeviceLatencySettings(),
     attempts: int = 3,
     progress: bool = False,
+    verify_latency_rounds: int = 0,
 ) -> FetchResult:
     """Verify, time, solve, download what the selection needs, commit, assemble.
+
+    With `verify_latency_rounds` > 0 and a latency budget, the assembled models are then
+    timed here and re-solved under a tightened budget while they run over (at most that
+    many timed rounds; `FetchResult.measured` says what was measured and whether it fits).
 
     A bundle that fails verification raises BundleVerificationError before anything is
     written to the cache; infeasible budgets raise InfeasibleBudgetError.
@@ -505,8 +552,14 @@ def fetch(
         session.cache.commit([], [b.files for b in session.bundles.values()])
         raise
     session.cache.commit(staged, [b.files for b in session.bundles.values()])
-    session.assemble(selection)
-    return FetchResult(session, solution, session.report(selection), budgets)
+    measured = None
+    if verify_latency_rounds > 0 and budgets.latency_ms is not None:
+        measured = session.solve_measured(budgets, verify_latency_rounds)
+        solution = measured.solution
+        selection = {name: list(choices) for name, choices in solution.selection.items()}
+    else:
+        session.assemble(selection)
+    return FetchResult(session, solution, session.report(selection), budgets, measured)
 
 
 # ---------------------------------------------------------------------- watching budgets
@@ -627,6 +680,11 @@ def _print_result(result: FetchResult, out: TextIO) -> None:
         f"{_mib(d['total']['memory_bytes'])} (budget {_mib(b.memory_bytes)})",
         file=out,
     )
+    if result.measured is not None:
+        m = result.measured
+        verdict = "fits" if m.fits else f"still over after {len(m.rounds)} rounds (the fastest timed is kept)"
+        print(f"timed here: {m.measured_ms:.3f} ms end to end, {verdict}; first pick timed "
+              f"{m.first_measured_ms:.3f} ms, {len(m.rounds)} timed round(s)", file=out)
     s = result.session.stats
     print(
         f"downloaded {len(s.downloaded)} files ({s.downloaded_bytes} bytes), timed {s.measured} descendants "
@@ -639,6 +697,16 @@ def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _rounds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of timed rounds >= 0, got {text}")
     return value
 
 
@@ -664,6 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads for timing blocks (default 1)")
     p.add_argument("--torch-device", default="cpu", help="where the models run and are timed: cpu (default) or cuda")
     p.add_argument("--repeats", type=int, default=30, help="timed runs per descendant (default 30)")
+    p.add_argument("--verify-latency", type=_rounds, default=0, metavar="ROUNDS",
+                   help="time the assembled models here and, while they run over --latency-ms, re-solve under a "
+                   "tightened budget, at most ROUNDS timings (default 0: trust the summed block timings)")
     p.add_argument("--attempts", type=int, default=3, help="resume a dropped download this many times (default 3)")
     return p
 
@@ -676,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = fetch(
             args.uris, budgets, public_key=args.public_key, cache=args.cache, offline=args.offline,
             settings=settings, attempts=args.attempts, progress=sys.stderr.isatty(),
+            verify_latency_rounds=args.verify_latency,
         )
     except BundleVerificationError as e:
         print(f"legodnn-fetch: REFUSED: {e}", file=sys.stderr)

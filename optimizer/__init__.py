@@ -1,4 +1,4 @@
-"""The scaling optimizer: the problem, its exact solver and the runtime scaler.
+"""The scaling optimizer: the problem, its exact solver, a measured-latency loop and the runtime scaler.
 
 `RuntimeScaler` and `ScaleReport` are imported on first use, so `from optimizer import
 solve` (the device's hot path, `legodnn solve`) does not import torch or legoblocks.
@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from optimizer.problem import Problem, ProblemError, parse_problem
+from optimizer.measured import MeasuredSolution, solve_measured
 from optimizer.solver import Solution, evaluate, solve
 
 __all__ = [
+    "MeasuredSolution",
     "Problem",
     "ProblemError",
     "RuntimeScaler",
@@ -20,6 +22,7 @@ __all__ = [
     "evaluate",
     "parse_problem",
     "solve",
+    "solve_measured",
 ]
 
 

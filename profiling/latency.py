@@ -134,20 +134,23 @@ def measure_latency(
 
     Runs `warmup` untimed passes first (allocator and kernel selection settle), then
     `repeats` timed ones, in eval mode under inference_mode. torch's intra-op thread count
-    is set to `threads` for the measurement and restored afterwards, as is the module's mode.
+    is set to `threads` for the measurement and restored afterwards, as is every submodule's mode.
     """
     _check(batch_size, warmup, repeats, threads)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *(int(d) for d in in_shape), generator=gen).to(_device_of(module))
     previous_threads = torch.get_num_threads()
-    was_training = module.training
+    # Each submodule's own mode: a container made in train mode may hold eval-mode blocks
+    # (a BlockSwitcher's nn.Sequential), and module.train(True) would flip their BatchNorm.
+    modes = [(m, m.training) for m in module.modules()]
     torch.set_num_threads(threads)
     module.eval()
     try:
         samples = _time_forward(module, x, warmup, repeats)
     finally:
         torch.set_num_threads(previous_threads)
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
     return _stats(samples, batch_size, threads)
 
 

@@ -55,6 +55,8 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
     latency = figures["latency"]
     lego = [r for r in latency["rows"] if r["method"] == "legodnn"]
     assert len(lego) == 3 and all(r["latency_ms"] > 0 and 0 <= r["test_acc"] <= 100 for r in lego)
+    # a pick that timed over its budget was re-solved under a tightened one (optimizer.solve_measured)
+    assert all((r["guard_rounds"] >= 1) == (r["first_pick_ms"] > r["budget_ms"]) for r in lego)
     assert {r["method"] for r in latency["rows"]} == {"legodnn", "uniform", "scratch"}
 
     options = figures["options"]

@@ -227,6 +227,34 @@ def test_two_bundles_solved_jointly(built_models, keypair, bucket, tmp_path, val
               cache=tmp_path / "cache", settings=FAST)
 
 
+def test_verify_latency_times_the_assembled_model_and_keeps_what_it_reports(built_models, keypair, bucket, tmp_path,
+                                                                            val_ds):
+    rn = built_models["resnet"]
+    root = f"s3://{bucket}/bundles"
+    publish_bundle(rn.scalable_dir, rn.table_path, root, keypair.private_key, "rn8")
+    cache = tmp_path / "cache"
+    full = fetch([f"{root}/rn8"], DeviceBudgets(None, None), public_key=keypair.public_key, cache=cache,
+                 settings=FAST)
+    shares = full.session.bundles["rn8"].device.choice_ms()
+    names = full.session.bundles["rn8"].manifest.block_names
+    lo = sum(min(v for (b, _), v in shares.items() if b == n) for n in names)
+    budget = DeviceBudgets((lo + full.models[0].latency_ms) / 2, None)
+    result = fetch([f"{root}/rn8"], budget, public_key=keypair.public_key, cache=cache, settings=FAST,
+                   verify_latency_rounds=3)
+    m = result.measured
+    assert m is not None and 1 <= len(m.rounds) <= 3 and m.measured_ms > 0
+    assert m.fits == (m.measured_ms <= budget.latency_ms)
+    targets = [r.target_ms for r in m.rounds]
+    assert targets[0] == budget.latency_ms and targets == sorted(targets, reverse=True)
+    # what runs is what was chosen and reported
+    assert result.switchers["rn8"].selection == m.solution.selection["rn8"]
+    assert list(result.models[0].selection.values()) == m.solution.selection["rn8"]
+    _assert_same_outputs(result, "rn8", rn.scalable_dir, val_ds.tensors[0][:16])
+    report = result.to_dict()["verified_latency"]
+    assert report["measured_ms"] == m.measured_ms and len(report["rounds"]) == len(m.rounds)
+    assert full.to_dict()["verified_latency"] is None
+
+
 def test_offline_uses_only_the_cache(built_models, keypair, bucket, tmp_path, monkeypatch):
     rn = built_models["resnet"]
     root = f"s3://{bucket}/bundles"
@@ -259,7 +287,7 @@ def test_cli_fetch_imports_no_ray_mlflow_optuna(built_models, keypair, bucket, t
         "print(json.dumps({'rc': rc, 'top': top}), file=sys.stderr)\n"
     )
     args = [f"{root}/rn8", "--public-key", str(keypair.public_key), "--cache", str(tmp_path / "cache"),
-            "--memory-mb", "1", "--json", "--repeats", "3"]
+            "--memory-mb", "1", "--latency-ms", "1000", "--verify-latency", "2", "--json", "--repeats", "3"]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **s3_env}, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -269,6 +297,7 @@ def test_cli_fetch_imports_no_ray_mlflow_optuna(built_models, keypair, bucket, t
     out = json.loads(proc.stdout)
     assert out["models"][0]["model_id"] == "rn8" and out["total"]["memory_bytes"] <= 1 << 20
     assert len(out["downloaded"]) == len(out["models"][0]["selection"]) + 1
+    assert out["verified_latency"]["fits"] and len(out["verified_latency"]["rounds"]) == 1  # 1 s is plenty
 
 
 def test_cli_refusal_exit_code_and_message(built_models, keypair, other_keypair, tmp_path, capsys):

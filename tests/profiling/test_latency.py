@@ -42,6 +42,16 @@ def test_measure_latency_restores_train_mode() -> None:
     assert m.training
 
 
+def test_measure_latency_restores_each_submodule_mode() -> None:
+    # A BlockSwitcher's container is in train mode around eval-mode blocks: timing it must not
+    # switch those blocks' BatchNorm to batch statistics.
+    block = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
+    m = nn.Sequential(block)
+    assert m.training and not block[1].training
+    measure_latency(m, (1, 8, 8), warmup=1, repeats=2)
+    assert m.training and not block.training and not block[1].training
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="repeats"):
         measure_latency(nn.Identity(), (1,), repeats=0)
