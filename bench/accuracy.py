@@ -514,8 +514,9 @@ def select(table, model, val, budgets: Sequence[float], *, metric: str, top_k: i
     add up exactly to the whole model's); metric "latency": budgets in ms against the table's
     latency column. With `rerank` on FLOPs budgets the budget's even composition
     (`legoblocks.anchors`, the one an anchored joint stage trains) is a candidate too; where
-    the joint stage trained it (the budget is in `trained_anchors`) it is kept unless another
-    candidate measures better by more than `margin_se` standard errors
+    the joint stage trained it (the budget is in `trained_anchors`), or it is the original
+    model (a budget of 1.0), it is kept unless another candidate measures better by more
+    than `margin_se` standard errors
     (`profiling.rerank.pick_measured`). Without `rerank` the optimizer's best is kept as is
     (its validation accuracy is still measured, to report how wrong the prediction was).
     Returns the picks (`Pick.budget` as given) and the seconds.
@@ -527,6 +528,7 @@ def select(table, model, val, budgets: Sequence[float], *, metric: str, top_k: i
     evaluator = SelectionEvaluator(model, val)
     scale = table.total(["0.0"] * len(table.blocks), "flops") if metric == "flops" else 1.0
     trained = set(trained_anchors)
+    original = ["0.0"] * len(table.blocks)
     picks = []
     with Timer() as t:
         for budget in budgets:
@@ -536,7 +538,8 @@ def select(table, model, val, budgets: Sequence[float], *, metric: str, top_k: i
                 (anchor,) = even_selections(table, [budget])
                 if anchor not in candidates and table.total(anchor, "flops") <= budget * scale:
                     candidates.append(anchor)
-                if budget in trained and anchor in candidates:
+                # the original (the budget admits the whole model) needs no training to be right
+                if (budget in trained or anchor == original) and anchor in candidates:
                     preferred.append(candidates.index(anchor))
             measured = evaluator.accuracy_many(candidates)
             best = pick_measured(measured, preferred, n=len(val), margin_se=margin_se)

@@ -462,7 +462,9 @@ def verify_top_k(table, evaluator, fractions: list[float], k: int,
     `extra` selections (the joint stage's anchors) join the candidates of every budget whose
     predicted latency they fit. At the smallest grid budget an anchor fits, it was trained
     for about that budget: there it is kept unless a candidate measures better by more than
-    `margin_se` standard errors of the validation accuracy (`profiling.rerank`).
+    `margin_se` standard errors of the validation accuracy (`profiling.rerank`). The original
+    model counts as an anchor (at a fraction of 1.0): single-swap drops measured within noise
+    of zero, some negative, would otherwise let a pruned composition "beat" it there.
     """
     names = table.block_names
     original = ["0.0"] * len(names)
@@ -470,10 +472,12 @@ def verify_top_k(table, evaluator, fractions: list[float], k: int,
     lo, hi = table.predicted_latency(smallest), table.predicted_latency(original)
     n = len(evaluator.val_ds)
     anchors = [list(sel) for sel in extra or []]
+    if original not in anchors:  # the whole model needs no training to be right: where it fits, it is preferred
+        anchors.append(original)
     # The smallest grid budget each anchor fits: where it is preferred.
     home: dict[int, float] = {}
     for i, sel in enumerate(anchors):
-        fits = [f for f in sorted(fractions) if table.predicted_latency(sel) <= lo + f * (hi - lo)]
+        fits = [f for f in sorted(fractions) if table.predicted_latency(sel) <= lo + f * (hi - lo) * (1 + 1e-12)]
         if fits:
             home[i] = fits[0]
     verified = []
@@ -481,7 +485,7 @@ def verify_top_k(table, evaluator, fractions: list[float], k: int,
         budget = lo + fraction * (hi - lo)
         solved = _solve(table, {"latency_ms": budget}, top_k=k)
         for sel in anchors:
-            if sel not in solved["candidates"] and table.predicted_latency(sel) <= budget:
+            if sel not in solved["candidates"] and table.predicted_latency(sel) <= budget * (1 + 1e-12):
                 solved["candidates"].append(list(sel))
         if not solved["candidates"]:
             continue

@@ -41,3 +41,27 @@ def test_bad_input_is_named() -> None:
         pick_measured([0.5, 0.6], [2], n=10)
     with pytest.raises(ValueError, match="margin_se must be >= 0"):
         pick_measured([0.5], n=10, margin_se=-1)
+
+
+def test_verify_top_k_keeps_the_original_where_the_whole_model_fits(table, scalable, fmnist_parts) -> None:
+    """A pruned descendant profiled slightly better than its original (noise) must not
+    displace the whole model at a full budget unless it measures clearly better."""
+    from pipelines.stages import verify_top_k
+    from profiling.accuracy import SelectionEvaluator
+
+    data = table.to_dict()
+    block = next(b for b in data["blocks"] if len(b["choices"]) > 1)
+    pruned = next(c for c in block["choices"] if c != "0.0")
+    block["choices"][pruned]["accuracy_drop"] = -0.01  # "better than the original"
+    for b in data["blocks"]:  # latency from FLOPs: timings of tiny blocks are noise, not the point here
+        for c in b["choices"].values():
+            c["latency"]["median_ms"] = 1e-6 * c["flops"] + 0.01
+    noisy = type(table).from_dict(data)
+    original = ["0.0"] * len(noisy.blocks)
+    evaluator = SelectionEvaluator(scalable, fmnist_parts["val"])
+
+    (kept,) = verify_top_k(noisy, evaluator, [1.0], k=3, margin_se=1e9)
+    assert kept["anchor"] and kept["selection"] == original
+    assert noisy.predicted_accuracy(kept["candidates"][0]["selection"]) > noisy.predicted_accuracy(original)
+    (best,) = verify_top_k(noisy, evaluator, [1.0], k=3, margin_se=0.0)
+    assert best["measured_accuracy"] == max(c["measured_accuracy"] for c in best["candidates"])
