@@ -798,15 +798,23 @@ def verdicts(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(result: dict) -> str:
+def _shown(path: Path) -> str:
+    """`path` as the page should name it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def markdown(result: dict, source: str = "docs/results/accuracy.json") -> str:
     rows = result["rows"]
     out = ["# Accuracy under FLOPs budgets (issue 11)", "",
            f"Produced by `{result['command']}` on {result['machine']} "
            f"in {result.get('wall_s', '?')} s. Re-render this page from the JSON with "
-           "`bench/accuracy.py --render docs/results/accuracy.json`.", "",
+           f"`bench/accuracy.py --render {source}`.", "",
            "Test accuracy (%) on the Fashion-MNIST test set, measured FLOPs fraction of the teacher in "
            "parentheses; `train_wall_s` is the retraining time a method needs to serve all budgets "
-           "(teacher training excluded). Raw numbers: `docs/results/accuracy.json`. Every method "
+           f"(teacher training excluded). Raw numbers: `{source}`. Every method "
            "starts from the same teacher and seed; wall times are measured in the same process, "
            "so they compare with each other, not with other machines.", "",
            "## Methods", "", METHODS_DOC, ""]
@@ -859,14 +867,15 @@ def markdown(result: dict) -> str:
 NOTES_MARKER = "<!-- hand-written notes below this line are kept when the page is regenerated -->"
 
 
-def write_markdown(path: Path, result: dict) -> None:
+def write_markdown(path: Path, result: dict, source: Path | None = None) -> None:
     """Write the generated page, keeping any hand-written notes after NOTES_MARKER."""
     notes = ""
     if path.is_file():
         old = path.read_text()
         if NOTES_MARKER in old:
             notes = old.split(NOTES_MARKER, 1)[1]
-    path.write_text(markdown(result) + "\n" + NOTES_MARKER + notes)
+    page = markdown(result) if source is None else markdown(result, _shown(source))
+    path.write_text(page + "\n" + NOTES_MARKER + notes)
 
 
 def to_json(result: dict) -> str:
@@ -1033,7 +1042,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.render.is_file():
             raise SystemExit(f"bench/accuracy.py: --render: {args.render} does not exist; run the benchmark first")
         args.md.parent.mkdir(parents=True, exist_ok=True)
-        write_markdown(args.md, json.loads(args.render.read_text()))
+        write_markdown(args.md, json.loads(args.render.read_text()), args.render)
         print(f"wrote {args.md}")
         return 0
     s = settings_from(args)
@@ -1067,7 +1076,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(to_json(result))
     args.md.parent.mkdir(parents=True, exist_ok=True)
-    write_markdown(args.md, result)
+    write_markdown(args.md, result, args.out)
     for line in verdicts(rows):
         print(line)
     print(f"wrote {args.out} and {args.md}")
