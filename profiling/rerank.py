@@ -9,7 +9,9 @@ measurement: it is kept unless another candidate measures better by more than `m
 standard errors. On full Fashion-MNIST (ResNet-20) the anchors measured within about 0.1
 point of each other on the test set across joint-stage runs, while the best-measured
 non-anchor picks scattered over half a point and more (docs/benchmarks/accuracy.md,
-session 5).
+session 5). The original model, where a budget admits it, is preferred the same way: it
+needs no training to be right, while joint-trained descendants profile within noise of
+zero drop (some below), so a pruned composition would otherwise "beat" it by one lucky draw.
 """
 
 from __future__ import annotations
