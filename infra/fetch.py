@@ -22,7 +22,8 @@ over the latency budget, re-solves under a budget tightened by the overrun
 (optimizer.solve_measured): summed block timings are right on average, but the optimizer
 picks exactly the compositions they underestimate.
 `--watch FILE` then re-reads budgets from FILE (`{"latency_ms": .., "memory_mb": ..}`)
-whenever it changes, re-solves and swaps only changed blocks (optimizer.RuntimeScaler).
+whenever it changes, re-solves and swaps only changed blocks (optimizer.RuntimeScaler); with
+`--verify-latency` each change is timed and tightened the same way.
 `--offline` does all of it from the cache, choosing only among cached descendants.
 
 This module and everything it imports needs only torch, numpy, boto3, cryptography (and
@@ -204,18 +205,44 @@ class DeviceSession:
     def time_selection(self, selection: Mapping[str, Sequence[str]]) -> float:
         """Download, commit and assemble `selection`, then time each model end to end on this
         device; returns the summed median latency (ms), what a shared latency budget limits."""
-        from profiling.latency import measure_latency
-
         selection = {name: list(choices) for name, choices in selection.items()}
         self.cache.commit(self.stage(selection), [b.files for b in self.bundles.values()])
         self.assemble(selection)
+        return self.time_running()
+
+    def time_running(self) -> float:
+        """The summed median latency (ms) of the models as they run now, timed end to end here."""
+        from profiling.latency import measure_latency
+
         s = self.settings
         return sum(
-            measure_latency(self.switchers[model_id].model, self.bundles[model_id].manifest.blocks[0].in_shape,
+            measure_latency(switcher.model, self.bundles[model_id].manifest.blocks[0].in_shape,
                             batch_size=s.batch_size, warmup=s.warmup, repeats=s.repeats,
                             threads=s.threads).median_ms
-            for model_id in selection
+            for model_id, switcher in self.switchers.items()
         )
+
+    def verify_running(self, problem: Any, max_rounds: int) -> tuple[MeasuredSolution, int]:
+        """solve_measured for models already running (the --watch loop): each round swaps only
+        the blocks that differ into the running BlockSwitchers, so the models keep serving
+        between rounds. Returns the answer, left running, and the bytes the extra rounds loaded."""
+        from optimizer.measured import solve_measured
+
+        loaded = 0
+
+        def run(selection: Mapping[str, Sequence[str]]) -> None:
+            nonlocal loaded
+            for model_id, choices in selection.items():
+                if list(self.switchers[model_id].selection) != list(choices):
+                    loaded += self.switchers[model_id].switch(list(choices)).bytes_loaded
+
+        def measure(selection: Mapping[str, Sequence[str]]) -> float:
+            run(selection)
+            return self.time_running()
+
+        result = solve_measured(problem, measure, max_rounds=max_rounds)
+        run(result.solution.selection)  # the fastest timed, when the last round did not fit either
+        return result, loaded
 
     # ------------------------------------------------------------------ files
 
@@ -510,12 +537,20 @@ class FetchResult:
             "measured": s.measured,
             "device": self.session.fingerprint,
             "offline": self.session.offline,
-            "verified_latency": None if self.measured is None else {
-                "measured_ms": self.measured.measured_ms,
-                "fits": self.measured.fits,
-                "rounds": [dataclasses.asdict(r) for r in self.measured.rounds],
-            },
+            "verified_latency": _measured_dict(self.measured),
         }
+
+
+def _measured_dict(m: MeasuredSolution | None) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    return {"measured_ms": m.measured_ms, "fits": m.fits, "rounds": [dataclasses.asdict(r) for r in m.rounds]}
+
+
+def _measured_line(m: MeasuredSolution) -> str:
+    verdict = "fits" if m.fits else f"still over after {len(m.rounds)} rounds (the fastest timed is kept)"
+    return (f"timed here: {m.measured_ms:.3f} ms end to end, {verdict}; first pick timed "
+            f"{m.first_measured_ms:.3f} ms, {len(m.rounds)} timed round(s)")
 
 
 def fetch(
@@ -574,6 +609,7 @@ def watch(
     poll_s: float = 0.5,
     max_changes: int | None = None,
     max_seconds: float | None = None,
+    verify_latency_rounds: int = 0,
 ) -> int:
     """Re-solve and swap blocks whenever `budget_file` changes; returns the number of changes handled.
 
@@ -581,6 +617,10 @@ def watch(
     daemon). A file that does not parse, infeasible budgets, or a block that fails to
     download or verify are reported and skipped: the models keep running as they were
     (BlockSwitcher loads every new block before swapping any in).
+
+    With `verify_latency_rounds` > 0, each change with a latency budget is then timed end
+    to end and re-solved under a tightened budget while it runs over, as `fetch` does
+    (`DeviceSession.verify_running`); the event reports the rounds and net block changes.
     """
     from optimizer.scaler import RuntimeScaler
 
@@ -600,15 +640,38 @@ def watch(
         last = text
         handled += 1
         downloads_before = len(session.stats.downloaded)
+        before = scaler.selection
+        measured = None
         try:
             budgets = DeviceBudgets.from_json(json.loads(text), where=str(path))
             report = scaler.update(budgets.as_problem_budgets())
+            if verify_latency_rounds > 0 and budgets.latency_ms is not None and report.kept != "infeasible":
+                measured, extra = session.verify_running(scaler.problem(budgets.as_problem_budgets()),
+                                                         verify_latency_rounds)
+                changes = _net_changes(session, before, scaler.selection)
+                report = dataclasses.replace(
+                    report, solution=measured.solution, changes=changes, switched=bool(changes),
+                    bytes_loaded=report.bytes_loaded + extra, kept="" if changes else report.kept or "optimal")
         except (ValueError, BundleError, FileNotFoundError) as e:
             _emit(out, as_json, {"event": "error", "error": str(e)}, [f"budgets not applied: {e}"])
             continue
         downloaded = session.stats.downloaded[downloads_before:]
-        _print_switch(report, budgets, session, scaler.selection, downloaded, out, as_json)
+        _print_switch(report, budgets, session, scaler.selection, downloaded, out, as_json, measured)
     return handled
+
+
+def _net_changes(
+    session: DeviceSession, before: Mapping[str, Sequence[str]], after: Mapping[str, Sequence[str]]
+) -> dict[str, list[tuple[str, str, str]]]:
+    """(block, old, new) per model from one running selection to another (several timed rounds
+    may swap a block more than once; what a user needs is where it ended)."""
+    changes = {}
+    for model_id, now in after.items():
+        names = session.bundles[model_id].manifest.block_names
+        diff = [(b, o, n) for b, o, n in zip(names, before[model_id], now) if o != n]
+        if diff:
+            changes[model_id] = diff
+    return changes
 
 
 def _read_budget_text(path: Path) -> str | None:
@@ -629,7 +692,7 @@ def _emit(out: TextIO, as_json: bool, event: dict[str, Any], lines: list[str]) -
 
 def _print_switch(
     report: Any, budgets: DeviceBudgets, session: DeviceSession, selection: dict[str, list[str]],
-    downloaded: list[str], out: TextIO, as_json: bool,
+    downloaded: list[str], out: TextIO, as_json: bool, measured: MeasuredSolution | None = None,
 ) -> None:
     models = session.report(selection)
     lines = [f"budgets: latency {_ms(budgets.latency_ms)}, memory {_mib(budgets.memory_bytes)}"]
@@ -648,6 +711,8 @@ def _print_switch(
         f"memory {_mib(m.memory_bytes)}"
         for m in models
     ]
+    if measured is not None:
+        lines.append("  " + _measured_line(measured))
     event = {
         "event": "switch",
         "budgets": dataclasses.asdict(budgets),
@@ -657,6 +722,7 @@ def _print_switch(
         "seconds": report.seconds,
         "models": [dataclasses.asdict(m) for m in models],
         "downloaded": downloaded,
+        "verified_latency": _measured_dict(measured),
     }
     _emit(out, as_json, event, lines)
 
@@ -681,10 +747,7 @@ def _print_result(result: FetchResult, out: TextIO) -> None:
         file=out,
     )
     if result.measured is not None:
-        m = result.measured
-        verdict = "fits" if m.fits else f"still over after {len(m.rounds)} rounds (the fastest timed is kept)"
-        print(f"timed here: {m.measured_ms:.3f} ms end to end, {verdict}; first pick timed "
-              f"{m.first_measured_ms:.3f} ms, {len(m.rounds)} timed round(s)", file=out)
+        print(_measured_line(result.measured), file=out)
     s = result.session.stats
     print(
         f"downloaded {len(s.downloaded)} files ({s.downloaded_bytes} bytes), timed {s.measured} descendants "
@@ -734,7 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=30, help="timed runs per descendant (default 30)")
     p.add_argument("--verify-latency", type=_rounds, default=0, metavar="ROUNDS",
                    help="time the assembled models here and, while they run over --latency-ms, re-solve under a "
-                   "tightened budget, at most ROUNDS timings (default 0: trust the summed block timings)")
+                   "tightened budget, at most ROUNDS timings (default 0: trust the summed block timings); "
+                   "with --watch, after every budget change too")
     p.add_argument("--attempts", type=int, default=3, help="resume a dropped download this many times (default 3)")
     return p
 
@@ -761,7 +825,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_result(result, sys.stdout)
     if args.watch:
         watch(result, args.watch, out=sys.stdout, as_json=args.json, poll_s=args.watch_interval,
-              max_changes=args.watch_max_changes, max_seconds=args.watch_timeout)
+              max_changes=args.watch_max_changes, max_seconds=args.watch_timeout,
+              verify_latency_rounds=args.verify_latency)
     return 0
 
 

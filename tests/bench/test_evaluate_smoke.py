@@ -37,7 +37,7 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
     result = json.loads(out.read_text())
     assert {"machine", "command", "seed", "settings", "figures"} <= result.keys()
     assert set(result["figures"]) == FIGURES
-    assert result["settings"]["bench"]["joint_effective"]["steps"] == 2  # quick's joint override
+    assert result["settings"]["bench"]["joint_effective"]["resnet20"]["steps"] == 2  # quick's joint override
     figures = {name: per_model["resnet20"] for name, per_model in result["figures"].items()}
     for name, res in figures.items():
         assert res["wall_s"] >= 0 and "--quick" in res["command"], name
@@ -51,10 +51,17 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
         assert 0.0 <= r["test_acc"] <= 100.0
         assert 0.0 < r["flops_frac"] <= r["budget"] + 1e-3, f"over budget: {r}"
     assert accuracy["lego_time_s"]["total"] > 0 and accuracy["baseline_share_s"] > 0
+    # the joint stage's floor is the smallest budget served, not the accuracy bench's 25%
+    assert accuracy["joint_floor"] == accuracy["budgets"][0] < 0.25
+    assert result["settings"]["bench"]["joint_effective"]["resnet20"]["sandwich_floor"] == accuracy["budgets"][0]
 
     latency = figures["latency"]
     lego = [r for r in latency["rows"] if r["method"] == "legodnn"]
     assert len(lego) == 3 and all(r["latency_ms"] > 0 and 0 <= r["test_acc"] <= 100 for r in lego)
+    # every reported latency is the fastest of its round-robin passes
+    for r in latency["rows"]:
+        assert len(r["latency_passes_ms"]) == 3 and r["latency_ms"] == min(r["latency_passes_ms"])
+    assert latency["teacher_latency_ms"] == min(latency["teacher_latency_passes_ms"])
     # a pick that timed over its budget was re-solved under a tightened one (optimizer.solve_measured)
     assert all((r["guard_rounds"] >= 1) == (r["first_pick_ms"] > r["budget_ms"]) for r in lego)
     assert {r["method"] for r in latency["rows"]} == {"legodnn", "uniform", "scratch"}
@@ -98,3 +105,24 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
     assert set(again["figures"]) == FIGURES and again["figures"]["accuracy"]["resnet20"] == before
     assert again["figures"]["switching"]["resnet20"]["command"].startswith("bench/evaluate.py switching")
     assert md.read_text().count("kept by hand") == 1
+
+    # Another LegoDNN run (another joint stage) reuses the baselines when they had at least its
+    # time share; quick caps every share at 1 s, so they always had.
+    work = tmp_path / "work"
+    assert bench.main(["accuracy", *common, "--no-mlflow", "--joint", "lr=0.002"]) == 0
+    roots = sorted(work.glob("baselines-resnet20-*"))
+    assert len(roots) == 1
+    cached = json.loads((roots[0] / "baselines.json").read_text())
+    assert len(cached["served"]) == 2
+    other = json.loads(out.read_text())["figures"]["accuracy"]["resnet20"]
+    assert other["lego_time_s"] != before["lego_time_s"] or other["rows"] != before["rows"]
+    assert [r for r in other["rows"] if r["method"] != "legodnn"] == [
+        r for r in before["rows"] if r["method"] != "legodnn"]
+    # ... and never when they had less than this run's share.
+    cached["share_s"] = 0.5
+    (roots[0] / "baselines.json").write_text(json.dumps(cached))
+    assert bench.main(["accuracy", *common, "--no-mlflow", "--joint", "lr=0.003"]) == 0
+    assert len(list(work.glob("baselines-resnet20-*"))) == 2
+    # An explicit floor wins over the derived one.
+    assert bench.main(["accuracy", *common, "--no-mlflow", "--joint", "sandwich_floor=0.5"]) == 0
+    assert json.loads(out.read_text())["figures"]["accuracy"]["resnet20"]["joint_floor"] == 0.5

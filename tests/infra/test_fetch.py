@@ -362,6 +362,46 @@ def test_watch_reacts_to_budget_file_and_swaps_only_changed_blocks(built_models,
 
 
 
+def test_watch_with_verify_latency_times_each_change_and_runs_what_it_reports(built_models, keypair, bucket,
+                                                                               tmp_path, val_ds):
+    import io
+    import threading
+
+    from infra.fetch import watch
+
+    rn = built_models["resnet"]
+    root = f"s3://{bucket}/bundles"
+    publish_bundle(rn.scalable_dir, rn.table_path, root, keypair.private_key, "rn8")
+    budget_file = tmp_path / "budgets.json"
+    budget_file.write_text(json.dumps({"latency_ms": None}))
+    result = fetch([f"{root}/rn8"], DeviceBudgets(None, None), public_key=keypair.public_key,
+                   cache=tmp_path / "cache", settings=FAST)
+    start_sel = list(result.switchers["rn8"].selection)
+    names = result.session.bundles["rn8"].manifest.block_names
+    shares = result.session.bundles["rn8"].device.choice_ms()
+    lo = sum(min(v for (b, _), v in shares.items() if b == n) for n in names)
+    budget_ms = (lo + result.models[0].latency_ms) / 2
+    threading.Timer(0.3, lambda: budget_file.write_text(json.dumps({"latency_ms": budget_ms}))).start()
+    out = io.StringIO()
+    assert watch(result, budget_file, out=out, as_json=True, poll_s=0.05, max_changes=1, max_seconds=120,
+                 verify_latency_rounds=3) == 1
+    event = json.loads(out.getvalue())
+    verified = event["verified_latency"]
+    assert event["event"] == "switch" and 1 <= len(verified["rounds"]) <= 3
+    assert verified["fits"] == (verified["measured_ms"] <= budget_ms)
+    targets = [r["target_ms"] for r in verified["rounds"]]
+    assert targets[0] == budget_ms and targets == sorted(targets, reverse=True)
+    # what runs is the answer, and the event's changes are the net ones from where it started
+    running = list(result.switchers["rn8"].selection)
+    chosen = min(verified["rounds"], key=lambda r: r["measured_ms"]) if not verified["fits"] else next(
+        r for r in verified["rounds"] if r["measured_ms"] <= budget_ms)
+    assert running == chosen["selection"]["rn8"] != start_sel
+    assert [tuple(c) for c in event["changes"]["rn8"]] == [
+        (b, o, n) for b, o, n in zip(names, start_sel, running) if o != n]
+    assert event["bytes_loaded"] > 0
+    _assert_same_outputs(result, "rn8", rn.scalable_dir, val_ds.tensors[0][:16], running)
+
+
 def test_corrupted_cached_block_is_removed_and_refused(built_models, keypair, tmp_path):
     rn = built_models["resnet"]
     publish_bundle(rn.scalable_dir, rn.table_path, str(tmp_path / "store"), keypair.private_key, "rn8")
