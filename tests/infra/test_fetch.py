@@ -313,6 +313,17 @@ def test_cli_refusal_exit_code_and_message(built_models, keypair, other_keypair,
     assert not (tmp_path / "cache" / "objects").exists()
 
 
+def _fetched_for_watch(rn, keypair, bucket: str, tmp_path: Path, first_budgets: dict):
+    """rn8 published to S3 and fetched at unlimited budgets, with a budget file for watch()."""
+    root = f"s3://{bucket}/bundles"
+    publish_bundle(rn.scalable_dir, rn.table_path, root, keypair.private_key, "rn8")
+    budget_file = tmp_path / "budgets.json"
+    budget_file.write_text(json.dumps(first_budgets))
+    result = fetch([f"{root}/rn8"], DeviceBudgets(None, None), public_key=keypair.public_key,
+                   cache=tmp_path / "cache", settings=FAST)
+    return result, budget_file
+
+
 def test_watch_reacts_to_budget_file_and_swaps_only_changed_blocks(built_models, keypair, bucket, tmp_path,
                                                                    val_ds):
     import io
@@ -321,12 +332,7 @@ def test_watch_reacts_to_budget_file_and_swaps_only_changed_blocks(built_models,
     from infra.fetch import watch
 
     rn = built_models["resnet"]
-    root = f"s3://{bucket}/bundles"
-    publish_bundle(rn.scalable_dir, rn.table_path, root, keypair.private_key, "rn8")
-    budget_file = tmp_path / "budgets.json"
-    budget_file.write_text(json.dumps({"memory_mb": None}))
-    result = fetch([f"{root}/rn8"], DeviceBudgets(None, None), public_key=keypair.public_key,
-                   cache=tmp_path / "cache", settings=FAST)
+    result, budget_file = _fetched_for_watch(rn, keypair, bucket, tmp_path, {"memory_mb": None})
     start_sel = list(result.switchers["rn8"].selection)
     names = result.session.bundles["rn8"].manifest.block_names
     lo, hi = _memory_range(rn.table_path)
@@ -370,12 +376,7 @@ def test_watch_with_verify_latency_times_each_change_and_runs_what_it_reports(bu
     from infra.fetch import watch
 
     rn = built_models["resnet"]
-    root = f"s3://{bucket}/bundles"
-    publish_bundle(rn.scalable_dir, rn.table_path, root, keypair.private_key, "rn8")
-    budget_file = tmp_path / "budgets.json"
-    budget_file.write_text(json.dumps({"latency_ms": None}))
-    result = fetch([f"{root}/rn8"], DeviceBudgets(None, None), public_key=keypair.public_key,
-                   cache=tmp_path / "cache", settings=FAST)
+    result, budget_file = _fetched_for_watch(rn, keypair, bucket, tmp_path, {"latency_ms": None})
     start_sel = list(result.switchers["rn8"].selection)
     names = result.session.bundles["rn8"].manifest.block_names
     shares = result.session.bundles["rn8"].device.choice_ms()
