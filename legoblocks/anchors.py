@@ -22,15 +22,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from legoblocks.choices import ORIGINAL
+
 log = logging.getLogger(__name__)
 
-ORIGINAL = "0.0"
 
 
 def choice_flops(model) -> dict[str, dict[str, int]]:
     """FLOPs of every descendant of a `ScalableModel`, per block and choice id, each measured
     on its block's input shape (per-block FLOPs add up exactly to the composed model's)."""
-    from legoblocks.uniform import count_flops
+    from legoblocks.flops import count_flops
 
     return {
         spec.name: {cid: count_flops(module, tuple(spec.in_shape)) for cid, module in model.variants[spec.name].items()}

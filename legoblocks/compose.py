@@ -36,7 +36,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from torch import nn
 
-from legoblocks.descend import DEFAULT_LADDER, choice_id
+from legoblocks.choices import ORIGINAL, choice_id
+from legoblocks.descend import DEFAULT_LADDER
 from legoblocks.detect import BlockedModel, BlockSpec
 
 __all__ = ["SCHEMA", "ScalableModel", "SwitchReport", "BlockSwitcher", "Selection", "module_nbytes"]
@@ -100,9 +101,9 @@ class ScalableModel:
         for spec in self.specs:
             _check_name(spec.name, "block name")
             choices = {_check_choice(c): m for c, m in variants[spec.name].items()}
-            if "0.0" not in choices:
+            if ORIGINAL not in choices:
                 raise ValueError(f"block {spec.name!r} has no original choice '0.0' (has {sorted(choices)})")
-            if not spec.scalable and list(choices) != ["0.0"]:
+            if not spec.scalable and list(choices) != [ORIGINAL]:
                 raise ValueError(f"block {spec.name!r} is not scalable but has choices {sorted(choices)}; "
                                  "a non-scalable block has exactly one choice, '0.0'")
             self.variants[spec.name] = dict(sorted(choices.items(), key=lambda kv: _sparsity_key(kv[0])))
@@ -124,7 +125,7 @@ class ScalableModel:
             if spec.scalable:
                 variants[spec.name] = make_descendants(block, spec.in_shape, ladder, importance=importance)
             else:
-                variants[spec.name] = {"0.0": copy.deepcopy(block).eval()}
+                variants[spec.name] = {ORIGINAL: copy.deepcopy(block).eval()}
         return cls(blocked.specs, variants, blocked.input_shape, model_ref)
 
     # ------------------------------------------------------------------ selections
@@ -173,7 +174,7 @@ class ScalableModel:
         return out
 
     def original_selection(self) -> list[str]:
-        return ["0.0"] * len(self.specs)
+        return [ORIGINAL] * len(self.specs)
 
     def smallest_selection(self) -> list[str]:
         """Per block the choice with the fewest parameters (measured, not read off the sparsity)."""

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import nn
+
+from legoblocks.choices import ORIGINAL, choice_id, validate_ladder
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -41,36 +42,6 @@ DEFAULT_LADDER: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8)
 # Which filters go first. "magnitude" (L2 norm of each channel's weights across its group)
 # is the LegoDNN default; the others are for experiments.
 IMPORTANCES = ("magnitude", "l1", "bn_scale", "random")
-
-
-def _check_sparsity(sparsity: object) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    value = float(sparsity)
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
-        raise ValueError(
-            f"sparsity must be in [0, 1): the fraction of inner filters removed (0.0 keeps the block "
-            f"unchanged, 1.0 would remove every filter); got {sparsity!r}"
-        )
-    return value
-
-
-def choice_id(sparsity: float) -> str:
-    """The string id of a descendant: `choice_id(0.2) == "0.2"`, `choice_id(0) == "0.0"`.
-
-    Rounded to 6 decimals so float noise (0.30000000000000004) maps to the same id.
-    """
-    return str(round(_check_sparsity(sparsity), 6))
-
-
-def validate_ladder(ladder: Iterable[float]) -> list[float]:
-    """Sorted, checked sparsities with 0.0 (the original) always included."""
-    values = [_check_sparsity(s) for s in ladder]
-    ids = [choice_id(v) for v in values]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise ValueError(f"ladder repeats sparsity {', '.join(dupes)}; give each value once")
-    return sorted(set(values) | {0.0})
 
 
 def count_params(module: nn.Module) -> int:
@@ -146,10 +117,10 @@ def make_descendants(block: nn.Module, in_shape: Sequence[int], ladder: Iterable
     if len(out_shape) != len(shape):
         log.warning("block maps %s to %s: only blocks from a feature map to a feature map of the same rank are "
                     "pruned; keeping only the original", shape, out_shape)
-        return {"0.0": original}
+        return {ORIGINAL: original}
 
     base_params = count_params(original)
-    result: dict[str, nn.Module] = {"0.0": original}
+    result: dict[str, nn.Module] = {ORIGINAL: original}
     skipped: list[str] = []
     for s in sparsities:
         if s == 0.0:

@@ -57,7 +57,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from legoblocks.flops import count_flops
 
 __all__ = [
     "BlockSpec",
@@ -134,19 +135,6 @@ class BlockedModel:
     def chain(self) -> nn.Sequential:
         """The blocks in order (the same module objects: deep-copy before changing them)."""
         return nn.Sequential(*self.blocks)
-
-
-def count_flops(module: nn.Module, in_shape: Sequence[int]) -> int:
-    """FLOPs of one forward pass at batch 1 (2 per multiply-add), module left unchanged."""
-    was_training = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(torch.zeros(1, *in_shape))
-        return int(counter.get_total_flops())
-    finally:
-        for m, mode in was_training.items():
-            m.training = mode
 
 
 # ----------------------------------------------------------------------------- tracing

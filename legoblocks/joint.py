@@ -51,9 +51,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from legoblocks.choices import ORIGINAL
+
 log = logging.getLogger(__name__)
 
-ORIGINAL = "0.0"
 STATE_FORMAT = 1
 # Both skip parameters whose .grad is None (unsampled descendants): no step, no decay, no
 # momentum update. "sgd" is the uniform-pruning baseline's optimizer (Nesterov momentum 0.9).

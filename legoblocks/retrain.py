@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from legoblocks.choices import ORIGINAL
 from legoblocks.serialize import write_safetensors
 
-ORIGINAL = "0.0"  # choice id of the untouched original block (see legoblocks.descend.choice_id)
 _KIND_KEY = "legodnn.kind"
 _KIND = "block-data"
 

@@ -21,9 +21,7 @@ import json
 import keyword
 import math
 import operator
-import os
 import re
-import tempfile
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,8 +31,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 from torch import fx, nn
+
+from legoblocks.files import write_atomic
 
 SPEC_KEY = "legodnn.spec"
 FORMAT = "legodnn.module"
@@ -444,17 +445,8 @@ def save_module(module: nn.Module, path: str | Path) -> None:
 def write_safetensors(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """save_file made atomic (temp file + os.replace): readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A safetensors file written atomically: readers never see half a file."""
+    write_atomic(path, save_bytes(tensors, metadata=metadata))
 
 
 # --------------------------------------------------------------------------- load

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ def train_teacher(
 
     The LR decays per step over all epochs to zero, which trains small CNNs well in few
     epochs without tuning a step schedule. The checkpoint, when asked for, is the final
-    `state_dict()` written to a temp file beside it and moved into place with os.replace.
+    `state_dict()` written atomically as safetensors (`save_state_dict`).
     """
     _check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
     if weight_decay < 0:
@@ -121,19 +120,18 @@ def train_teacher(
 
 
 def save_state_dict(model: nn.Module, path: str | Path) -> None:
-    """torch.save(model.state_dict()) made atomic: temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(model.state_dict(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`model.state_dict()` as a safetensors file (no pickle), written atomically."""
+    from legoblocks.serialize import write_safetensors
+
+    write_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, path)
+
+
+def load_state_dict_file(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a `save_state_dict` file into `model` (strict: every key must match)."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model
 
 
 @torch.no_grad()

@@ -27,27 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from legoblocks.flops import count_flops
+
 log = logging.getLogger(__name__)
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward pass on one sample of shape `input_shape` (C, H, W), eval mode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    try:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(torch.zeros((1, *input_shape), device=device))
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
 
 
 def _classifier_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:

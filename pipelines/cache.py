@@ -20,24 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from legoblocks.files import canonical_json, sha256_file, write_json_atomic
+
 DONE = "done.json"
 _PACKAGES = ("legoblocks", "profiling", "optimizer", "pipelines", "infra")
 _TMP_PREFIX = ".tmp-"
 # Pins the code version (e.g. to a release tag or git commit) instead of hashing sources.
 CODE_VERSION_ENV = "LEGODNN_CODE_VERSION"
-
-
-def canonical_json(value: Any) -> str:
-    """A stable text form of a JSON-able value: the thing keys are hashed over."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def code_version(root: str | Path | None = None) -> str:
@@ -137,7 +126,7 @@ class Cache:
             outputs[path.relative_to(tmp).as_posix()] = sha256_file(path)
         record.outputs = outputs
         record.finished_at = time.time()
-        _write_atomic(tmp / DONE, json.dumps(record.to_dict(), indent=1, sort_keys=True))
+        write_json_atomic(tmp / DONE, record.to_dict())
         final = self.unit_dir(record.stage, record.key)
         try:
             os.replace(tmp, final)
@@ -170,22 +159,6 @@ class Cache:
                     shutil.rmtree(tmp, ignore_errors=True)
                     removed += 1
         return removed
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """JSON written to a temp file and renamed: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
 @dataclass

@@ -88,12 +88,6 @@ def build_model(model_cfg: dict[str, Any], checkpoint: str | Path | None = None)
     return model
 
 
-def save_state_dict(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(path))
-
-
 def load_teacher(model_cfg: dict[str, Any], teacher_dir: str | Path) -> nn.Module:
     from safetensors.torch import load_file
 
@@ -134,7 +128,7 @@ def _fail_once_hook() -> None:
 
 def teacher_stage(out: Path, *, model: dict, data: dict, teacher: dict, checkpoint: str | None) -> dict:
     """Load the given checkpoint or train a teacher; record its validation/test accuracy."""
-    from legoblocks.train import evaluate, train_teacher
+    from legoblocks.train import evaluate, save_state_dict, train_teacher
 
     splits = load_splits(data)
     torch.manual_seed(teacher["seed"])  # the model's initial weights

@@ -30,8 +30,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from legoblocks.choices import ORIGINAL
 
-ORIGINAL = "0.0"
+
 DEFAULT_ENVIRONMENTS: tuple[str, ...] = ("original", "middle", "largest")
 
 Selection = tuple[str, ...]

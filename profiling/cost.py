@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils.flop_counter import FlopCounterMode
+
+from legoblocks.flops import count_flops
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,6 @@ def _example(module: nn.Module, in_shape: Sequence[int]) -> torch.Tensor:
             f"batch dimension, got {tuple(in_shape)}"
         )
     return torch.zeros(1, *(int(d) for d in in_shape), device=_device_of(module))
-
-
-def count_flops(module: nn.Module, in_shape: Sequence[int]) -> int:
-    """FLOPs (2 per multiply-add) of one batch-1 forward pass, by FlopCounterMode."""
-    x = _example(module, in_shape)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(x)
-    return int(counter.get_total_flops())
 
 
 def _nbytes(value: object) -> int:

@@ -18,17 +18,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from legoblocks.choices import ORIGINAL
+from legoblocks.files import write_atomic
 from profiling.latency_fit import LatencyCalibration
 
 SCHEMA_VERSION = 2
-ORIGINAL = "0.0"
 
 _COST_FIELDS = ("params", "weight_bytes", "flops", "activation_bytes", "peak_bytes")
 _LATENCY_FIELDS = ("median_ms", "p10_ms", "p90_ms", "cv")
@@ -494,26 +493,13 @@ def validate(data: Any) -> None:
 
 
 def save(table: ProfileTable, path: str | Path) -> Path:
-    """Validate and write `table` as JSON atomically (temp file beside it, then os.replace).
+    """Validate and write `table` as JSON atomically (`legoblocks.files.write_atomic`).
 
     A reader never sees a half-written table, and an invalid one is never written.
     """
     data = table.to_dict()
     validate(data)
-    text = json.dumps(data, indent=1, allow_nan=False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
 
 
 def load(path: str | Path) -> ProfileTable:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -28,7 +29,7 @@ def test_training_learns_and_checkpoints(
     torch.manual_seed(0)
     model = _tiny_cnn()
     before = evaluate(model, held_out)
-    ckpt = tmp_path / "ckpt" / "teacher.pt"
+    ckpt = tmp_path / "ckpt" / "teacher.safetensors"
     report = train_teacher(
         model, train, epochs=3, lr=0.05, batch_size=64, weight_decay=5e-4, seed=0, checkpoint=ckpt, progress=False
     )
@@ -36,10 +37,10 @@ def test_training_learns_and_checkpoints(
     assert 0 < report.final_loss < 2.0 and report.train_accuracy > 0.4
     after = evaluate(model, held_out)
     assert after > 0.5 and after > before + 0.2  # 10 classes: chance is 0.1
-    state = torch.load(ckpt, weights_only=True)
+    state = load_file(str(ckpt))
     assert set(state) == set(model.state_dict())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert [p.name for p in ckpt.parent.iterdir()] == ["teacher.pt"]  # no temp file left behind
+    assert [p.name for p in ckpt.parent.iterdir()] == ["teacher.safetensors"]  # no temp file left behind
 
 
 def test_training_is_deterministic_for_a_seed(fmnist_small: tuple[TensorDataset, TensorDataset]) -> None:
@@ -89,8 +90,8 @@ def test_bad_arguments_are_named(fmnist_small: tuple[TensorDataset, TensorDatase
 
 def test_save_state_dict_replaces_atomically(tmp_path: Path) -> None:
     model = _tiny_cnn()
-    target = tmp_path / "w.pt"
+    target = tmp_path / "w.safetensors"
     target.write_bytes(b"old")
     save_state_dict(model, target)
-    assert torch.equal(torch.load(target, weights_only=True)["6.bias"], model[6].bias)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt"]
+    assert torch.equal(load_file(str(target))["6.bias"], model[6].bias)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]

@@ -1,0 +1,44 @@
+"""FLOPs of a module, counted by PyTorch's own counter: the one place the project counts them.
+
+`torch.utils.flop_counter.FlopCounterMode` counts 2 FLOPs per multiply-add of convolutions,
+matrix products and attention, at batch 1, in eval mode (the module's own train/eval state
+and every submodule's are restored afterwards, so counting never changes a model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def count_flops(module: nn.Module, in_shape: Sequence[int]) -> int:
+    """FLOPs of one forward pass of `module` on a zero input of shape `(1, *in_shape)`.
+
+    Args:
+        module: any module that takes one tensor.
+        in_shape: the input shape without the batch dimension, e.g. `(3, 64, 64)`.
+
+    Returns:
+        FLOPs as an int (2 per multiply-add).
+    """
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        x = torch.zeros((1, *(int(d) for d in in_shape)), device=_device_of(module))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(x)
+        return int(counter.get_total_flops())
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
