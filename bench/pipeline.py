@@ -81,32 +81,39 @@ def parallel_capacity(iterations: int = PROBE_ITERATIONS) -> float:
     return 2 * alone / together
 
 
-def time_retrain(cfg, runner_factory, prefix, cpus: int, repeats: int) -> tuple[float, list[float], float]:
+def time_retrain(cfg, prefix, cpus: int, repeats: int) -> tuple[float, list[float], float]:
+    """Best-of-`repeats` wall time of the recipe's retrain stage on a fresh local Ray of `cpus` CPUs."""
     import ray
 
-    from pipelines.dag import retrain_units
+    from pipelines.executors import RayExecutor
+    from pipelines.recipe import stage
+    from pipelines.run import run_recipe
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
     try:
         warm = ray.remote(num_cpus=1)(_warm)
-        # Enough warm-up tasks that every CPU has a worker with torch imported.
-        ray.get([warm.remote(i) for i in range(4 * cpus)])
-        runner = runner_factory()
+        ray.get([warm.remote(i) for i in range(4 * cpus)])  # every CPU gets a worker with torch imported
         times, busy = [], []
         for _ in range(repeats):
-            shutil.rmtree(runner.cache.root / "retrain", ignore_errors=True)
+            shutil.rmtree(prefix.cache.root / "retrain", ignore_errors=True)
             started = time.perf_counter()
-            result = runner.run_stage("retrain", retrain_units(cfg, runner, prefix))
+            run = run_recipe(cfg, executor=RayExecutor(num_cpus=1.0), stages=[stage("retrain")],
+                             checked=prefix.checked, continue_from=prefix)
             times.append(time.perf_counter() - started)
-            assert len(result.executed) == len(prefix.trainable)
+            records = run.records["retrain"]
+            assert run.stages.counter.executed == len(records) == len(trainable(prefix))
             # Task-seconds per wall-second: how many tasks Ray kept running on average.
-            busy.append(sum(r.seconds for r in result.records) / times[-1])
+            busy.append(sum(r.seconds for r in records) / times[-1])
         best = min(range(repeats), key=lambda i: times[i])
         return times[best], times, busy[best]
     finally:
         ray.shutdown()
+
+
+def trainable(prefix) -> list[str]:
+    return [r.unit for r in prefix.records["descend"] if len(r.meta["choices"]) > 1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,37 +130,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
 
-    from pipelines.cache import Cache, code_version
     from pipelines.config import load_config, set_dotted
-    from pipelines.dag import preflight, run_prefix
-    from pipelines.progress import PipelineProgress
-    from pipelines.runner import RayRunner
+    from pipelines.recipe import STAGES
+    from pipelines.run import run_recipe
 
     overrides: dict = {}
     if args.quick:
         overrides, args.repeats = copy.deepcopy(QUICK_CONFIG), 1
-    overrides.update(workdir=args.workdir, ray={"local_num_cpus": 2})
+    overrides.update(workdir=args.workdir)
     if args.data_dir:
         set_dotted(overrides, "data.dir", args.data_dir)
     cfg = load_config(args.config, overrides)
-    facts = preflight(cfg)
-    workdir = Path(cfg.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    code = code_version()
-
-    def runner_factory() -> RayRunner:
-        return RayRunner(Cache(workdir / "cache"), code, num_cpus=1.0, progress=PipelineProgress(live=False))
-
-    prep = RayRunner(Cache(workdir / "cache"), code, local_num_cpus=2, progress=PipelineProgress(live=False))
-    try:
-        prefix = run_prefix(cfg, prep, facts)
-    finally:
-        prep.shutdown()
+    prefix = run_recipe(cfg, stages=STAGES[:4])  # teacher, detect, descend, blockio: in-process, cached
     capacity = parallel_capacity(QUICK_PROBE_ITERATIONS if args.quick else PROBE_ITERATIONS)
     print(f"parallel capacity of this host right now: {capacity:.2f} of 2 cores", flush=True)
     results = {}
     for cpus in (1, 2):
-        best, all_times, busy = time_retrain(cfg, runner_factory, prefix, cpus, args.repeats)
+        best, all_times, busy = time_retrain(cfg, prefix, cpus, args.repeats)
         results[cpus] = (best, all_times, busy)
         print(f"{cpus} CPU(s): best {best:.2f} s of {[round(t, 2) for t in all_times]}, "
               f"{busy:.2f} tasks running on average", flush=True)
@@ -183,7 +176,7 @@ Command: `.venv/bin/python {command}` (commit {commit or 'uncommitted'}, {time.s
 Machine: {_machine()}
 
 Work: the retrain stage of the pipeline for `{cfg.model.ref}` {cfg.model.options or ''} on
-{cfg.data.train_size} Fashion-MNIST training images: {len(prefix.trainable)} Ray tasks (one per
+{cfg.data.train_size} Fashion-MNIST training images: {len(trainable(prefix))} Ray tasks (one per
 block), each distilling all descendants of its block ({cfg.retrain.epochs} epoch(s), batch
 {cfg.retrain.batch_size}). Each task declares `num_cpus=1` and runs torch with one thread, so 2
 CPUs run two blocks at a time. Workers are warmed up first; the stage's cache is cleared before
@@ -199,7 +192,7 @@ Speedup 2 vs 1 CPU: **{speedup:.2f}x** ({verdict} the 1.7x target).
 Parallel capacity of the host at the time: **{capacity:.2f}x** (two single-threaded torch
 processes together vs one alone; 2.00 means two idle cores). The host is shared, so this
 is the ceiling any 2-CPU speedup could reach during the run. Beyond that, the 2-CPU time is
-bounded below by the longest block's task (the stage is {len(prefix.trainable)} tasks of unequal size).
+bounded below by the longest block's task (the stage is {len(trainable(prefix))} tasks of unequal size).
 """
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -55,11 +55,74 @@ def _readable(message: str) -> str:
         word = match.group(1)
         return _TYPES.get(word, f"'{word}'")
 
-    text = re.sub(r"`([^`]+)`", name, message)
+    text = re.sub(r"got `bool`", "got a boolean", message)
+    text = re.sub(r"`([^`]+)`", lambda m: " or ".join(name(re.match(r"(.*)", part.strip())) for part in m.group(1).split("|")), text)
     for old, new in (("Expected ", "expected "), ("Object missing required field ", "missing required field "),
                      ("Object contains unknown field ", "unknown field ")):
         text = text.replace(old, new)
     return text
+
+
+_STEP = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
+_MISSING = object()
+
+
+def _value_at(raw: Any, where: str) -> Any:
+    node = raw
+    for match in _STEP.finditer(where):
+        key, index = match.group(1), match.group(2)
+        try:
+            node = node[int(index)] if index is not None else node[key]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return node
+
+
+def _type_at(type_: Any, where: str) -> Any:
+    """The annotation of the field at `where` inside `type_` (None when it cannot be told)."""
+    import dataclasses
+    import typing
+
+    node = type_
+    for match in _STEP.finditer(where):
+        key, index = match.group(1), match.group(2)
+        origin = typing.get_origin(node)
+        if origin is Annotated:
+            node = typing.get_args(node)[0]
+            origin = typing.get_origin(node)
+        if index is not None:
+            args = typing.get_args(node)
+            node = args[0] if origin in (list, tuple) and args else None
+        elif dataclasses.is_dataclass(node) or (isinstance(node, type) and issubclass(node, msgspec.Struct)):
+            node = typing.get_type_hints(node, include_extras=True).get(key)
+        elif origin is dict:
+            node = typing.get_args(node)[1] if typing.get_args(node) else None
+        else:
+            return None
+        if node is None:
+            return None
+    return node
+
+
+def _enum_message(message: str, type_: Any, where: str) -> str:
+    """msgspec's "Invalid enum value 'x'" as "expected one of 'a', 'b'"."""
+    import typing
+
+    if not message.startswith("Invalid enum value"):
+        return message
+    node = _type_at(type_, where)
+    if typing.get_origin(node) is Literal:
+        return "expected one of " + ", ".join(repr(v) for v in typing.get_args(node))
+    return message
+
+
+def _with_value(message: str, raw: Any, where: str) -> str:
+    """Name the offending value itself ("got 'fast'") where it is a short scalar."""
+    value = _value_at(raw, where)
+    if value is _MISSING or not isinstance(value, (str, int, float, bool)) or len(repr(value)) > 60:
+        return message
+    head, sep, _ = message.rpartition(", got ")
+    return f"{head}, got {value!r}" if sep else f"{message}, got {value!r}"
 
 
 def join(path: str, key: str | int) -> str:
@@ -89,7 +152,8 @@ def convert(raw: Any, type_: type[T], *, error: ErrorFactory = SchemaError, path
         where, message = (match.group("path"), match.group("msg")) if match else ("", text)
         where = where.lstrip(".")
         full = f"{path}{'.' if path and where and not where.startswith('[') else ''}{where}"
-        raise error(full, _readable(message)) from None
+        message = _enum_message(message, type_, where)
+        raise error(full, _with_value(_readable(message), raw, where)) from None
 
 
 def fail(path: str, message: str, error: ErrorFactory = SchemaError) -> Exception:

@@ -8,8 +8,8 @@ stage that dies mid-write must never leave a truncated checkpoint that a resumed
 from __future__ import annotations
 
 import math
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +51,11 @@ def train_teacher(
     seed: int,
     checkpoint: str | Path | None = None,
     progress: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainReport:
     """Train `model` in place with SGD (momentum 0.9, Nesterov) under a cosine LR schedule.
+
+    `on_epoch(epoch, mean_loss)` is called after each epoch (1-based), e.g. for live progress.
 
     The LR decays per step over all epochs to zero, which trains small CNNs well in few
     epochs without tuning a step schedule. The checkpoint, when asked for, is the final
@@ -104,6 +107,8 @@ def train_teacher(
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             final_loss, accuracy = loss_sum / seen, correct / seen
+            if on_epoch is not None:
+                on_epoch(epoch + 1, final_loss)
             if not math.isfinite(final_loss):
                 raise FloatingPointError(
                     f"training diverged in epoch {epoch + 1} (loss {final_loss}); lower lr (now {lr})"

@@ -73,12 +73,13 @@ class UnitRecord:
     task_id: str | None = None
     seconds: float = 0.0
     finished_at: float = 0.0
+    keyed: dict[str, Any] = field(default_factory=dict)  # the job and item the key hashed (provenance)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "stage": self.stage, "unit": self.unit, "key": self.key, "outputs": self.outputs,
             "meta": self.meta, "node_id": self.node_id, "task_id": self.task_id,
-            "seconds": self.seconds, "finished_at": self.finished_at,
+            "seconds": self.seconds, "finished_at": self.finished_at, "keyed": self.keyed,
         }
 
     @classmethod

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from legoblocks.files import write_atomic
 from pipelines.config import PipelineConfig, dump_yaml, read_yaml, set_dotted
 
 TUNED_KEYS = ("lr", "epochs", "batch_size", "weight_decay")
@@ -91,7 +92,7 @@ def run_trial(
     study_name: str,
     trial_id: int,
     params: dict[str, Any],
-    retrain: dict[str, Any],
+    retrain: Any,
     blocks: list[dict[str, str]],
     pruner: Mapping[str, int] = PRUNER,
 ) -> dict[str, Any]:
@@ -99,25 +100,25 @@ def run_trial(
     import optuna
     import ray
 
-    from legoblocks.retrain import BlockData, RetrainConfig, retrain_descendants
+    from legoblocks.choices import ORIGINAL
+    from legoblocks.retrain import BlockData, retrain_descendants
     from legoblocks.serialize import load_module
+    from pipelines.recipe.model import variant_files
 
     started = time.perf_counter()
     study = optuna.load_study(study_name=study_name, storage=storage, pruner=make_pruner(pruner))
     trial = optuna.trial.Trial(study, trial_id)
-    fields = {f.name for f in dataclasses.fields(RetrainConfig)}
-    cfg = RetrainConfig(**{**{k: v for k, v in retrain.items() if k in fields}, **params})
+    cfg = dataclasses.replace(retrain, **params)
     losses: dict[str, float] = {}
     total = 0.0
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     for step, block in enumerate(blocks):
         folder = Path(block["descend_dir"])
-        choices = sorted((p.stem for p in folder.glob("*.safetensors")), key=float)
-        descendants = {c: load_module(folder / f"{c}.safetensors") for c in choices}
+        descendants = {c: load_module(p) for c, p in variant_files(folder).items()}
         data = BlockData.load(block["blockio_file"])
         variance = float(data.outputs.var()) or 1.0
         reports = retrain_descendants(descendants, data, cfg, progress=False)
-        pruned = [r.loss_after for c, r in reports.items() if c != "0.0"]
+        pruned = [r.loss_after for c, r in reports.items() if c != ORIGINAL]
         losses[block["name"]] = sum(pruned) / len(pruned) / variance
         total += losses[block["name"]]
         if not math.isfinite(total):
@@ -142,10 +143,7 @@ def write_back(path: str | Path, params: Mapping[str, Any]) -> Path:
     for key in TUNED_KEYS:
         if key in params:
             set_dotted(data, f"retrain.{key}", params[key])
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dump_yaml(data), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, dump_yaml(data))
 
 
 def tune(
@@ -164,39 +162,36 @@ def tune(
     import ray
 
     from infra.tracking import Tracker, default_artifact_root, is_local_store
-    from pipelines.cache import Cache, code_version
-    from pipelines.dag import preflight, run_prefix, unit_folder
+    from pipelines.preflight import preflight
     from pipelines.progress import PipelineProgress
-    from pipelines.runner import PipelineError, RayRunner
+    from pipelines.recipe import STAGES
+    from pipelines.run import make_executor, run_recipe
+    from pipelines.units import PipelineError
 
     if trials < 1:
         raise ValueError(f"--trials must be >= 1, got {trials}")
     space = space or SearchSpace()
-    facts = preflight(cfg)
+    checked = preflight(cfg)
     workdir = Path(cfg.workdir).resolve()
     storage = storage or f"sqlite:///{workdir / 'optuna.db'}"
     study_name = study_name or f"retrain-{cfg.model.ref}"
-    tracking_uri = facts["tracking_uri"]
+    tracking_uri = checked.tracking_uri
     artifact_root = default_artifact_root(workdir) if is_local_store(tracking_uri) else None
     workdir.mkdir(parents=True, exist_ok=True)
-    runner = None
+    executor = make_executor(cfg, "ray", checked.ray_address)
     tracker = Tracker(tracking_uri, cfg.mlflow.experiment, artifact_root=artifact_root)
     parent_id = tracker.start_run(f"tune-{study_name}", kind="tune")
     try:
         with PipelineProgress(live=live) as progress:
-            runner = RayRunner(
-                Cache(workdir / "cache"), code_version(), ray_address=facts["ray_address"],
-                local_num_cpus=cfg.ray.local_num_cpus, num_cpus=cfg.ray.num_cpus,
-                max_retries=cfg.ray.max_retries, scheduling=cfg.ray.scheduling, progress=progress,
-            )
-            prefix = run_prefix(cfg, runner, facts)
-            descend_by = prefix.descend_by()
+            # The recipe up to the teacher's block I/O: what retraining starts from (cached like a run).
+            prefix = run_recipe(cfg, executor=executor, stages=STAGES[:4], observers=[progress], checked=checked)
+            blockio_dir = prefix.dir("blockio")
             blocks = [
-                {"name": b, "descend_dir": unit_folder(runner, descend_by[b]),
-                 "blockio_file": str(Path(unit_folder(runner, prefix.blockio)) / f"{b}.safetensors")}
-                for b in prefix.trainable
+                {"name": r.unit, "descend_dir": str(prefix.dir("descend", r.unit)),
+                 "blockio_file": str(blockio_dir / f"{r.unit}.safetensors")}
+                for r in prefix.records["descend"] if len(r.meta["choices"]) > 1
             ]
-            runner.ensure_ray()
+            executor.ensure_ray()
             if parallel is None:
                 parallel = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.ray.num_cpus))
             study = optuna.create_study(
@@ -217,7 +212,7 @@ def tune(
                     trial = study.ask()
                     params = space.suggest(trial)
                     ref = remote.remote(storage=storage, study_name=study_name, trial_id=trial._trial_id,
-                                        params=params, retrain=cfg.section("retrain"), blocks=blocks)
+                                        params=params, retrain=cfg.retrain.trainer(), blocks=blocks)
                     pending[ref] = (trial, params)
                     asked += 1
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -251,8 +246,7 @@ def tune(
         tracker.finish(parent_id, status="FAILED")
         raise
     finally:
-        if runner is not None:
-            runner.shutdown()
+        executor.close()
 
 
 def _log_trial(tracker: Any, parent_id: str, study_name: str, result: TrialResult) -> None:

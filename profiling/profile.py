@@ -1,23 +1,21 @@
 """Profile a ScalableModel end to end, in-process: costs, latency, drops, additivity, calibration.
 
 The steps are separate functions so the pipeline can run the expensive middle (accuracy
-units) on Ray workers and still assemble the same table:
+of many compositions) on Ray workers and still assemble the same table:
 
-    units = plan_units(model, envs)                       # what to measure
-    costs = measure_costs(model); lat = measure_latencies(model, ...)
-    results = [evaluate_unit(model, u, evaluator) for u in units]   # fan-out point
-    drops = accuracy_drops(model, results)
-    additivity = additivity_check(...); calibration = measure_calibration(...)
-    table = assemble_table(...)
+    costs = measure_costs(model); latencies, host = measure_latencies(model, ...)
+    plan = plan_profile(model, flops, envs=..., additivity_n=..., calibration_k=...)
+    measured = {sel: accuracy(sel) for sel in plan.selections}      # fan-out point
+    table = table_from_measurements(model, plan, measured, costs=..., latencies=..., host=...)
 
-`profile_model` runs them all in order with one shared SelectionEvaluator, so a
-selection is never evaluated twice.
+`profile_model` runs them all in this process with one SelectionEvaluator (shared prefixes
+computed once); the pipeline's cost, accuracy and table stages run the same functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,21 +23,21 @@ from typing import Any
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from legoblocks.choices import ORIGINAL
 from profiling.accuracy import (
     DEFAULT_ENVIRONMENTS,
-    ORIGINAL,
     AdditivityReport,
+    Environment,
     ScalableLike,
+    Selection,
     SelectionEvaluator,
     accuracy_drops,
-    additivity_check,
-    evaluate_unit,
     plan_units,
     resolve_environments,
     sorted_choices,
     unit_selections,
 )
-from profiling.calibrate import DEFAULT_K, Calibration, measure_calibration
+from profiling.calibrate import DEFAULT_K, Calibration
 from profiling.cost import Cost, measure_cost
 from profiling.latency import LatencyStats, fingerprint, measure_latency
 from profiling.latency_fit import DEFAULT_LATENCY_K, LatencyCalibration, measure_latency_calibration
@@ -154,6 +152,97 @@ def assemble_table(
     )
 
 
+@dataclass(frozen=True)
+class ProfilePlan:
+    """Every composition a profile measures: the single swaps of each environment, the
+    additivity check's random compositions (held out from the calibration) and the
+    FLOPs-spread compositions the calibration fits. `selections` is all of them, once each,
+    the original first: measure them in any order or process, then `table_from_measurements`."""
+
+    environments: list[Environment]
+    additivity: list[Selection]
+    calibration: list[Selection]
+    selections: list[Selection]
+
+
+def plan_profile(model: ScalableLike, flops: Mapping[str, Mapping[str, float]], *,
+                 envs: int | Sequence[Any] = DEFAULT_ENVIRONMENTS, additivity_n: int = 20,
+                 calibration_k: int = DEFAULT_K, seed: int = 0) -> ProfilePlan:
+    """The compositions to measure (deterministic for a seed; `model` needs only block names
+    and choices, so a planner can run without weights).
+
+    Args:
+        model: the scalable model (or anything with `block_names`, `choices`, `normalize_selection`).
+        flops: FLOPs per block and choice (spreads the calibration compositions).
+        envs: background environments of the single-swap drops.
+        additivity_n: random compositions for the held-out additivity check.
+        calibration_k: FLOPs-spread compositions the calibration fits (0: no calibration).
+        seed: every draw's seed (the calibration's is seed + 1).
+    """
+    from profiling.accuracy import random_compositions
+    from profiling.calibrate import spread_compositions
+
+    if additivity_n < 0 or calibration_k < 0:
+        raise ValueError(f"additivity_n ({additivity_n}) and calibration_k ({calibration_k}) must be >= 0")
+    if calibration_k > 0 and additivity_n == 0:
+        raise ValueError("calibration is scored on the additivity compositions: set additivity_n >= 1 "
+                         "or calibration_k = 0")
+    environments = resolve_environments(model, envs)
+    additivity = random_compositions(model, additivity_n, seed)
+    calibration = (spread_compositions(model, flops, calibration_k, seed + 1, exclude=additivity)
+                   if calibration_k else [])
+    wanted: dict[Selection, None] = {tuple(ORIGINAL for _ in model.block_names): None}
+    for sel in [*unit_selections(plan_units(model, environments)), *additivity, *calibration]:
+        wanted.setdefault(tuple(sel))
+    return ProfilePlan(environments, list(additivity), list(calibration), list(wanted))
+
+
+def table_from_measurements(
+    model: ScalableLike,
+    plan: ProfilePlan,
+    measured: Mapping[Selection, float],
+    *,
+    costs: Mapping[str, Mapping[str, Cost]],
+    latencies: Mapping[str, Mapping[str, LatencyStats]],
+    host: dict,
+    bn_recalibration_batches: int = 0,
+    model_name: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    latency_calibration: LatencyCalibration | None = None,
+) -> ProfileTable:
+    """The ProfileTable from a plan's measured accuracies: drops averaged over environments,
+    the additivity check, the calibration fit, costs and latencies (nothing is measured here).
+
+    Args:
+        model: the scalable model the plan was made for.
+        plan: from `plan_profile`.
+        measured: validation accuracy of every selection in `plan.selections`.
+        costs, latencies, host: per block and choice, and the host that timed them.
+    """
+    from profiling.accuracy import AdditivityPoint, results_from_accuracies, summed_drop
+    from profiling.calibrate import fit_calibration
+
+    names = model.block_names
+    teacher = measured[tuple(ORIGINAL for _ in names)]
+    drops = accuracy_drops(model, results_from_accuracies(plan_units(model, plan.environments), measured))
+
+    def points(selections: Sequence[Selection]) -> list[AdditivityPoint]:
+        return [AdditivityPoint(tuple(s), teacher - summed_drop(names, drops, s), measured[tuple(s)])
+                for s in selections]
+
+    additivity = AdditivityReport.from_points(points(plan.additivity)) if plan.additivity else None
+    calibration = None
+    if plan.calibration and additivity is not None:
+        flops = {b: {c: cost.flops for c, cost in per.items()} for b, per in costs.items()}
+        calibration = fit_calibration(names, drops, teacher, points(plan.calibration), additivity.points, flops=flops)
+    return assemble_table(
+        model, teacher_accuracy=teacher, costs=costs, latencies=latencies, host=host, drops_raw=drops,
+        additivity=additivity, calibration=calibration, environments=[e.to_dict() for e in plan.environments],
+        bn_recalibration_batches=bn_recalibration_batches, model_name=model_name, settings=settings,
+        latency_calibration=latency_calibration,
+    )
+
+
 def profile_model(
     model: ScalableLike,
     val_ds: Dataset,
@@ -171,29 +260,16 @@ def profile_model(
     model_name: str | None = None,
     progress: bool = False,
 ) -> ProfileTable:
-    """Profile every descendant of `model` on `val_ds` and return its ProfileTable.
+    """Profile every descendant of `model` on `val_ds` in this process and return its table.
 
-    val_ds must not be the retraining data. The additivity check measures `additivity_n`
-    random compositions (seeded); with `calibration_k > 0`, k more compositions spread
-    over the FLOPs range fit the calibrated drops, scored on the additivity compositions
-    (held out from the fit). `bn_recalibration_batches > 0` re-estimates BatchNorm of
-    every composed model on that many batches of `bn_batch_size` images of `bn_data` (a
-    training split) before evaluating it, teacher included, so drops and teacher accuracy
-    stay comparable.
-    Everything but latency is deterministic given the seed.
+    The same plan and assembly as the pipeline's cost, accuracy and table stages
+    (`plan_profile`, `table_from_measurements`), with every composition measured here by one
+    SelectionEvaluator. val_ds must not be the retraining data. `bn_recalibration_batches > 0`
+    re-estimates BatchNorm of every composed model on that many batches of `bn_batch_size`
+    images of `bn_data` (a training split) before evaluating it, teacher included.
+    Everything but latency is deterministic given the seed; `settings["seconds"]` holds the
+    seconds of each phase (costs, latency, accuracy).
     """
-    if additivity_n < 0 or calibration_k < 0:
-        raise ValueError(f"additivity_n ({additivity_n}) and calibration_k ({calibration_k}) must be >= 0")
-    if calibration_k > 0 and additivity_n == 0:
-        raise ValueError("calibration is scored on the additivity compositions: set additivity_n >= 1 "
-                         "or calibration_k = 0")
-    environments = resolve_environments(model, envs)
-    evaluator = SelectionEvaluator(
-        model, val_ds, batch_size=batch_size, bn_data=bn_data,
-        bn_recalibration_batches=bn_recalibration_batches, bn_batch_size=bn_batch_size, seed=seed,
-    )
-    # Seconds per phase, so a caller can tell what serving needs (costs, drops, calibration)
-    # from what only reports (the held-out additivity check).
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -214,60 +290,25 @@ def profile_model(
             warmup=latency.warmup, repeats=latency.repeats, threads=latency.threads, progress=progress,
         )
     lap("latency")
-
-    original = tuple(ORIGINAL for _ in model.block_names)
-    units = plan_units(model, environments)
-    # All unit selections in one pass, so shared prefixes are computed once.
-    evaluator.accuracy_many([original, *unit_selections(units)], progress=progress)
-    teacher = evaluator.accuracy(original)
-    results = [evaluate_unit(model, u, evaluator) for u in units]
-    drops = accuracy_drops(model, results)
-    lap("drops")
-
-    additivity = None
-    if additivity_n > 0:
-        additivity = additivity_check(
-            model, drops, evaluator, additivity_n, seed, teacher_accuracy=teacher, progress=progress
-        )
-    lap("additivity")
-    calibration = None
-    if calibration_k > 0 and additivity is not None:
-        flops = {b: {c: cost.flops for c, cost in per.items()} for b, per in costs.items()}
-        calibration = measure_calibration(
-            model, drops, flops, evaluator, additivity, k=calibration_k, seed=seed + 1,
-            teacher_accuracy=teacher, progress=progress,
-        )
-    lap("calibration")
+    flops = {b: {c: float(cost.flops) for c, cost in per.items()} for b, per in costs.items()}
+    plan = plan_profile(model, flops, envs=envs, additivity_n=additivity_n, calibration_k=calibration_k, seed=seed)
+    evaluator = SelectionEvaluator(
+        model, val_ds, batch_size=batch_size, bn_data=bn_data,
+        bn_recalibration_batches=bn_recalibration_batches, bn_batch_size=bn_batch_size, seed=seed,
+    )
+    # All selections in one pass, so shared prefixes are computed once.
+    measured = dict(zip(plan.selections, evaluator.accuracy_many(plan.selections, progress=progress)))
+    lap("accuracy")
     settings = {
-        "seed": seed,
-        "val_size": len(val_ds),  # type: ignore[arg-type]
-        "envs": [e.name for e in environments],
-        "additivity_n": additivity_n,
-        "calibration_k": calibration_k,
-        "latency_calibration_k": latency_calibration_k,
-        "latency": {
-            "batch_size": latency.batch_size,
-            "warmup": latency.warmup,
-            "repeats": latency.repeats,
-            "threads": latency.threads,
-        },
-        "evaluations": evaluator.evaluations,
-        "seconds": seconds,
+        "seed": seed, "val_size": len(val_ds),  # type: ignore[arg-type]
+        "envs": [e.name for e in plan.environments], "additivity_n": len(plan.additivity),
+        "calibration_k": len(plan.calibration), "latency_calibration_k": latency_calibration_k,
+        "latency": dataclasses.asdict(latency), "evaluations": evaluator.evaluations, "seconds": seconds,
     }
     if bn_recalibration_batches:
         settings["bn_batch_size"] = bn_batch_size
-    return assemble_table(
-        model,
-        teacher_accuracy=teacher,
-        costs=costs,
-        latencies=latencies,
-        host=host,
-        drops_raw=drops,
-        additivity=additivity,
-        calibration=calibration,
-        environments=[e.to_dict() for e in environments],
-        bn_recalibration_batches=bn_recalibration_batches,
-        model_name=model_name,
-        settings=settings,
+    return table_from_measurements(
+        model, plan, measured, costs=costs, latencies=latencies, host=host,
+        bn_recalibration_batches=bn_recalibration_batches, model_name=model_name, settings=settings,
         latency_calibration=latency_calibration,
     )

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="live progress bars even when stderr is not a terminal")
     live.add_argument("--quiet", dest="live", action="store_const", const=False,
                       help="no live bars, one line per finished stage")
+    parser.add_argument("--executor", choices=("ray", "local"), default="ray",
+                        help="where units run: Ray tasks (default; a local Ray or the cluster) or this process "
+                        "(no Ray: a laptop, a debugger); both write identical artifacts")
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON instead of text")
 
 
@@ -93,13 +96,15 @@ def run(args: argparse.Namespace) -> int:
     from infra.tracking import TrackingError
     from legoblocks.modelref import ModelRefError
     from pipelines.config import ConfigError, load_config
-    from pipelines.dag import PreflightError, run_pipeline
-    from pipelines.runner import PipelineError, RayUnreachableError
+    from pipelines.executors import RayUnreachableError
+    from pipelines.preflight import PreflightError
+    from pipelines.run import run_pipeline
+    from pipelines.units import PipelineError
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # MLflow's schema migrations are noise here
     try:
         cfg = load_config(args.config, overrides_from_args(args))
-        result = run_pipeline(cfg, live=args.live)
+        result = run_pipeline(cfg, live=args.live, executor=args.executor)
     except (ConfigError, PreflightError, RayUnreachableError, TrackingError, ModelRefError) as exc:
         print(f"legodnn run: error: {exc}", file=sys.stderr)
         return 2

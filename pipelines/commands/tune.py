@@ -35,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from legoblocks.modelref import ModelRefError
     from pipelines.commands.run import overrides_from_args
     from pipelines.config import ConfigError, load_config
-    from pipelines.dag import PreflightError
-    from pipelines.runner import PipelineError, RayUnreachableError
+    from pipelines.executors import RayUnreachableError
+    from pipelines.preflight import PreflightError
+    from pipelines.units import PipelineError
     from pipelines.tune import tune
 
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -36,7 +36,9 @@ def test_yaml_file_and_overrides_merge_key_by_key(tmp_path: Path) -> None:
         ({"ray": {"num_cpus": True}}, "ray.num_cpus: expected a number, got True"),
         ({"descend": {"ladder": [0.0, "x"]}}, "descend.ladder[1]: expected a number"),
         ({"descend": {"ladder": [0.2, 0.4]}}, "descend.ladder: must contain 0.0"),
-        ({"retrain": {"epochs": 0}}, "retrain.epochs: expected a positive integer, got 0"),
+        ({"retrain": {"epochs": 0}}, "retrain: RetrainConfig.epochs must be >= 1, got 0"),
+        ({"profile": {"verify_budgets": [0.5, 1.5]}}, "profile.verify_budgets[1]: expected a number <= 1.0, got 1.5"),
+        ({"ray": {"scheduling": "RANDOM"}}, "ray.scheduling: expected one of 'DEFAULT', 'SPREAD', got 'RANDOM'"),
         ({"joint": {"enabled": "yes"}}, "joint.enabled: expected true or false"),
         ({"data": [1, 2]}, "data: expected a mapping"),
     ],
@@ -99,15 +101,15 @@ def test_joint_section_takes_every_trainer_field_and_its_rules() -> None:
 
     trainer_fields = {f.name for f in dataclasses.fields(TrainerJointConfig)}
     cfg = load_config()
-    section = cfg.section("joint")
+    section = dataclasses.asdict(cfg.joint)
     assert trainer_fields | {"enabled", "num_workers", "checkpoint_every"} == section.keys()
     assert cfg.joint.steps == 250  # pipelines/defaults.yaml still sets the pipeline's values
     flipped = {name: not value for name, value in section.items() if isinstance(value, bool)}
     assert "sandwich_smallest" in flipped  # a trainer field, typed bool, set from YAML
     changed = from_dict({"joint": flipped})
     assert all(getattr(changed.joint, name) is value for name, value in flipped.items())
-    trainer = TrainerJointConfig(**{k: v for k, v in changed.section("joint").items() if k in trainer_fields})
-    assert trainer.sandwich_smallest is False  # what the Ray Train loop builds from the section
+    trainer = changed.joint.trainer()
+    assert type(trainer) is TrainerJointConfig and trainer.sandwich_smallest is False  # what the stage gets
 
 
 @pytest.mark.parametrize(
@@ -136,6 +138,14 @@ def test_retrain_section_takes_every_trainer_field() -> None:
 
     from legoblocks.retrain import RetrainConfig as TrainerRetrainConfig
 
-    section = load_config().section("retrain")
-    assert {f.name for f in dataclasses.fields(TrainerRetrainConfig)} | {"io_batch_size"} == section.keys()
+    section = dataclasses.asdict(load_config().retrain)
+    assert {f.name for f in dataclasses.fields(TrainerRetrainConfig)} | {"io_batch_size", "io_limit"} == section.keys()
+    assert type(load_config().retrain.trainer()) is TrainerRetrainConfig
     assert from_dict({"retrain": {"limit": 100}}).retrain.limit == 100
+
+
+def test_defaults_yaml_shows_exactly_the_dataclass_defaults() -> None:
+    """pipelines/defaults.yaml is the commented copy users read; the dataclasses are the source."""
+    from pipelines.config import default_dict, defaults_yaml
+
+    assert defaults_yaml() == default_dict()

@@ -44,6 +44,7 @@ def test_tune_runs_trials_on_ray_and_writes_the_best_back(clean_run, pl, tmp_pat
 def test_a_trial_worse_than_the_median_is_pruned_after_its_first_block(clean_run, tmp_path) -> None:
     import optuna
 
+    from legoblocks.retrain import RetrainConfig
     from pipelines.tune import run_trial
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
@@ -64,8 +65,8 @@ def test_a_trial_worse_than_the_median_is_pruned_after_its_first_block(clean_run
     trial = study.ask()
     out = run_trial(storage=storage, study_name="s", trial_id=trial._trial_id,
                     params={"lr": 1e-3, "epochs": 1, "batch_size": 64, "weight_decay": 0.0},
-                    retrain={**clean_run.config["retrain"], "limit": None, "val_fraction": 0.1, "seed": 0,
-                             "lr": 1e-3, "weight_decay": 0.0},
+                    retrain=RetrainConfig(**{**clean_run.config["retrain"], "limit": None, "val_fraction": 0.1,
+                                             "seed": 0, "lr": 1e-3, "weight_decay": 0.0}),
                     blocks=blocks)
     assert out["state"] == "PRUNED"
     assert list(out["block_losses"]) == [blocks[0]["name"]]  # stopped after the first block

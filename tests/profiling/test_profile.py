@@ -57,7 +57,7 @@ def test_costs_fall_with_sparsity(table: ProfileTable) -> None:
 
 
 def test_block_flops_add_up_to_the_model(table: ProfileTable, scalable: ScalableModel) -> None:
-    from profiling.cost import count_flops
+    from legoblocks.flops import count_flops
 
     whole = count_flops(scalable.compose(scalable.original_selection()), table.input_shape)
     assert table.total(scalable.original_selection(), "flops") == whole
@@ -93,11 +93,9 @@ def test_additivity_and_calibration_reported(table: ProfileTable) -> None:
 
 
 def test_phase_seconds_are_recorded(table: ProfileTable) -> None:
-    # Callers separate what serving needs from the report-only held-out check by these.
     seconds = table.settings["seconds"]
-    assert set(seconds) == {"costs", "latency", "drops", "additivity", "calibration"}
-    assert all(v >= 0 for v in seconds.values())
-    assert seconds["drops"] > 0 and seconds["additivity"] > 0 and seconds["calibration"] > 0
+    assert set(seconds) == {"costs", "latency", "accuracy"}
+    assert all(v >= 0 for v in seconds.values()) and seconds["accuracy"] > 0
 
 
 def test_profiling_is_deterministic(table: ProfileTable, scalable: ScalableModel, fmnist_parts) -> None:

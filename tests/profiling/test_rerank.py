@@ -46,7 +46,7 @@ def test_bad_input_is_named() -> None:
 def test_verify_top_k_keeps_the_original_where_the_whole_model_fits(table, scalable, fmnist_parts) -> None:
     """A pruned descendant profiled slightly better than its original (noise) must not
     displace the whole model at a full budget unless it measures clearly better."""
-    from pipelines.stages import verify_top_k
+    from pipelines.recipe.serve import verify_top_k
     from profiling.accuracy import SelectionEvaluator
 
     data = table.to_dict()

@@ -1,4 +1,5 @@
-"""The joint stage (legoblocks/joint.py) as a Ray Train `TorchTrainer` job.
+"""The joint stage (legoblocks/joint.py) as a Ray Train `TorchTrainer` job (the Ray executor's
+form of `pipelines.recipe.train.joint`).
 
 The joint stage trains descendants inside composed models for a few hundred steps, longer
 than any other unit, so it is the one stage worth checkpointing mid-way: every
@@ -17,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 STATE_FILE = "joint_state.pt"
@@ -61,16 +63,15 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from legoblocks.compose import ScalableModel
-    from legoblocks.joint import JointConfig, JointTrainer, load_state_file, save_state
-    from pipelines.stages import load_splits
+    from legoblocks.joint import JointTrainer, load_state_file, save_state
+    from pipelines.data import load_splits
 
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    job = config["job"]
+    torch.set_num_threads(max(1, int(job.threads)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = ScalableModel.load(config["model_dir"])
-    train_ds = load_splits(config["data"]).train
-    cfg = JointConfig(**config["joint"])
-    trainer = JointTrainer(model, train_ds, cfg, rank=rank, world_size=world)
+    trainer = JointTrainer(model, load_splits(job.data).train, job.joint, rank=rank, world_size=world)
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -78,9 +79,9 @@ def train_loop(config: dict[str, Any]) -> None:
             trainer.load_state(load_state_file(Path(folder) / STATE_FILE))
         resumed_from = trainer.step_count
     node_id = ray.get_runtime_context().get_node_id()
-    every = int(config["checkpoint_every"])
+    queue = config.get("queue")
     while not trainer.done:
-        trainer.run(num_steps=every, progress=False)
+        trainer.run(num_steps=job.checkpoint_every, progress=False)
         metrics = {
             "step": trainer.step_count,
             "loss": trainer.losses[-1] if trainer.losses else float("nan"),
@@ -90,6 +91,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if world > 1:
             dist.barrier()
         if rank == 0:
+            if queue is not None:
+                queue.put_nowait({"step": trainer.step_count, "of": job.joint.steps, "loss": metrics["loss"]})
             with tempfile.TemporaryDirectory() as folder:
                 save_state(trainer.get_state(), Path(folder) / STATE_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -128,46 +131,64 @@ def _torch_config(num_workers: int):
 def fit_joint(
     *,
     model_dir: str | Path,
-    data: dict[str, Any],
-    joint: dict[str, Any],
-    storage_path: str | Path,
+    job: Any,
     run_name: str,
-    num_workers: int = 1,
-    checkpoint_every: int = 25,
-    threads: int = 1,
+    report: Callable[[str, dict[str, Any]], None] | None = None,
     max_failures: int = 2,
 ) -> JointRun:
-    """Run the joint stage on the ScalableModel in `model_dir`; resumes a run of the same name.
+    """Run the joint stage (a `pipelines.recipe.jobs.JointJob`) on the ScalableModel in
+    `model_dir` under Ray Train; resumes a run of the same name from its checkpoints.
 
     Returns the final trainer state's path (in the latest checkpoint) and the loss curve;
-    the caller applies the state to its own copy of the model and saves it.
+    the caller applies the state to its own copy of the model and saves it. `report` hears
+    ("step", {"step", "of", "loss"}) after every checkpoint interval.
     """
+    import threading
+
     import ray.train
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
 
     from legoblocks.joint import load_state_file
 
+    queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0}) if report is not None else None
     trainer = TorchTrainer(
         train_loop,
-        torch_config=_torch_config(num_workers),
-        train_loop_config={
-            "model_dir": str(model_dir),
-            "data": data,
-            "joint": joint,
-            "checkpoint_every": checkpoint_every,
-            "threads": threads,
-        },
+        torch_config=_torch_config(job.num_workers),
+        train_loop_config={"model_dir": str(model_dir), "job": job, "queue": queue},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": max(1, threads)}
+            num_workers=job.num_workers, use_gpu=False, resources_per_worker={"CPU": max(1, job.threads)}
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(Path(storage_path).resolve()),
+            storage_path=str(Path(job.storage).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    stop = threading.Event()
+
+    def relay() -> None:  # the driver's view of the workers' progress, while fit() blocks
+        while not stop.is_set():
+            try:
+                values = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - the queue actor is gone: the run is over
+                return
+            report("step", values)
+
+    watcher = threading.Thread(target=relay, daemon=True) if queue is not None else None
+    if watcher is not None:
+        watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=2)
+        if queue is not None:
+            ray.kill(queue.actor)
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:

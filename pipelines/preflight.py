@@ -1,0 +1,116 @@
+"""Everything that can fail on bad input, checked before the work directory is touched.
+
+A refused run leaves nothing behind: config, checkpoint, model, data, Ray address, MLflow
+store and signing key are checked first, and what the checks derive (the data's
+fingerprint, the checkpoint's hash, the model name) becomes the `Facts` the stages' jobs use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from legoblocks.files import sha256_file
+from pipelines.config import PipelineConfig
+from pipelines.recipe.jobs import Facts, model_spec
+
+
+class PreflightError(ValueError):
+    """The run was refused before any work: bad input or an unreachable service."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    """Preflight's result: the facts every job needs and the services' resolved addresses."""
+
+    facts: Facts
+    ray_address: str | None
+    tracking_uri: str
+
+
+def model_name(cfg: PipelineConfig) -> str:
+    from profiling.profile import default_model_name
+
+    return cfg.publish.model_id or default_model_name(cfg.model.ref)
+
+
+def check_model(cfg: PipelineConfig) -> None:
+    """Build the network (and load the checkpoint) once: a bad model reference or a checkpoint
+    of another model fails now, not minutes later inside a task."""
+    from legoblocks.modelref import ModelRefError
+    from pipelines.recipe.model import build_model
+
+    try:
+        build_model(model_spec(cfg), cfg.model.checkpoint)
+    except (ModelRefError, ValueError, TypeError) as exc:
+        raise PreflightError(f"model {cfg.model.ref!r}: {exc}") from exc
+
+
+def preflight(cfg: PipelineConfig, *, publish: bool = True) -> Checked:
+    """Check every input and service before anything is written.
+
+    Args:
+        cfg: the validated config.
+        publish: whether the run will publish (then the signing key is resolved too).
+
+    Returns:
+        The facts and resolved addresses; raises PreflightError naming the problem and fix.
+    """
+    from infra.tracking import TrackingError, check_tracking, resolve_tracking_uri
+    from legoblocks.data import DatasetMissingError, dataset_fingerprint
+    from pipelines.executors.ray import RayUnreachableError, check_ray_address
+
+    checkpoint = cfg.model.checkpoint
+    checkpoint_sha = None
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise PreflightError(
+                f"checkpoint {checkpoint} does not exist; pass an existing state-dict file to "
+                "--checkpoint (or model.checkpoint), or leave it out to train a teacher"
+            )
+        checkpoint_sha = sha256_file(checkpoint)
+    check_model(cfg)
+    try:
+        fingerprint = dataset_fingerprint(cfg.data.dir)
+    except DatasetMissingError as exc:
+        raise PreflightError(str(exc)) from exc
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        try:
+            check_ray_address(address)
+        except RayUnreachableError as exc:
+            raise PreflightError(str(exc)) from exc
+    workdir = Path(cfg.workdir).resolve()
+    tracking_uri = resolve_tracking_uri(workdir, cfg.mlflow.tracking_uri)
+    try:
+        check_tracking(tracking_uri)
+    except TrackingError as exc:
+        raise PreflightError(str(exc)) from exc
+    if publish and cfg.publish.enabled and cfg.publish.key is not None and not Path(cfg.publish.key).is_file():
+        raise PreflightError(
+            f"publish.key {cfg.publish.key} does not exist; create a key pair with `legodnn keys init DIR` "
+            "and pass its private key file, or leave publish.key unset to use a key in the work directory"
+        )
+    facts = Facts(data_fingerprint=fingerprint, checkpoint_sha256=checkpoint_sha, model_name=model_name(cfg),
+                  tracking_uri=tracking_uri)
+    return Checked(facts, address, tracking_uri)
+
+
+def with_signing_key(cfg: PipelineConfig, facts: Facts) -> Facts:
+    """The facts plus the bundle store and signing key (path, key id): the configured key, else
+    one kept in the work directory (made on first use)."""
+    import dataclasses
+
+    from infra.signing import PRIVATE_KEY_NAME, generate_keypair, key_id, load_private_key
+
+    workdir = Path(cfg.workdir).resolve()
+    if cfg.publish.key is not None:
+        private = Path(cfg.publish.key)
+    else:
+        private = workdir / "keys" / PRIVATE_KEY_NAME
+        if not private.is_file():
+            private = generate_keypair(workdir / "keys").private_key
+    store = cfg.publish.store or (workdir / "bundles").as_uri()
+    return dataclasses.replace(facts, store=store, key_path=str(private),
+                               key_id=key_id(load_private_key(private).public_key()))
