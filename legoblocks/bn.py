@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from legoblocks.devices import device_of
+
 log = logging.getLogger(__name__)
 
 Batch = Tensor | tuple[Tensor, ...] | list[Tensor]
@@ -35,14 +37,6 @@ def _inputs(batch: Batch) -> Tensor:
         f"recalibrate_bn: a batch must be a Tensor or an (inputs, labels) tuple, got "
         f"{type(batch).__name__}; pass e.g. a DataLoader or calibration_batches(ds, ...)"
     )
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def recalibrate_bn(model: nn.Module, batches: Iterable[Batch]) -> nn.Module:
@@ -67,7 +61,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Batch]) -> nn.Module:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative moving average: every batch counts the same
         norm.train()
-    device = _model_device(calibrated)
+    device = device_of(calibrated)
     seen = 0
     with torch.no_grad():
         for batch in batches:

@@ -13,13 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
+from legoblocks.devices import device_of
 
 
 def count_flops(module: nn.Module, in_shape: Sequence[int]) -> int:
@@ -35,7 +29,7 @@ def count_flops(module: nn.Module, in_shape: Sequence[int]) -> int:
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        x = torch.zeros((1, *(int(d) for d in in_shape)), device=_device_of(module))
+        x = torch.zeros((1, *(int(d) for d in in_shape)), device=device_of(module))
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(x)
         return int(counter.get_total_flops())

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from legoblocks.choices import ORIGINAL
+from legoblocks.devices import device_of
 from legoblocks.serialize import write_safetensors
 
 _KIND_KEY = "legodnn.kind"
@@ -113,13 +114,6 @@ class RetrainReport:
     seconds: float  # time spent training this descendant (its forward/backward/step)
 
 
-def _first_device(modules: Sequence[nn.Module]) -> torch.device:
-    for module in modules:
-        for p in module.parameters():
-            return p.device
-    return torch.device("cpu")
-
-
 def _sample_inputs(ds: Dataset, index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Batches of x from `ds` at `index`; TensorDatasets are sliced, not iterated item by item."""
     tensors = getattr(ds, "tensors", None)
@@ -166,7 +160,7 @@ def collect_block_io(
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     index = block_io_indices(total, limit, seed)
     n = len(index)
-    device = _first_device(blocks)
+    device = device_of(blocks)
     modes = [b.training for b in blocks]
     for b in blocks:
         b.eval()
@@ -265,7 +259,7 @@ def retrain_descendants(
     cfg.validate()
     if not descendants:
         raise ValueError("retrain_descendants needs at least one descendant")
-    device = _first_device(list(descendants.values()))
+    device = device_of(list(descendants.values()))
     train_idx, val_idx = _split(data, cfg)
     val_in, val_out = data.inputs[val_idx], data.outputs[val_idx]
     eval_batch = max(cfg.batch_size, 256)

@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from legoblocks.devices import device_of
+
 
 @dataclass
 class TrainReport:
@@ -27,11 +29,6 @@ class TrainReport:
     final_loss: float  # mean cross-entropy over the last epoch
     train_accuracy: float  # accuracy over the last epoch, measured in train mode on the fly
     seconds: float
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _check_positive(**values: float) -> None:
@@ -66,7 +63,7 @@ def train_teacher(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     if len(train_ds) == 0:  # type: ignore[arg-type]
         raise ValueError("train_ds is empty: nothing to train on")
-    device = _device_of(model)
+    device = device_of(model)
     loader = DataLoader(
         train_ds,
         batch_size=batch_size,
@@ -145,7 +142,7 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512) -> float:
     _check_positive(batch_size=batch_size)
     if len(ds) == 0:  # type: ignore[arg-type]
         raise ValueError("evaluation dataset is empty")
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     try:

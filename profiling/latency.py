@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from legoblocks.devices import device_of
+
 
 def _cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux), else what `platform` knows."""
@@ -74,11 +76,6 @@ class LatencyStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    first = next(module.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _check(batch_size: int, warmup: int, repeats: int, threads: int) -> None:
@@ -138,7 +135,7 @@ def measure_latency(
     """
     _check(batch_size, warmup, repeats, threads)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, *(int(d) for d in in_shape), generator=gen).to(_device_of(module))
+    x = torch.randn(batch_size, *(int(d) for d in in_shape), generator=gen).to(device_of(module))
     previous_threads = torch.get_num_threads()
     # Each submodule's own mode: a container made in train mode may hold eval-mode blocks
     # (a BlockSwitcher's nn.Sequential), and module.train(True) would flip their BatchNorm.
@@ -206,7 +203,7 @@ def measure_chain_latency(
         was_training = block.training
         block.eval()
         with torch.inference_mode():
-            out = block(torch.zeros(1, *shape, device=_device_of(block)))
+            out = block(torch.zeros(1, *shape, device=device_of(block)))
         block.train(was_training)
         shape = tuple(out.shape[1:])
     total = sum(b.median_ms for b in per_block)
