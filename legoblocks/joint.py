@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from legoblocks.batches import index_batches
 from legoblocks.choices import ORIGINAL
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ class JointTrainer:
         grad_sync: GradSync | None = None,
         buffer_sync: BufferSync | None = None,
         teacher_outputs: Sequence[Tensor] | None = None,
+        num_workers: int = 0,
     ) -> None:
         cfg.validate()
         if not 0 <= rank < world_size:
@@ -254,6 +256,7 @@ class JointTrainer:
         self.model = model
         self.cfg = cfg
         self.train_ds = train_ds
+        self.num_workers = num_workers
         self.teacher_outputs = self._checked_teacher_outputs(model, size, teacher_outputs)
         self.rank = rank
         self.world_size = world_size
@@ -373,16 +376,26 @@ class JointTrainer:
         assert self._perm is not None
         return self._perm[k * bs : (k + 1) * bs][self.rank :: self.world_size]
 
-    def _batch(self, step: int) -> tuple[Tensor, Tensor, list[Tensor] | None]:
+    def epoch_of(self, step: int) -> int:
+        return step // (len(self.train_ds) // self.cfg.batch_size)  # type: ignore[arg-type]
+
+    def _prefetch(self, first: int, count: int):
+        """The samples of steps first..first+count-1, decoded ahead by `num_workers` processes
+        (one pass per epoch, so an augmenting dataset sees each step's epoch)."""
+        step = first
+        while step < first + count:
+            epoch = self.epoch_of(step)
+            last = min(first + count, (epoch + 1) * (len(self.train_ds) // self.cfg.batch_size))  # type: ignore[arg-type]
+            yield from index_batches(self.train_ds, [self.batch_index(t) for t in range(step, last)], epoch=epoch,
+                                     num_workers=self.num_workers)
+            step = last
+
+    def _batch(self, step: int, samples: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor, list[Tensor] | None]:
         """(inputs, labels, the teacher's block outputs when they were given) of this step."""
         index = self.batch_index(step)
-        tensors = getattr(self.train_ds, "tensors", None)
-        if tensors is not None:
-            x, y = tensors[0][index], tensors[1][index]
-        else:
-            items = [self.train_ds[int(i)] for i in index]
-            x = torch.stack([item[0] for item in items])
-            y = torch.as_tensor([int(item[1]) for item in items])
+        if samples is None:
+            (samples,) = index_batches(self.train_ds, [index], epoch=self.epoch_of(step))
+        x, y = samples[0], torch.as_tensor(samples[1])
         cached = None
         if self.teacher_outputs is not None:
             cached = [t[index].to(self.device) for t in self.teacher_outputs]
@@ -427,8 +440,9 @@ class JointTrainer:
             loss = loss + cfg.ce_weight * F.cross_entropy(h, y)
         return loss, float(kd.detach()), float(feature.detach())
 
-    def step(self) -> StepInfo:
-        """One optimizer step; raises once `cfg.steps` steps are done."""
+    def step(self, samples: Sequence[Tensor] | None = None) -> StepInfo:
+        """One optimizer step (on `samples`, this step's batch, when prefetched); raises once
+        `cfg.steps` steps are done."""
         if self.step_count >= self.cfg.steps:
             raise RuntimeError(f"joint stage: all {self.cfg.steps} steps are done")
         started = time.perf_counter()
@@ -436,7 +450,7 @@ class JointTrainer:
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y, cached = self._batch(step)
+        x, y, cached = self._batch(step, samples)
         selections = self.selections_for(step)
         originals = [p for m in self.teacher for p in m.parameters()]
         flags = [p.requires_grad for p in originals]
@@ -494,8 +508,8 @@ class JointTrainer:
 
             bar = tqdm(total=self.cfg.steps, initial=self.step_count, desc="joint stage", unit="step")
         try:
-            for _ in range(todo):
-                info = self.step()
+            for samples in self._prefetch(self.step_count, todo):
+                info = self.step(samples)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}")

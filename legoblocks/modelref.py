@@ -49,14 +49,7 @@ def load_model(
     if ":" not in ref:
         model = _build_zoo(ref, options)
     else:
-        source, _, attr = ref.rpartition(":")
-        if not source or not attr:
-            raise ModelRefError(
-                f"malformed model reference {ref!r}: both sides of ':' must be non-empty; give {_forms()}"
-            )
-        module = _import_file(source) if _looks_like_file(source) else _import_module(source)
-        factory = _resolve_attr(module, attr, ref)
-        model = _call_factory(factory, options, ref)
+        model = _call_factory(resolve_factory(ref), options, ref)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
@@ -103,6 +96,22 @@ def _build_zoo(name: str, options: dict[str, int]) -> nn.Module:
             "package.module:factory"
         )
     return build_zoo_model(name, **options)
+
+
+def resolve_factory(ref: str) -> Any:
+    """The object `package.module:name` or `path/to/file.py:name` refers to (a file is imported
+    under a unique module name); ModelRefError says what is wrong with the reference."""
+    source, _, attr = ref.strip().rpartition(":")
+    if not source or not attr:
+        raise ModelRefError(f"malformed reference {ref!r}: both sides of ':' must be non-empty; write "
+                            "package.module:factory or path/to/file.py:factory")
+    module = _import_file(source) if _looks_like_file(source) else _import_module(source)
+    return _resolve_attr(module, attr, ref)
+
+
+def call_with_accepted(factory: Callable[..., Any], options: dict[str, Any]) -> Any:
+    """`factory(**options)` with only the options it declares as parameters."""
+    return factory(**_accepted_options(factory, options))
 
 
 def _looks_like_file(source: str) -> bool:

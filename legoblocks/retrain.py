@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from legoblocks.batches import index_batches
 from legoblocks.choices import ORIGINAL
 from legoblocks.devices import device_of
 from legoblocks.serialize import write_safetensors
@@ -114,18 +115,6 @@ class RetrainReport:
     seconds: float  # time spent training this descendant (its forward/backward/step)
 
 
-def _sample_inputs(ds: Dataset, index: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Batches of x from `ds` at `index`; TensorDatasets are sliced, not iterated item by item."""
-    tensors = getattr(ds, "tensors", None)
-    if tensors:
-        return [tensors[0][index[i : i + batch_size]] for i in range(0, len(index), batch_size)]
-    batches = []
-    for i in range(0, len(index), batch_size):
-        items = [ds[int(j)] for j in index[i : i + batch_size]]
-        batches.append(torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]))
-    return batches
-
-
 def block_io_indices(total: int, limit: int | None, seed: int) -> torch.Tensor:
     """The dataset indices `collect_block_io` records, in its row order (a seeded choice),
     so a caller can pair its rows with the samples' labels."""
@@ -142,8 +131,10 @@ def collect_block_io(
     batch_size: int,
     seed: int,
     progress: bool = False,
+    num_workers: int = 0,
 ) -> list[BlockData]:
-    """Run the frozen teacher chain once over up to `limit` samples (seeded choice).
+    """Run the frozen teacher chain once over up to `limit` samples (seeded choice), decoded
+    by `num_workers` processes (`legoblocks.batches`).
 
     Block i's input is block i-1's output, and both BlockData objects share that tensor,
     so memory is one activation tensor per cut point. Blocks run in eval mode and get
@@ -169,10 +160,11 @@ def collect_block_io(
     # about as long again as the forward passes themselves (page faults on fresh memory).
     acts: list[torch.Tensor] = []
     try:
-        batches = _sample_inputs(ds, index, batch_size)
+        chunks = [index[i : i + batch_size] for i in range(0, n, batch_size)]
         start = 0
-        for x in tqdm(batches, desc="teacher pass", disable=not progress, unit="batch"):
-            x = x.to(device)
+        for batch in tqdm(index_batches(ds, chunks, num_workers=num_workers), total=len(chunks), desc="teacher pass",
+                          disable=not progress, unit="batch"):
+            x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
             outs = [x]
             for i, block in enumerate(blocks):
                 x = block(x)

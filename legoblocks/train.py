@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from legoblocks.batches import epoch_batches, loader
 from legoblocks.devices import device_of
 
 
@@ -49,10 +50,12 @@ def train_teacher(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     on_epoch: Callable[[int, float], None] | None = None,
+    num_workers: int = 0,
 ) -> TrainReport:
     """Train `model` in place with SGD (momentum 0.9, Nesterov) under a cosine LR schedule.
 
-    `on_epoch(epoch, mean_loss)` is called after each epoch (1-based), e.g. for live progress.
+    `on_epoch(epoch, mean_loss)` is called after each epoch (1-based), e.g. for live progress;
+    `num_workers` processes decode batches (`legoblocks.batches`).
 
     The LR decays per step over all epochs to zero, which trains small CNNs well in few
     epochs without tuning a step schedule. The checkpoint, when asked for, is the final
@@ -64,16 +67,11 @@ def train_teacher(
     if len(train_ds) == 0:  # type: ignore[arg-type]
         raise ValueError("train_ds is empty: nothing to train on")
     device = device_of(model)
-    loader = DataLoader(
-        train_ds,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    batches = loader(train_ds, batch_size, shuffle=True, seed=seed, num_workers=num_workers)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
     )
-    total_steps = epochs * len(loader)
+    total_steps = epochs * len(batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
@@ -90,7 +88,7 @@ def train_teacher(
         torch.manual_seed(seed)
         for epoch in range(epochs):
             loss_sum, correct, seen = 0.0, 0, 0
-            for x, y in loader:
+            for x, y in epoch_batches(batches, epoch):
                 x, y = x.to(device), y.to(device)
                 logits = model(x)
                 loss = loss_fn(logits, y)
@@ -137,7 +135,7 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512) -> float:
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, num_workers: int = 0) -> float:
     """Top-1 accuracy in [0, 1], in eval mode; the model's previous mode is restored."""
     _check_positive(batch_size=batch_size)
     if len(ds) == 0:  # type: ignore[arg-type]
@@ -147,7 +145,7 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512) -> float:
     model.eval()
     try:
         correct, seen = 0, 0
-        for x, y in DataLoader(ds, batch_size=batch_size):
+        for x, y in loader(ds, batch_size, num_workers=num_workers):
             logits = model(x.to(device))
             correct += int((logits.argmax(1) == y.to(device)).sum())
             seen += len(y)

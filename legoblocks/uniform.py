@@ -16,6 +16,7 @@ FLOPs (`torch.utils.flop_counter`, 2 FLOPs per multiply-add).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -25,8 +26,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from legoblocks.batches import epoch_batches, loader
 from legoblocks.flops import count_flops
 
 log = logging.getLogger(__name__)
@@ -188,6 +190,7 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    num_workers: int = 0,
 ) -> FinetuneReport:
     """Train `model` in place against the frozen `teacher` for `epochs` or `wall_time_s`.
 
@@ -203,11 +206,8 @@ def finetune(
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"finetune: optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    loader = DataLoader(
-        train_ds, batch_size=batch_size, shuffle=True, drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    if len(loader) == 0:
+    batches = loader(train_ds, batch_size, shuffle=True, seed=seed, drop_last=True, num_workers=num_workers)
+    if len(batches) == 0:
         raise ValueError(
             f"finetune: the training set ({len(train_ds)} samples) is smaller than batch_size {batch_size}"  # type: ignore[arg-type]
         )
@@ -220,7 +220,7 @@ def finetune(
         )
     else:
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    total_steps = None if epochs is None else max(1, round(epochs * len(loader)))
+    total_steps = None if epochs is None else max(1, round(epochs * len(batches)))
     teacher_was_training = teacher.training
     teacher.eval()
     model.train()
@@ -233,8 +233,8 @@ def finetune(
 
         bar = tqdm(total=total_steps, desc="finetune", unit="step")
     try:
-        while True:
-            for x, y in loader:
+        for epoch in itertools.count():
+            for x, y in epoch_batches(batches, epoch):
                 elapsed = time.perf_counter() - start
                 if total_steps is not None:
                     if step >= total_steps:
@@ -276,7 +276,7 @@ def finetune(
     model.eval()
     return FinetuneReport(
         steps=step,
-        epochs=step / len(loader),
+        epochs=step / len(batches),
         seconds=time.perf_counter() - start,
         final_loss=sum(recent) / len(recent) if recent else math.nan,
     )

@@ -51,7 +51,9 @@ def _save(ctx: UnitContext[BaselineJob], model: nn.Module, meta: dict[str, Any])
     from pipelines.data import load_splits
 
     save_module(model, ctx.out / MODEL_FILE)
-    return {**meta, "budget": ctx.item.payload["budget"], "test_accuracy": evaluate(model, load_splits(ctx.job.data).test)}
+    test = load_splits(ctx.job.data).test
+    return {**meta, "budget": ctx.item.payload["budget"],
+            "test_accuracy": evaluate(model, test, num_workers=ctx.job.data.workers)}
 
 
 def uniform(ctx: UnitContext[BaselineJob]) -> dict[str, Any]:
@@ -68,6 +70,7 @@ def uniform(ctx: UnitContext[BaselineJob]) -> dict[str, Any]:
     prune_s = time.perf_counter() - started
     report = finetune(choice.model, teacher, load_splits(job.data).train, wall_time_s=max(0.5, seconds - prune_s),
                       lr=job.lr, batch_size=job.batch_size, seed=job.seed, progress=False,
+                      num_workers=job.data.workers,
                       on_step=lambda step, loss: ctx.report("step", {"step": step, "loss": loss}) if step % 50 == 0 else None)
     return _save(ctx, choice.model, {"flops_frac": choice.flops_frac, "ratio": choice.ratio,
                                      "seconds": prune_s + report.seconds})
@@ -125,7 +128,7 @@ def scratch(ctx: UnitContext[BaselineJob]) -> dict[str, Any]:
     except ValueError as exc:
         return {"budget": budget, "skipped": str(exc)}
     report = finetune(model, teacher, load_splits(job.data).train, wall_time_s=seconds, lr=0.05,
-                      batch_size=job.batch_size, seed=job.seed, progress=False)
+                      batch_size=job.batch_size, seed=job.seed, progress=False, num_workers=job.data.workers)
     return _save(ctx, model, {"flops_frac": count_flops(model, job.model.input_shape) / teacher_flops,
                               "width": width, "seconds": report.seconds})
 

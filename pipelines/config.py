@@ -58,13 +58,32 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Fashion-MNIST subsets: train feeds teacher and retraining, val the accuracy profile."""
+    """Where the images come from and how they become the model's input.
 
+    `source`: "fashion-mnist" (the IDX files in `dir`), "imagefolder" (`dir` holds
+    train/<class>/*.png and optionally val/ and test/; a local path or s3://bucket/prefix) or
+    "factory" (`factory` = package.module:fn or file.py:fn returning torch Datasets). Sizes are
+    seeded, disjoint subsets (None: all that is left); `check_size` images are held out of
+    training, profiling and choosing (prediction checks). `mean`/`std` None: Fashion-MNIST's
+    own, computed once over training images for a folder (cached). `resize` is the shorter
+    side before the center crop (None: model.input_size); `augment` None: on for image folders.
+    `workers` None: 0 for Fashion-MNIST, 2 otherwise. `cache_dir` None: ~/.cache/legodnn/data.
+    """
+
+    source: Literal["fashion-mnist", "imagefolder", "factory"] = "fashion-mnist"
     dir: str = "/usr/share/datasets/fashion-mnist"
-    train_size: PositiveInt = 4000
+    factory: str | None = None
+    train_size: PositiveInt | None = 4000
     val_size: PositiveInt = 1000
-    test_size: PositiveInt = 2000
+    test_size: PositiveInt | None = 2000
+    check_size: NonNegativeInt = 0
     seed: int = 0
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    resize: PositiveInt | None = None
+    augment: bool | None = None
+    workers: NonNegativeInt | None = None
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -92,13 +111,15 @@ class DescendConfig:
 @dataclass
 class RetrainConfig(TrainerRetrainConfig):
     """Per-block distillation: the fields of `legoblocks.retrain.RetrainConfig`, inherited
-    (a field added there is accepted here without an edit), plus `io_batch_size` and
-    `io_limit`, the batch and the number of training images (a seeded sample) of the one
-    frozen-teacher pass that records every block's inputs and outputs."""
+    (a field added there is accepted here without an edit), plus the one frozen-teacher pass
+    that records every block's inputs and outputs: its batch (`io_batch_size`), and how many
+    training images it records (a seeded sample): at most `io_limit`, and no more than fit in
+    `io_memory_mb` for all blocks together (so larger images record fewer)."""
 
     epochs: int = 2
     io_batch_size: PositiveInt = 256
     io_limit: PositiveInt | None = 10000
+    io_memory_mb: PositiveInt = 1024
 
     def trainer(self) -> TrainerRetrainConfig:
         """The library's own config: every field of `legoblocks.retrain.RetrainConfig`."""

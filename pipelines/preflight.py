@@ -1,8 +1,10 @@
 """Everything that can fail on bad input, checked before the work directory is touched.
 
-A refused run leaves nothing behind: config, checkpoint, model, data, Ray address, MLflow
-store and signing key are checked first, and what the checks derive (the data's
-fingerprint, the checkpoint's hash, the model name) becomes the `Facts` the stages' jobs use.
+A refused run leaves nothing behind: config, checkpoint, model (built, run on a dummy batch,
+cut into blocks), data (listed and checked, images' headers read), Ray address, MLflow store
+and signing key are checked first, and what the checks derive (the data's reference and
+fingerprint, the class names, the checkpoint's hash, the model name) becomes the `Facts` the
+stages' jobs use.
 """
 
 from __future__ import annotations
@@ -36,15 +38,37 @@ def model_name(cfg: PipelineConfig) -> str:
 
 
 def check_model(cfg: PipelineConfig) -> None:
-    """Build the network (and load the checkpoint) once: a bad model reference or a checkpoint
-    of another model fails now, not minutes later inside a task."""
+    """Build the network (and load the checkpoint), run it on a dummy batch of the configured
+    input, and cut it into blocks: a bad model reference, a checkpoint of another model, a
+    first layer that does not take the configured channels or size, or a model no graph
+    capture can trace fails now, not minutes later inside a task."""
+    import torch
+
+    from legoblocks.detect import detect_blocks
     from legoblocks.modelref import ModelRefError
     from pipelines.recipe.model import build_model
 
+    spec = model_spec(cfg)
     try:
-        build_model(model_spec(cfg), cfg.model.checkpoint)
+        model = build_model(spec, cfg.model.checkpoint).eval()
     except (ModelRefError, ValueError, TypeError) as exc:
         raise PreflightError(f"model {cfg.model.ref!r}: {exc}") from exc
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *spec.input_shape))
+    except Exception as exc:  # noqa: BLE001 - any failure here means the input does not fit the model
+        raise PreflightError(
+            f"model {cfg.model.ref!r} does not accept the configured input {list(spec.input_shape)} "
+            f"(model.in_channels x model.input_size^2): {type(exc).__name__}: {exc}; set model.in_channels and "
+            "model.input_size to what the model takes, or the data's channels and size to what it takes") from exc
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, spec.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise PreflightError(f"model {cfg.model.ref!r} returns {shape} for a batch of 2, not (2, {spec.num_classes}) "
+                             "logits; set model.num_classes to the model's output size")
+    try:
+        detect_blocks(model, spec.input_shape, target_blocks=cfg.blocks.target_blocks)
+    except Exception as exc:  # noqa: BLE001 - detection's own errors already say what to change
+        raise PreflightError(f"model {cfg.model.ref!r} cannot be cut into blocks: {exc}") from exc
 
 
 def preflight(cfg: PipelineConfig, *, publish: bool = True) -> Checked:
@@ -58,7 +82,7 @@ def preflight(cfg: PipelineConfig, *, publish: bool = True) -> Checked:
         The facts and resolved addresses; raises PreflightError naming the problem and fix.
     """
     from infra.tracking import TrackingError, check_tracking, resolve_tracking_uri
-    from legoblocks.data import DatasetMissingError, dataset_fingerprint
+    from pipelines.data import DataError, data_ref, default_cache_dir, describe
     from pipelines.executors.ray import RayUnreachableError, check_ray_address
 
     checkpoint = cfg.model.checkpoint
@@ -71,9 +95,10 @@ def preflight(cfg: PipelineConfig, *, publish: bool = True) -> Checked:
             )
         checkpoint_sha = sha256_file(checkpoint)
     check_model(cfg)
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
     try:
-        fingerprint = dataset_fingerprint(cfg.data.dir)
-    except DatasetMissingError as exc:
+        info = describe(cfg, cache_dir)
+    except DataError as exc:
         raise PreflightError(str(exc)) from exc
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     if address:
@@ -92,8 +117,8 @@ def preflight(cfg: PipelineConfig, *, publish: bool = True) -> Checked:
             f"publish.key {cfg.publish.key} does not exist; create a key pair with `legodnn keys init DIR` "
             "and pass its private key file, or leave publish.key unset to use a key in the work directory"
         )
-    facts = Facts(data_fingerprint=fingerprint, checkpoint_sha256=checkpoint_sha, model_name=model_name(cfg),
-                  tracking_uri=tracking_uri)
+    facts = Facts(data=data_ref(cfg, info, cache_dir), classes=tuple(info.classes), checkpoint_sha256=checkpoint_sha,
+                  model_name=model_name(cfg), tracking_uri=tracking_uri)
     return Checked(facts, address, tracking_uri)
 
 

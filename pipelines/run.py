@@ -192,7 +192,7 @@ def run_pipeline(cfg: PipelineConfig, *, live: bool | None = None, stream: IO[st
         tracker = Tracker(tracking_uri, cfg.mlflow.experiment, artifact_root=artifact_root)
         parent_id = tracker.start_run(f"pipeline-{checked.facts.model_name}", kind="pipeline")
         tracker.log_params(parent_id, {**flatten(cfg.to_dict(), "config."), "code_version": code,
-                                       "dataset_fingerprint": checked.facts.data_fingerprint})
+                                       "dataset_fingerprint": checked.facts.data.fingerprint})
         runner_executor = make_executor(cfg, executor, checked.ray_address)
         with PipelineProgress(live=live, stream=stream) as progress:
             run = run_recipe(cfg, executor=runner_executor, stages=(*STAGES, lineage_stage(parent_id, artifact_root)),

@@ -27,9 +27,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from legoblocks.batches import loader
 from legoblocks.choices import ORIGINAL
 
 
@@ -241,6 +242,7 @@ class SelectionEvaluator:
         bn_recalibration_batches: int = 0,
         bn_batch_size: int = 128,
         seed: int = 0,
+        num_workers: int = 0,
     ) -> None:
         if len(val_ds) == 0:  # type: ignore[arg-type]
             raise ValueError("val_ds is empty: profiling needs validation images")
@@ -256,6 +258,7 @@ class SelectionEvaluator:
         self.model = model
         self.val_ds = val_ds
         self.batch_size = batch_size
+        self.num_workers = num_workers
         self.bn_recalibration_batches = bn_recalibration_batches
         self._bn_batches: list[torch.Tensor] | None = None
         if bn_recalibration_batches > 0:
@@ -332,9 +335,9 @@ class SelectionEvaluator:
             for _, run in _runs(group, depth):
                 visit(run, depth + 1, modules[run[0][: depth + 1]](x), y)
 
-        loader = DataLoader(self.val_ds, batch_size=self.batch_size)
+        batches = loader(self.val_ds, self.batch_size, num_workers=self.num_workers)
         with torch.no_grad():
-            for x, y in tqdm(loader, desc=f"evaluate {len(todo)} models", disable=not progress, unit="batch"):
+            for x, y in tqdm(batches, desc=f"evaluate {len(todo)} models", disable=not progress, unit="batch"):
                 x, y = x.to(device), y.to(device)
                 visit(todo, 0, x, y)
                 seen += len(y)

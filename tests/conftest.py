@@ -6,8 +6,15 @@ Package-specific fixtures (servers, tiny models) live in the package's own conft
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Every Ray command a test runs must agree on auth and stay on loopback.
@@ -37,3 +44,115 @@ def fmnist_dir() -> Path:
             "package dataset-fashion-mnist) or set LEGODNN_FMNIST_DIR"
         )
     return FMNIST_DIR
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"moto_server did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`http://127.0.0.1:PORT` of a moto S3 server running for the whole session."""
+    port = _free_port()
+    exe = Path(sys.executable).parent / "moto_server"
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_env(moto_endpoint: str) -> Iterator[dict[str, str]]:
+    """boto3's environment pointing at moto (dummy credentials), set in os.environ for the session.
+
+    Tests that need another endpoint (the dropping proxy) override AWS_ENDPOINT_URL with
+    monkeypatch, which restores it afterwards.
+    """
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": moto_endpoint,
+    }
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE"]}
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_env: dict[str, str]) -> str:
+    """A fresh, empty bucket per test, so tests never see each other's objects."""
+    import boto3
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def write_image_folder(root: Path, fmnist_dir: Path, *, per_class: dict[str, int], size: int = 64,
+                       mode: str = "RGB") -> Path:
+    """Real Fashion-MNIST images as PNG files in the image-folder layout: `root/<split>/<class>/i.png`,
+    resized to `size` x `size` and converted to `mode`, `per_class[split]` images of each of the
+    10 classes (from the IDX training file for train/val, the test file for test)."""
+    import gzip
+
+    from PIL import Image
+
+    from pipelines.data.sources import FASHION_CLASSES
+
+    def idx(name: str, offset: int) -> np.ndarray:
+        with gzip.open(fmnist_dir / name, "rb") as fh:
+            return np.frombuffer(fh.read(), dtype=np.uint8, offset=offset)
+
+    sources = {True: (idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28), idx("train-labels-idx1-ubyte.gz", 8)),
+               False: (idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28), idx("t10k-labels-idx1-ubyte.gz", 8))}
+    taken: dict[bool, int] = {True: 0, False: 0}  # images of each class already used, per file
+    for split, count in per_class.items():
+        train_file = split != "test"
+        images, labels = sources[train_file]
+        for label, name in enumerate(FASHION_CLASSES):
+            folder = root / split / name.replace("/", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, j in enumerate(np.flatnonzero(labels == label)[taken[train_file]:][:count]):
+                Image.fromarray(images[j], mode="L").resize((size, size), Image.Resampling.BILINEAR).convert(mode) \
+                    .save(folder / f"{i:05d}.png")
+        taken[train_file] += count
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory, fmnist_dir: Path) -> Path:
+    """A small real image folder: 64x64 RGB Fashion-MNIST PNGs, 10 classes, train/ and test/."""
+    return write_image_folder(tmp_path_factory.mktemp("images"), fmnist_dir, per_class={"train": 40, "test": 10})

@@ -71,7 +71,8 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = ScalableModel.load(config["model_dir"])
-    trainer = JointTrainer(model, load_splits(job.data).train, job.joint, rank=rank, world_size=world)
+    trainer = JointTrainer(model, load_splits(job.data).train, job.joint, rank=rank, world_size=world,
+                           num_workers=job.data.workers)
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

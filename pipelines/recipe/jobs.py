@@ -15,6 +15,7 @@ from typing import Any
 from legoblocks.joint import JointConfig as TrainerJointConfig
 from legoblocks.retrain import RetrainConfig as TrainerRetrainConfig
 from pipelines.config import PipelineConfig, TeacherConfig
+from pipelines.data import DataRef
 from pipelines.stage import NOT_KEYED
 from profiling.profile import LatencySettings
 
@@ -28,9 +29,11 @@ ACCURACY_CHUNK = 8
 
 @dataclass(frozen=True)
 class Facts:
-    """What preflight derived from the config and the world before any work."""
+    """What preflight derived from the config and the world before any work: how every unit
+    opens the data (its fingerprint keys them) and what the bundle records about it."""
 
-    data_fingerprint: str
+    data: DataRef
+    classes: tuple[str, ...] = ()
     checkpoint_sha256: str | None = None
     model_name: str = "model"
     store: str | None = None
@@ -52,18 +55,6 @@ class ModelSpec:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.in_channels, self.input_size, self.input_size)
-
-
-@dataclass(frozen=True)
-class DataRef:
-    """How a unit opens the data (`dir`) and what identifies it (the fingerprint, sizes, seed)."""
-
-    fingerprint: str
-    train_size: int
-    val_size: int
-    test_size: int
-    seed: int
-    dir: str = field(default="", metadata=NOT_KEYED)
 
 
 @dataclass(frozen=True)
@@ -91,6 +82,7 @@ class DescendJob:
 class BlockIOJob:
     data: DataRef
     limit: int | None
+    memory_mb: int
     batch_size: int
     seed: int
 
@@ -175,8 +167,7 @@ def model_spec(cfg: PipelineConfig) -> ModelSpec:
 
 
 def data_ref(cfg: PipelineConfig, facts: Facts) -> DataRef:
-    d = cfg.data
-    return DataRef(facts.data_fingerprint, d.train_size, d.val_size, d.test_size, d.seed, dir=d.dir)
+    return facts.data
 
 
 def latency_settings(cfg: PipelineConfig) -> LatencySettings:
@@ -201,7 +192,7 @@ def descend_job(cfg: PipelineConfig, facts: Facts) -> DescendJob:
 
 def blockio_job(cfg: PipelineConfig, facts: Facts) -> BlockIOJob:
     r = cfg.retrain
-    return BlockIOJob(data_ref(cfg, facts), r.io_limit, r.io_batch_size, r.seed)
+    return BlockIOJob(data_ref(cfg, facts), r.io_limit, r.io_memory_mb, r.io_batch_size, r.seed)
 
 
 def retrain_job(cfg: PipelineConfig, facts: Facts) -> RetrainJob:

@@ -94,7 +94,7 @@ def evaluator_for(scalable: Any, data: Any, bn_batches: int, seed: int):
 
     splits = load_splits(data)
     return SelectionEvaluator(scalable, splits.val, bn_data=splits.train if bn_batches else None,
-                              bn_recalibration_batches=bn_batches, seed=seed)
+                              bn_recalibration_batches=bn_batches, seed=seed, num_workers=data.workers)
 
 
 def accuracy(ctx: UnitContext[AccuracyJob]) -> dict[str, Any]:

@@ -77,12 +77,13 @@ def teacher(ctx: UnitContext[TeacherJob]) -> dict[str, Any]:
     if job.teacher is not None:
         t = job.teacher
         report = train_teacher(net, splits.train, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
-                               weight_decay=t.weight_decay, seed=t.seed, progress=False,
-                               on_epoch=lambda epoch, loss: ctx.report("epoch", {"epoch": epoch, "loss": loss}))
+                               weight_decay=t.weight_decay, seed=t.seed, progress=False, num_workers=job.data.workers,
+                               on_epoch=lambda epoch, loss: ctx.report("epoch", {"epoch": epoch, "of": t.epochs,
+                                                                                  "loss": loss}))
         meta.update(train_seconds=report.seconds, train_loss=report.final_loss)
     net.eval()
-    meta["val_accuracy"] = evaluate(net, splits.val)
-    meta["test_accuracy"] = evaluate(net, splits.test)
+    meta["val_accuracy"] = evaluate(net, splits.val, num_workers=job.data.workers)
+    meta["test_accuracy"] = evaluate(net, splits.test, num_workers=job.data.workers)
     save_state_dict(net, ctx.out / TEACHER_FILE)
     return meta
 

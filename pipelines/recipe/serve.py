@@ -139,7 +139,8 @@ def points(ctx: UnitContext[PointsJob]) -> dict[str, Any]:
             if scalable is None:
                 scalable = load_scalable(ctx.inputs.one("joint").dir)
                 test = load_splits(ctx.job.data).test
-            entry["measured_test_accuracy"] = evaluate(scalable.compose(entry["selection"]), test)
+            entry["measured_test_accuracy"] = evaluate(scalable.compose(entry["selection"]), test,
+                                                       num_workers=ctx.job.data.workers)
         result["measured"].append(entry)
     result["original"] = {"latency_ms": hi, "memory_bytes": table.total(original, "peak_bytes"),
                           "flops": table.total(original, "flops"), "predicted_accuracy": table.teacher_accuracy}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -35,16 +36,21 @@ def blockio(ctx: UnitContext[BlockIOJob]) -> dict[str, Any]:
     from pipelines.data import load_splits
 
     detect_dir = ctx.inputs.one("detect").dir
-    names = [s["name"] for s in read_blocks(detect_dir)["specs"]]
+    specs = read_blocks(detect_dir)["specs"]
+    names = [s["name"] for s in specs]
     blocks = [load_module(block_file(detect_dir, n)) for n in names]
     job = ctx.job
-    datas = collect_block_io(blocks, load_splits(job.data).train, limit=job.limit, batch_size=job.batch_size,
-                             seed=job.seed)
+    # Every cut point's activation of one image, in float32: the limit that fits in memory.
+    per_image = 4 * (math.prod(specs[0]["in_shape"]) + sum(math.prod(s["out_shape"]) for s in specs))
+    fit = max(1, job.memory_mb * 2**20 // per_image)
+    limit = fit if job.limit is None else min(job.limit, fit)
+    datas = collect_block_io(blocks, load_splits(job.data).train, limit=limit, batch_size=job.batch_size,
+                             seed=job.seed, num_workers=job.data.workers)
     variance = {}
     for name, block_data in zip(names, datas):
         block_data.save(ctx.out / f"{name}.safetensors")
         variance[name] = float(block_data.outputs.var())
-    return {"samples": len(datas[0]), "output_variance": variance}
+    return {"samples": len(datas[0]), "memory_limit": fit, "output_variance": variance}
 
 
 def retrain(ctx: UnitContext[RetrainJob]) -> dict[str, Any]:
@@ -89,7 +95,7 @@ def joint(ctx: UnitContext[JointJob]) -> dict[str, Any]:
 
     assembled = ctx.inputs.one("assemble").dir
     model = load_scalable(assembled)
-    trainer = JointTrainer(model, load_splits(ctx.job.data).train, ctx.job.joint)
+    trainer = JointTrainer(model, load_splits(ctx.job.data).train, ctx.job.joint, num_workers=ctx.job.data.workers)
     every = ctx.job.checkpoint_every
     while not trainer.done:
         trainer.run(num_steps=every, progress=False)

@@ -1,20 +1,14 @@
-"""Fixtures for infra tests: a real S3-compatible server (moto's server mode), a proxy that
-can drop a connection mid-download, and signing keys.
+"""Fixtures for infra tests: a proxy that can drop a connection mid-download, and signing keys.
 
-The server binds 127.0.0.1 on a free port; the fixture starts it as a subprocess and stops
-exactly that PID.
+The S3-compatible server (moto's server mode) and its buckets are the session-wide fixtures
+of tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import http.client
-import os
 import socket
-import subprocess
-import sys
 import threading
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,81 +17,6 @@ from pathlib import Path
 import pytest
 
 from infra.signing import KeyPair, generate_keypair
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited early with code {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"moto_server did not listen on 127.0.0.1:{port} within {timeout}s")
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`http://127.0.0.1:PORT` of a moto S3 server running for the whole session."""
-    port = _free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_port(port, proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture(scope="session")
-def s3_env(moto_endpoint: str) -> Iterator[dict[str, str]]:
-    """boto3's environment pointing at moto (dummy credentials), set in os.environ for the session.
-
-    Tests that need another endpoint (the dropping proxy) override AWS_ENDPOINT_URL with
-    monkeypatch, which restores it afterwards.
-    """
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": moto_endpoint,
-    }
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE"]}
-    os.environ.pop("AWS_PROFILE", None)
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture
-def bucket(s3_env: dict[str, str]) -> str:
-    """A fresh, empty bucket per test, so tests never see each other's objects."""
-    import boto3
-
-    name = f"t-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture(scope="session")
