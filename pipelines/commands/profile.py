@@ -1,4 +1,8 @@
-"""`legodnn profile`: profile a saved ScalableModel on Fashion-MNIST and write its ProfileTable."""
+"""`legodnn profile`: profile a saved ScalableModel on the configured data and write its ProfileTable.
+
+The validation images come from the data source of the config (`--config FILE`, `--set
+data.KEY=VALUE`): Fashion-MNIST by default, an image folder or a factory as in `legodnn run`.
+"""
 
 from __future__ import annotations
 
@@ -24,15 +28,15 @@ def _non_negative(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scalable", required=True, type=Path, metavar="DIR",
                         help="a ScalableModel directory (as written by ScalableModel.save)")
-    parser.add_argument("--data-dir", type=Path, default=None, metavar="D",
-                        help="folder with the Fashion-MNIST IDX .gz files "
-                        "(default: /usr/share/datasets/fashion-mnist)")
+    parser.add_argument("--config", metavar="FILE", help="a pipeline config: its data and model sections say "
+                        "where the images come from and how they are prepared")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.source=imagefolder --set data.dir=DIR")
+    parser.add_argument("--data-dir", default=None, metavar="D", help="data.dir: the IDX folder, the image folder "
+                        "or s3://bucket/prefix (default: the config's)")
     parser.add_argument("--val-size", type=_positive, default=1000, metavar="N",
-                        help="validation images the accuracy drops are measured on (default 1000)")
-    parser.add_argument("--val-source", choices=("test", "train-tail"), default="test",
-                        help="where validation images come from: a seeded subset of the 10k test "
-                        "images (default; never used for training), or the last N training images "
-                        "(keep them out of retraining)")
+                        help="data.val_size: validation images the accuracy drops are measured on (default 1000); "
+                        "a seeded split of the training images (or of val/), disjoint from data.train_size")
     parser.add_argument("--out", required=True, type=Path, metavar="TABLE.json",
                         help="where to write the ProfileTable (atomically)")
     parser.add_argument("--envs", default="original,middle,largest",
@@ -58,38 +62,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _validation_split(args: argparse.Namespace):
-    """(validation set, BatchNorm calibration set or None): disjoint by construction."""
-    from torch.utils.data import TensorDataset
-
-    from legoblocks.data import DEFAULT_DATA_DIR, load_fashion_mnist, subset
-
-    data_dir = args.data_dir or DEFAULT_DATA_DIR
-    if args.val_source == "test":
-        test = load_fashion_mnist(data_dir, train=False)
-        if args.val_size > len(test):
-            raise ValueError(f"--val-size {args.val_size} exceeds the {len(test)} test images")
-        bn = load_fashion_mnist(data_dir, train=True) if args.bn_batches else None
-        return subset(test, args.val_size, args.seed), bn
-    train = load_fashion_mnist(data_dir, train=True)
-    if args.val_size >= len(train):
-        raise ValueError(f"--val-size {args.val_size} must be below the {len(train)} training images")
-    cut = len(train) - args.val_size
-    tail = TensorDataset(*(t[cut:] for t in train.tensors))
-    head = TensorDataset(*(t[:cut] for t in train.tensors))
-    return tail, head
-
-
 def run(args: argparse.Namespace) -> int:
     from legoblocks.compose import ScalableModel
-    from legoblocks.data import DatasetMissingError
+    from pipelines.commands.run import overrides_from_args
+    from pipelines.config import ConfigError, load_config
+    from pipelines.data import DataError, data_ref, default_cache_dir, describe, load_splits
     from profiling.profile import LatencySettings, profile_model
     from profiling.table import save
 
     envs = [e.strip() for e in args.envs.split(",") if e.strip()]
     try:
         model = ScalableModel.load(args.scalable)
-        val_ds, bn_ds = _validation_split(args)
+        overrides = overrides_from_args(args)
+        overrides.setdefault("data", {}).update(val_size=args.val_size, seed=args.seed)
+        overrides.setdefault("model", {}).update(in_channels=model.input_shape[0], input_size=model.input_shape[-1])
+        cfg = load_config(args.config, overrides)
+        cache = default_cache_dir() if cfg.data.cache_dir is None else Path(cfg.data.cache_dir)
+        ref = data_ref(cfg, describe(cfg, cache), cache)
+        splits = load_splits(ref)
+        val_ds, bn_ds = splits.val, splits.train if args.bn_batches else None
         table = profile_model(
             model,
             val_ds,
@@ -110,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
             model_name=args.model_name,
             progress=not args.no_progress,
         )
-    except (DatasetMissingError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"legodnn profile: {exc}", file=sys.stderr)
         return 2
-    table.settings["val_source"] = args.val_source
+    table.settings["data"] = {"source": ref.source, "fingerprint": ref.fingerprint, "val_size": ref.val_size}
     save(table, args.out)
     print(f"wrote {args.out}: {len(table.blocks)} blocks, teacher accuracy "
           f"{100 * table.teacher_accuracy:.2f}%")

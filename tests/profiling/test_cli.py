@@ -33,7 +33,7 @@ def test_profile_writes_a_valid_table(profiled: Path, scalable: ScalableModel) -
     table = load(profiled)
     assert table.model_name == "tiny" and table.model_ref == "resnet8"
     assert table.block_names == scalable.block_names
-    assert table.settings["val_size"] == 200 and table.settings["val_source"] == "test"
+    assert table.settings["val_size"] == 200 and table.settings["data"]["source"] == "fashion-mnist"
     assert [e["name"] for e in table.environments] == ["original", "largest"]
     assert table.additivity["n"] == 3 and table.calibration["k"] == 3
 
