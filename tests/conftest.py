@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 # Every Ray command a test runs must agree on auth and stay on loopback.
@@ -121,38 +120,9 @@ def bucket(s3_env: dict[str, str]) -> str:
     return name
 
 
-def write_image_folder(root: Path, fmnist_dir: Path, *, per_class: dict[str, int], size: int = 64,
-                       mode: str = "RGB") -> Path:
-    """Real Fashion-MNIST images as PNG files in the image-folder layout: `root/<split>/<class>/i.png`,
-    resized to `size` x `size` and converted to `mode`, `per_class[split]` images of each of the
-    10 classes (from the IDX training file for train/val, the test file for test)."""
-    import gzip
-
-    from PIL import Image
-
-    from pipelines.data.sources import FASHION_CLASSES
-
-    def idx(name: str, offset: int) -> np.ndarray:
-        with gzip.open(fmnist_dir / name, "rb") as fh:
-            return np.frombuffer(fh.read(), dtype=np.uint8, offset=offset)
-
-    sources = {True: (idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28), idx("train-labels-idx1-ubyte.gz", 8)),
-               False: (idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28), idx("t10k-labels-idx1-ubyte.gz", 8))}
-    taken: dict[bool, int] = {True: 0, False: 0}  # images of each class already used, per file
-    for split, count in per_class.items():
-        train_file = split != "test"
-        images, labels = sources[train_file]
-        for label, name in enumerate(FASHION_CLASSES):
-            folder = root / split / name.replace("/", "_")
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, j in enumerate(np.flatnonzero(labels == label)[taken[train_file]:][:count]):
-                Image.fromarray(images[j], mode="L").resize((size, size), Image.Resampling.BILINEAR).convert(mode) \
-                    .save(folder / f"{i:05d}.png")
-        taken[train_file] += count
-    return root
-
-
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory: pytest.TempPathFactory, fmnist_dir: Path) -> Path:
     """A small real image folder: 64x64 RGB Fashion-MNIST PNGs, 10 classes, train/ and test/."""
-    return write_image_folder(tmp_path_factory.mktemp("images"), fmnist_dir, per_class={"train": 40, "test": 10})
+    from pipelines.data import export_fashion_mnist
+
+    return export_fashion_mnist(fmnist_dir, tmp_path_factory.mktemp("images"), per_class={"train": 40, "test": 10})

@@ -18,11 +18,12 @@ from pipelines.data.sources import (
     data_ref,
     default_cache_dir,
     describe,
+    export_fashion_mnist,
     load_splits,
 )
 from pipelines.data.transforms import Preprocess
 
 __all__ = [
     "FACTORY", "FASHION_MNIST", "IMAGEFOLDER", "SOURCES", "DataError", "DataRef", "Preprocess", "SourceInfo",
-    "Splits", "data_ref", "default_cache_dir", "describe", "load_splits",
+    "Splits", "data_ref", "default_cache_dir", "describe", "export_fashion_mnist", "load_splits",
 ]

@@ -432,5 +432,34 @@ def data_ref(cfg: Any, info: SourceInfo, cache_dir: Path) -> DataRef:
                    cache_dir=str(cache_dir))
 
 
+def export_fashion_mnist(fmnist_dir: Path, root: Path, *, per_class: dict[str, int], size: int = 64,
+                         mode: str = "RGB") -> Path:
+    """Fashion-MNIST as an image folder: `root/<split>/<class>/i.png`, each image resized to
+    `size` x `size` (bilinear) and converted to `mode` ("L" or "RGB"); `per_class[split]`
+    images of each of the 10 classes, from the IDX training file for train/ and val/ and the
+    test file for test/. For trying the image-folder path and for measuring it against the
+    IDX path on the same images."""
+    from PIL import Image
+
+    def idx(name: str, offset: int) -> np.ndarray:
+        with gzip.open(fmnist_dir / name, "rb") as fh:
+            return np.frombuffer(fh.read(), dtype=np.uint8, offset=offset)
+
+    sources = {True: (idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28), idx("train-labels-idx1-ubyte.gz", 8)),
+               False: (idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28), idx("t10k-labels-idx1-ubyte.gz", 8))}
+    taken: dict[bool, int] = {True: 0, False: 0}  # images of each class already used, per file
+    for split, count in per_class.items():
+        train_file = split != "test"
+        images, labels = sources[train_file]
+        for label, name in enumerate(FASHION_CLASSES):
+            folder = root / split / name.replace("/", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, j in enumerate(np.flatnonzero(labels == label)[taken[train_file]:][:count]):
+                Image.fromarray(images[j], mode="L").resize((size, size), Image.Resampling.BILINEAR).convert(mode) \
+                    .save(folder / f"{i:05d}.png")
+        taken[train_file] += count
+    return root
+
+
 def as_dict(preprocess: Preprocess) -> dict[str, Any]:
     return dataclasses.asdict(preprocess)
