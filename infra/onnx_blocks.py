@@ -22,6 +22,7 @@ to `dynamo=True` is one argument here, checked by the same comparison.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from legoblocks.files import write_atomic
 
 ONNX_ATOL = 1e-4
 _ALIGN = 16
+# torch's TorchScript exporter keeps process-wide state (GLOBALS.in_onnx_export): publishers
+# running in threads of one process must export one block at a time.
+_EXPORT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def export_block(source: Path, in_shape: Sequence[int], dest: Path, choice: str,
 
     module = load_module(source).eval()
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with _EXPORT_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(module, (torch.zeros(1, *in_shape),), buffer, dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["input"], output_names=["output"], do_constant_folding=True,

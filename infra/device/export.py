@@ -125,7 +125,8 @@ def export_models(session: DeviceSession, out_dir: str | Path) -> list[ExportedM
         pte = _export_pte(session, model_id, out / f"{model_id}.pte")
         report = session.report({model_id: switcher.selection})[0]
         meta = write_json_atomic(out / f"{model_id}.json", {
-            "model_id": model_id, "version": b.version, "uri": b.model_uri, "selection": report.selection,
+            "model_id": model_id, "version": b.version, "uri": b.model_uri,
+            "selection": [[block, choice] for block, choice in report.selection.items()],  # chain order
             "onnx": onnx_path.name, "pte": None if pte is None else pte.name, "opset": b.manifest.onnx_opset,
             "input": {"name": "input", "shape": ["N", *b.manifest.input_shape], "dtype": "float32"},
             "output": {"name": "output", "shape": ["N", *b.manifest.blocks[-1].out_shape], "dtype": "float32"},

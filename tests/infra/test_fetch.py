@@ -1,4 +1,5 @@
-"""The device fetch path against a real S3-compatible server (moto) with real tiny bundles."""
+"""The device fetch path against a real S3-compatible server (moto) with real tiny bundles,
+on the torch runtime (`test_device_onnx.py` runs the ONNX Runtime side)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import pytest
 import torch
 
 from infra.bundle import publish_bundle
-from infra.device_latency import DeviceLatencySettings
-from infra.errors import BundleVerificationError, DownloadInterruptedError
-from infra.fetch import DeviceBudgets, InfeasibleBudgetError, fetch
+from infra.device.runtime import DeviceLatencySettings
+from infra.device.session import DeviceBudgets, fetch
+from infra.errors import BundleVerificationError, DownloadInterruptedError, InfeasibleBudgetError
 from infra.signing import sign
 from legoblocks.compose import ScalableModel
 from profiling.table import load as load_table
@@ -81,9 +82,9 @@ def test_s3_fetch_equals_server_compose_then_caches(built_models, keypair, bucke
     # reported latency is the device's corrected composed-model figure, not the bare sum.
     device = first.session.bundles["rn8"].device
     cal = device.calibration
-    assert cal is not None and cal["k"] >= 3 and all(m > 0 for _, m in cal["points"])
+    assert cal is not None and cal.k >= 3 and all(m > 0 for _, m in cal.points)
     summed = sum(device.median_ms()[(b, c)] for b, c in zip(names, sel))
-    assert first.models[0].latency_ms == pytest.approx(cal["scale"] * summed + cal["offset_ms"])
+    assert first.models[0].latency_ms == pytest.approx(cal.scale * summed + cal.offset_ms)
 
     # same budget again: nothing downloaded (not even a header) and nothing timed
     before = len(_block_gets(dropping_proxy))
@@ -281,7 +282,7 @@ def test_cli_fetch_imports_no_ray_mlflow_optuna(built_models, keypair, bucket, t
     publish_bundle(rn.scalable_dir, rn.table_path, root, keypair.private_key, "rn8")
     code = (
         "import json, sys\n"
-        "from infra.fetch import main\n"
+        "from infra.device.cli import main\n"
         "rc = main(sys.argv[1:])\n"
         "top = sorted({m.split('.')[0] for m in sys.modules})\n"
         "print(json.dumps({'rc': rc, 'top': top}), file=sys.stderr)\n"
@@ -301,7 +302,7 @@ def test_cli_fetch_imports_no_ray_mlflow_optuna(built_models, keypair, bucket, t
 
 
 def test_cli_refusal_exit_code_and_message(built_models, keypair, other_keypair, tmp_path, capsys):
-    from infra.fetch import main
+    from infra.device.cli import main
 
     rn = built_models["resnet"]
     publish_bundle(rn.scalable_dir, rn.table_path, str(tmp_path / "store"), keypair.private_key, "rn8")
@@ -329,7 +330,7 @@ def test_watch_reacts_to_budget_file_and_swaps_only_changed_blocks(built_models,
     import io
     import threading
 
-    from infra.fetch import watch
+    from infra.device.watch import watch
 
     rn = built_models["resnet"]
     result, budget_file = _fetched_for_watch(rn, keypair, bucket, tmp_path, {"memory_mb": None})
@@ -373,7 +374,7 @@ def test_watch_with_verify_latency_times_each_change_and_runs_what_it_reports(bu
     import io
     import threading
 
-    from infra.fetch import watch
+    from infra.device.watch import watch
 
     rn = built_models["resnet"]
     result, budget_file = _fetched_for_watch(rn, keypair, bucket, tmp_path, {"latency_ms": None})
