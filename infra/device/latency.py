@@ -85,7 +85,7 @@ class _Stored:
     runtime: str
     fingerprint: dict[str, Any]
     settings: DeviceLatencySettings
-    latency: dict[str, dict[str, LatencyEntry]]
+    latency: dict[str, dict[str, Any]]  # LatencyEntry each, checked one by one for a readable path
     calibration: _Calibration | None
 
 
@@ -132,20 +132,26 @@ class DeviceTable:
                   settings: DeviceLatencySettings) -> DeviceTable | None:
         """A stored table checked for ranges and consistency (ValueError says what is wrong),
         or None when it was timed with other settings (then it is simply timed again)."""
-        stored = convert(body, _Stored, error=lambda path, msg: ValueError(f"{path}: {msg}"))
+        def error(path: str, msg: str) -> ValueError:
+            return ValueError(f"{path}: {msg}")
+
+        stored = convert(body, _Stored, error=error)
         if stored.runtime != runtime or stored.fingerprint.get("id") != fingerprint.get("id"):
             raise ValueError(f"timed for {stored.runtime} on {stored.fingerprint.get('id')}, not {runtime} on "
                              f"{fingerprint.get('id')} (copied from another device?)")
+        latency: dict[str, dict[str, LatencyEntry]] = {}
         for block, per in stored.latency.items():
-            for choice, e in per.items():
+            for choice, raw in per.items():
+                e = convert(raw, LatencyEntry, error=error, path=f"latency.{block}.{choice}")
                 if not e.p10_ms <= e.median_ms <= e.p90_ms:
                     raise ValueError(f"latency.{block}.{choice}: p10 <= median <= p90 does not hold")
+                latency.setdefault(block, {})[choice] = e
         cal = stored.calibration
         if cal is not None and cal.fingerprint != fingerprint.get("id"):
             raise ValueError("calibration: fitted for another fingerprint")
         if any(getattr(stored.settings, k) != getattr(settings, k) for k in ("threads", "batch_size", "device")):
             return None
-        return cls(runtime, dict(stored.fingerprint), settings, {b: dict(p) for b, p in stored.latency.items()},
+        return cls(runtime, dict(stored.fingerprint), settings, latency,
                    None if cal is None else LatencyCalibration(**{**asdict(cal), "points": list(cal.points)}))
 
 
