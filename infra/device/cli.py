@@ -129,6 +129,10 @@ def _run_fetch(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     result = _fetch(args)
     _warn(result)
+    if args.watch:
+        from infra.device.watch import read_budget_text
+
+        baseline = read_budget_text(args.watch)  # before the result is printed: a reply to it is a change
     if args.json:
         print(json.dumps(result.to_dict(), indent=None if args.watch else 1), flush=True)
     else:
@@ -148,7 +152,7 @@ def _run_fetch(argv: Sequence[str]) -> int:
 
         watch(result, args.watch, out=sys.stdout, as_json=args.json, poll_s=args.watch_interval,
               max_changes=args.watch_max_changes, max_seconds=args.watch_timeout,
-              verify_latency_rounds=args.verify_latency)
+              verify_latency_rounds=args.verify_latency, baseline=baseline)
     return 0
 
 

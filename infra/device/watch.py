@@ -24,8 +24,13 @@ def watch(
     max_changes: int | None = None,
     max_seconds: float | None = None,
     verify_latency_rounds: int = 0,
+    baseline: str | None = None,
 ) -> int:
     """Re-solve and swap blocks whenever `budget_file` changes; returns the number of changes handled.
+
+    `baseline` is the file's text the running models already reflect (default: its text now);
+    the CLI reads it before printing the fetch result, so a change written as soon as that
+    result appears is not missed.
 
     Stops after `max_changes` changes or `max_seconds` (both unbounded by default: a device
     daemon). A file that does not parse, infeasible budgets, or a block that fails to
@@ -42,14 +47,14 @@ def watch(
     session = result.session
     scaler = RuntimeScaler(session.problem(result.budgets)["models"], session.switchers)
     path = Path(budget_file)
-    last = _read_budget_text(path)
+    last = read_budget_text(path) if baseline is None else baseline
     start = time.monotonic()
     handled = 0
     while (max_changes is None or handled < max_changes) and (
         max_seconds is None or time.monotonic() - start < max_seconds
     ):
         time.sleep(poll_s)
-        text = _read_budget_text(path)
+        text = read_budget_text(path)
         if text is None or text == last:
             continue
         last = text
@@ -90,7 +95,7 @@ def _net_changes(
     return changes
 
 
-def _read_budget_text(path: Path) -> str | None:
+def read_budget_text(path: Path) -> str | None:
     try:
         return path.read_text()
     except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError):

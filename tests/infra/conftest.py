@@ -259,3 +259,26 @@ def built_models(tmp_path_factory: pytest.TempPathFactory, val_ds) -> dict[str, 
         "resnet_b": _build(root, "resnet8", lambda: resnet(depth=8, width=4), 4, 1, val_ds),
         "vgg": _build(root, "vgg11", lambda: vgg(width=4), 4, 0, val_ds),
     }
+
+
+def _write_pngs(val_ds, folder: Path, n: int):
+    """The first n test images as 8-bit PNG files, and the dataset's own tensors for them."""
+    import torch
+    from PIL import Image
+
+    from legoblocks.data import MEAN, STD
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = val_ds.tensors[0][:n]
+    paths = []
+    for i, x in enumerate(images):
+        pixels = torch.round((x[0] * STD + MEAN) * 255).clamp(0, 255).to(torch.uint8).numpy()
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(pixels, mode="L").save(paths[-1])
+    return paths, images
+
+
+@pytest.fixture(scope="session")
+def write_pngs():
+    """`write_pngs(val_ds, folder, n) -> (paths, tensors)`: real PNG files of Fashion-MNIST test images."""
+    return _write_pngs

@@ -38,22 +38,6 @@ def _torch_logits(scalable_dir: Path, selection: list[str], images: torch.Tensor
         return ScalableModel.load(scalable_dir).compose(selection)(images).numpy()
 
 
-def write_pngs(val_ds, folder: Path, n: int) -> tuple[list[Path], torch.Tensor]:
-    """The first n test images as 8-bit PNG files, and the dataset's own tensors for them."""
-    from PIL import Image
-
-    from legoblocks.data import MEAN, STD
-
-    folder.mkdir(parents=True, exist_ok=True)
-    images = val_ds.tensors[0][:n]
-    paths = []
-    for i, x in enumerate(images):
-        pixels = torch.round((x[0] * STD + MEAN) * 255).clamp(0, 255).to(torch.uint8).numpy()
-        paths.append(folder / f"img{i}.png")
-        Image.fromarray(pixels, mode="L").save(paths[-1])
-    return paths, images
-
-
 def test_onnx_fetch_matches_torch_and_downloads_only_chosen_weights(built_models, keypair, bucket, tmp_path, val_ds):
     rn = built_models["resnet"]
     root = f"s3://{bucket}/bundles"
@@ -93,7 +77,8 @@ def test_onnx_fetch_matches_torch_and_downloads_only_chosen_weights(built_models
                                                       for f in torch_run.session.stats.downloaded)
 
 
-def test_predict_png_and_export_give_the_torch_logits(built_models, keypair, tmp_path, val_ds, capsys):
+def test_predict_png_and_export_give_the_torch_logits(built_models, keypair, tmp_path, val_ds, capsys,
+                                                      write_pngs):
     from infra.device.cli import main
 
     rn = built_models["resnet"]
@@ -159,7 +144,7 @@ def test_onnx_watch_replaces_only_changed_sessions(built_models, keypair, tmp_pa
     assert list(switcher.selection) != before_sel
 
 
-def test_onnx_device_path_imports_no_torch(built_models, keypair, tmp_path, val_ds, s3_env, bucket):
+def test_onnx_device_path_imports_no_torch(built_models, keypair, tmp_path, val_ds, s3_env, bucket, write_pngs):
     """The ONNX device path in a fresh interpreter: fetch, predict, export, and none of torch,
     torch-pruning, safetensors, SciPy, Ray, MLflow or Optuna."""
     rn = built_models["resnet"]
