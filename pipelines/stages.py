@@ -557,8 +557,11 @@ def points_stage(out: Path, *, scalable_dir: str, table_dir: str, data: dict, gr
 def publish_stage(out: Path, *, scalable_dir: str, table_dir: str, store: str, key: str, model_id: str) -> dict:
     """Sign and publish the bundle (infra.bundle); record where it went."""
     from infra.bundle import publish_bundle
+    from infra.manifest import FASHION_MNIST_CLASSES, FASHION_MNIST_PREPROCESSING
 
-    published = publish_bundle(Path(scalable_dir), Path(table_dir) / TABLE_FILE, store, key, model_id)
+    # The embedded Fashion-MNIST source; the lead fills these from the data source config.
+    published = publish_bundle(Path(scalable_dir), Path(table_dir) / TABLE_FILE, store, key, model_id,
+                               preprocessing=FASHION_MNIST_PREPROCESSING, classes=FASHION_MNIST_CLASSES)
     info = {"uri": published.uri, "version": published.version, "manifest": published.manifest}
     (out / "publish.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
     return {"uri": published.uri, "version": published.version}

@@ -193,3 +193,28 @@ def test_schema_1_bundle_on_onnxruntime_says_to_republish(built_models, keypair,
     assert main([*common, "--cache", str(tmp_path / "c1"), "--runtime", "onnxruntime"]) == 1
     assert "schema 1 carries no ONNX blocks" in capsys.readouterr().err
     assert main([*common, "--cache", str(tmp_path / "c2"), "--runtime", "torch"]) == 0
+
+
+def test_a_graph_naming_another_data_file_is_refused(built_models, keypair, tmp_path):
+    """ONNX Runtime only ever reads the verified data bytes: a graph that points its weights at
+    any other file (a path on the device) or past the data's end is refused before loading."""
+    import onnx
+
+    from infra.device.runtime_onnx import load_session
+    from infra.errors import BundleVerificationError
+
+    rn = built_models["resnet"]
+    _publish(rn, str(tmp_path / "store"), keypair)
+    vdir = tmp_path / "store" / "rn8" / "v1"
+    graph = (vdir / "blocks" / "stem" / "0.0.onnx").read_bytes()
+    data = (vdir / "blocks" / "stem" / "0.0.onnx.data").read_bytes()
+    assert load_session(graph, data, "0.0.onnx.data", threads=1, where="stem/0.0") is not None
+    for key, value, message in (("location", "/etc/passwd", "points at '/etc/passwd'"),
+                                ("length", str(len(data) + 1), "only '0.0.onnx.data'")):
+        model = onnx.load_model_from_string(graph)
+        entry = next(e for e in model.graph.initializer[0].external_data if e.key == key)
+        entry.value = value
+        with pytest.raises(BundleVerificationError, match=message):
+            load_session(model.SerializeToString(), data, "0.0.onnx.data", threads=1, where="stem/0.0")
+    with pytest.raises(BundleVerificationError, match="not an ONNX graph"):
+        load_session(b"\x00garbage", data, "0.0.onnx.data", threads=1, where="stem/0.0")
