@@ -133,8 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
             errors.append(abs(predicted - measured) / measured)
         out["latency_ms"][rt] = {"original": timed[0], "smallest": timed[1], "random_median": sorted(timed)[len(timed) // 2]}
         out["prediction_error"][rt] = {"mean": sum(errors) / len(errors), "max": max(errors), "n": len(errors)}
-        switches, reloads = [], []  # a -> b by swapping the changed blocks, vs loading all of b
-        for a, b in zip(sels[2:], sels[3:] + sels[2:3]):
+        switches, reloads = [], []  # a budget change that moves two blocks, vs loading the whole model
+        for a in sels[2:]:
+            b = list(a)
+            for i in rng.sample([i for i, ladder in enumerate(ladders) if len(ladder) > 1], 2):
+                b[i] = rng.choice([c for c in ladders[i] if c != a[i]])
             session.assemble({"resnet": a})
             switches.append(session.switchers["resnet"].switch(b).seconds * 1000)
             start = time.perf_counter()
