@@ -218,3 +218,25 @@ def test_a_graph_naming_another_data_file_is_refused(built_models, keypair, tmp_
             load_session(model.SerializeToString(), data, "0.0.onnx.data", threads=1, where="stem/0.0")
     with pytest.raises(BundleVerificationError, match="not an ONNX graph"):
         load_session(b"\x00garbage", data, "0.0.onnx.data", threads=1, where="stem/0.0")
+
+
+def test_export_pte_where_executorch_is_installed(built_models, keypair, tmp_path, val_ds):
+    """With --runtime torch and ExecuTorch importable, --export also writes a .pte that the
+    ExecuTorch runtime runs to the same logits (skipped where ExecuTorch is not installed:
+    it is in no extra)."""
+    pytest.importorskip("executorch.exir")
+    from executorch.runtime import Runtime
+
+    from infra.device.export import export_models
+
+    rn = built_models["resnet"]
+    _publish(rn, str(tmp_path / "store"), keypair)
+    result = fetch([str(tmp_path / "store" / "rn8")], DeviceBudgets(None, None), public_key=keypair.public_key,
+                   cache=tmp_path / "cache", runtime="torch", settings=FAST)
+    (exported,) = export_models(result.session, tmp_path / "export")
+    assert exported.pte is not None and json.loads(exported.metadata.read_text())["pte"] == "rn8.pte"
+    images = val_ds.tensors[0][:1]
+    method = Runtime.get().load_program(exported.pte.read_bytes()).load_method("forward")
+    np.testing.assert_allclose(method.execute([images])[0].numpy(),
+                               _torch_logits(rn.scalable_dir, result.solution.selection["rn8"], images),
+                               atol=ATOL, rtol=0)
