@@ -1,7 +1,7 @@
 """The device side, torch vs ONNX Runtime: install size, cold start, batch-1 latency, block
 switch vs full reload, predicted vs measured latency.
 
-    .venv/bin/python bench/device.py [--quick] [--out docs/benchmarks/results/device.json]
+    .venv/bin/python bench/device.py [--quick] [--out docs/results/device.json]
 
 One bundle (ResNet-20 width 16 on Fashion-MNIST shapes, the default ladder; `--quick`: a
 width-4 ResNet-8) is published to a directory store. Latency depends on the architecture,
