@@ -35,6 +35,7 @@ class FetchStats:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
 class ObjectSource:
     """One bundle version's files (see module docstring).
 
@@ -42,16 +43,14 @@ class ObjectSource:
     names in `stats.downloaded`; pending: the session's list of staged files to commit.
     """
 
-    def __init__(self, cache: DeviceCache, store: Store | None, stats: FetchStats, pending: list[FileEntry], *,
-                 what: str, attempts: int = 3, progress: bool = False) -> None:
-        self.cache = cache
-        self.store = store
-        self.stats = stats
-        self.pending = pending
-        self.what = what
-        self.attempts = attempts
-        self.progress = progress
-        self._headers: dict[str, bytes] = {}  # verified headers read this run, by descendant SHA-256
+    cache: DeviceCache
+    store: Store | None
+    stats: FetchStats
+    pending: list[FileEntry]
+    what: str
+    attempts: int = 3
+    progress: bool = False
+    _headers: dict[str, bytes] = field(default_factory=dict)  # verified headers read this run, by descendant SHA-256
 
     def cached(self, entry: FileEntry) -> bool:
         return self.cache.has_object(entry)

@@ -159,8 +159,7 @@ def prepare_online(uri: str, opts: PrepareOptions) -> FetchedBundle:
     table = _load_table(table_bytes, manifest, store.key_uri(TABLE_NAME))
     files = BundleFiles(model_dir, model_uri, manifest.version,
                         {MANIFEST_NAME: manifest_bytes, SIGNATURE_NAME: signature, TABLE_NAME: table_bytes})
-    source = ObjectSource(opts.cache, store, opts.stats, opts.pending, what=what, attempts=opts.attempts,
-                          progress=opts.progress)
+    source = ObjectSource(opts.cache, store, opts.stats, opts.pending, what, opts.attempts, opts.progress)
     device = _time_bundle(opts, model_dir, manifest.version, manifest.blocks, source)
     files.files[device_table_name(opts.fingerprint["id"])] = opts.cache.seal(device.body())
     return FetchedBundle(model_uri, manifest.model_id, manifest.version, manifest, table, device, files, source)
@@ -197,7 +196,7 @@ def prepare_offline(uri: str, opts: PrepareOptions) -> FetchedBundle:
     kept = {b.name: {d.choice for d in b.descendants} for b in usable.blocks}
     table = dataclasses.replace(table, blocks=[
         dataclasses.replace(b, choices={c: p for c, p in b.choices.items() if c in kept[b.name]}) for b in table.blocks])
-    source = ObjectSource(cache, None, opts.stats, opts.pending, what=f"{model_id}/v{version}")
+    source = ObjectSource(cache, None, opts.stats, opts.pending, f"{model_id}/v{version}")
     device = _time_bundle(opts, model_dir, version, usable.blocks, source)
     files = BundleFiles(model_dir, model_uri, version, {device_table_name(opts.fingerprint["id"]): cache.seal(device.body())})
     return FetchedBundle(model_uri, model_id, version, manifest, table, device, files, source)

@@ -282,3 +282,30 @@ def _write_pngs(val_ds, folder: Path, n: int):
 def write_pngs():
     """`write_pngs(val_ds, folder, n) -> (paths, tensors)`: real PNG files of Fashion-MNIST test images."""
     return _write_pngs
+
+
+def _run_device_cli(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, list[str], str, str]:
+    """`legodnn-fetch ARGS` in a fresh interpreter: (exit code, top-level modules it imported,
+    stdout, stderr). How the tests check what the device path imports."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from infra.device.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    top = json.loads(lines[-1]) if lines and lines[-1].startswith("[") else []
+    return proc.returncode, top, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def run_device_cli():
+    """`run_device_cli(args, env, cwd) -> (rc, top-level modules imported, stdout, stderr)`."""
+    return _run_device_cli

@@ -18,10 +18,7 @@ import pytest
 from infra.bundle import publish_bundle
 from infra.device.cache import DeviceCache
 from infra.device.cli import main
-from infra.device.runtime import DeviceLatencySettings
-from infra.device.session import DeviceBudgets, fetch
 
-FAST = DeviceLatencySettings(warmup=1, repeats=3)
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,31 +142,22 @@ def test_onnx_watch_replaces_only_changed_sessions(built_models, keypair, tmp_pa
     assert list(switcher.selection) != before_sel
 
 
-def test_onnx_device_path_imports_no_torch(built_models, keypair, tmp_path, val_ds, s3_env, bucket, write_pngs):
+def test_onnx_device_path_imports_no_torch(built_models, keypair, tmp_path, val_ds, s3_env, bucket, write_pngs,
+                                           run_device_cli):
     """The ONNX device path in a fresh interpreter: fetch, predict, export, and none of torch,
     torch-pruning, safetensors, SciPy, Ray, MLflow or Optuna."""
     rn = built_models["resnet"]
     root = f"s3://{bucket}/bundles"
     _publish(rn, root, keypair)
     paths, _ = write_pngs(val_ds, tmp_path / "png", 1)
-    code = (
-        "import json, sys\n"
-        "from infra.device.cli import main\n"
-        "rc = main(sys.argv[1:])\n"
-        "top = sorted({m.split('.')[0] for m in sys.modules})\n"
-        "print(json.dumps({'rc': rc, 'top': top}), file=sys.stderr)\n"
-    )
     args = ["predict", str(paths[0]), "--bundle", f"{root}/rn8", "--public-key", str(keypair.public_key),
             "--cache", str(tmp_path / "cache"), "--runtime", "onnxruntime", "--memory-mb", "1", "--latency-ms", "1000",
             "--verify-latency", "2", "--json", "--repeats", "3"]
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **s3_env}, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stderr.strip().splitlines()[-1])
-    assert report["rc"] == 0
+    rc, top, stdout, stderr = run_device_cli(args, {**os.environ, **s3_env}, REPO)
+    assert rc == 0, stderr
     heavy = {"torch", "torch_pruning", "safetensors", "scipy", "ray", "mlflow", "optuna"}
-    assert not heavy & set(report["top"]), sorted(heavy & set(report["top"]))
-    assert json.loads(proc.stdout)["predictions"][0]["model_id"] == "rn8"
+    assert top and not heavy & set(top), sorted(heavy & set(top))
+    assert json.loads(stdout)["predictions"][0]["model_id"] == "rn8"
 
 
 def test_schema_1_bundle_on_onnxruntime_says_to_republish(built_models, keypair, tmp_path, capsys):

@@ -7,8 +7,6 @@ import hashlib
 import itertools
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import boto3
@@ -275,27 +273,18 @@ def test_offline_uses_only_the_cache(built_models, keypair, bucket, tmp_path, mo
               offline=True)
 
 
-def test_cli_fetch_imports_no_ray_mlflow_optuna(built_models, keypair, bucket, tmp_path, s3_env):
-    """The device path in a fresh interpreter: JSON output, and none of the heavy server packages."""
+def test_cli_fetch_imports_no_ray_mlflow_optuna(built_models, keypair, bucket, tmp_path, s3_env, run_device_cli):
+    """The torch device path in a fresh interpreter: JSON output, and none of the heavy server packages."""
     rn = built_models["resnet"]
     root = f"s3://{bucket}/bundles"
     publish_bundle(rn.scalable_dir, rn.table_path, root, keypair.private_key, "rn8")
-    code = (
-        "import json, sys\n"
-        "from infra.device.cli import main\n"
-        "rc = main(sys.argv[1:])\n"
-        "top = sorted({m.split('.')[0] for m in sys.modules})\n"
-        "print(json.dumps({'rc': rc, 'top': top}), file=sys.stderr)\n"
-    )
     args = [f"{root}/rn8", "--public-key", str(keypair.public_key), "--cache", str(tmp_path / "cache"),
-            "--memory-mb", "1", "--latency-ms", "1000", "--verify-latency", "2", "--json", "--repeats", "3"]
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **s3_env}, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stderr.strip().splitlines()[-1])
-    assert report["rc"] == 0
-    assert not {"ray", "mlflow", "optuna"} & set(report["top"]), report["top"]
-    out = json.loads(proc.stdout)
+            "--memory-mb", "1", "--latency-ms", "1000", "--verify-latency", "2", "--json", "--repeats", "3",
+            "--runtime", "torch"]
+    rc, top, stdout, stderr = run_device_cli(args, {**os.environ, **s3_env}, REPO)
+    assert rc == 0, stderr
+    assert top and not {"ray", "mlflow", "optuna"} & set(top), top
+    out = json.loads(stdout)
     assert out["models"][0]["model_id"] == "rn8" and out["total"]["memory_bytes"] <= 1 << 20
     assert len(out["downloaded"]) == len(out["models"][0]["selection"]) + 1
     assert out["verified_latency"]["fits"] and len(out["verified_latency"]["rounds"]) == 1  # 1 s is plenty
