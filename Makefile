@@ -9,9 +9,9 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -qq --upgrade pip
 	# torch pinned on the same command line so no resolver step can pick a CUDA build.
-	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[dev]"
+	$(BIN)/python -m pip install -qq "torch==2.13.0" -e ".[pipeline,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

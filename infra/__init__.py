@@ -1,5 +1,6 @@
-"""infra: bundles, stores, signing and the device-side fetch script.
+"""infra: bundles, stores, signing, and the device application (`infra.device`).
 
-Deliberately empty: `infra.fetch` runs on devices that have only torch, numpy, boto3 and
-cryptography, so importing the package must not pull in MLflow (`infra.tracking`) or Ray.
+Deliberately empty: the device runs with the light install (numpy, onnxruntime, onnx,
+boto3, cryptography, Pillow, msgspec), so importing the package must not pull in MLflow
+(`infra.tracking`), Ray or torch.
 """

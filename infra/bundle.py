@@ -4,7 +4,9 @@ Layout in a store (file:// or s3://):
 
     <root>/<model_id>/latest                   {"version": N}: moved forward only, by compare-and-swap
     <root>/<model_id>/v<N>/CLAIM               created with a conditional create: owns version N
-    <root>/<model_id>/v<N>/blocks/<block>/<choice>.safetensors
+    <root>/<model_id>/v<N>/blocks/<block>/<choice>.safetensors     torch runtime
+    <root>/<model_id>/v<N>/blocks/<block>/<choice>.onnx            ONNX graph (weights external)
+    <root>/<model_id>/v<N>/blocks/<block>/<choice>.onnx.data       its weights
     <root>/<model_id>/v<N>/profile.json        the ProfileTable, byte for byte
     <root>/<model_id>/v<N>/manifest.json       lists every file above with size and SHA-256
     <root>/<model_id>/v<N>/manifest.sig        Ed25519 signature of manifest.json's bytes
@@ -14,7 +16,7 @@ Publishing protocol (why each step is safe with concurrent publishers and reader
 1. Claim a version: create `v<N>/CLAIM` only if absent (S3 `If-None-Match: *`, on disk
    `os.link`), N = highest existing + 1, retrying N+1 on conflict. Two publishers can never
    own the same N, so they never write into each other's prefix (no mixed files).
-2. Upload descendant files, then the table, then the manifest, then the signature.
+2. Upload descendant files (safetensors, ONNX graph and data), then the table, then the manifest, then the signature.
    Readers consider a version only once `manifest.sig` exists, and the signature is written
    last, so a half-published version is invisible. A publisher that dies leaves an unsigned
    claimed prefix that everyone ignores; the next publisher takes the next number.
@@ -24,13 +26,16 @@ Publishing protocol (why each step is safe with concurrent publishers and reader
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import os
 import re
 import socket
+import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ from typing import Any
 from infra.errors import BundleError, BundleVerificationError, ObjectNotFoundError
 from infra.manifest import (
     MANIFEST_NAME,
+    ONNX_OPSET,
     SCHEMA_VERSION,
     SIGNATURE_NAME,
     TABLE_NAME,
@@ -45,11 +51,16 @@ from infra.manifest import (
     DescendantEntry,
     FileEntry,
     Manifest,
+    OnnxFiles,
+    Preprocessing,
+    check_preprocessing,
     descendant_file,
+    onnx_files,
 )
 from infra.signing import key_id, load_private_key, sign, verify
 from infra.skeleton import file_header
-from infra.store import Store, open_store, sha256_file
+from infra.store import Store, open_store
+from legoblocks.files import sha256_file
 
 CLAIM_NAME = "CLAIM"
 LATEST_NAME = "latest"
@@ -109,10 +120,35 @@ def _read_scalable(scalable_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def _file_entry(key: str, path: Path) -> FileEntry:
+    return FileEntry(key, sha256_file(path), path.stat().st_size)
+
+
+def _export_onnx(scalable_dir: Path, meta: dict[str, Any], out: Path, progress: bool) -> dict[tuple[str, str], OnnxFiles]:
+    """Every descendant as a checked ONNX graph + data file under `out` (infra.onnx_blocks)."""
+    from infra.onnx_blocks import export_block
+
+    specs = [(spec, choice) for spec in meta["blocks"] for choice in meta["choices"][spec["name"]]]
+    bar = _progress_bar(progress, len(specs), "export ONNX blocks")
+    files = {}
+    for spec, choice in specs:
+        name = spec["name"]
+        source = scalable_dir / name / f"{choice}.safetensors"
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} is missing: the ScalableModel directory is incomplete")
+        exported = export_block(source, spec["in_shape"], out / name, choice, where=f"{name}/{choice}")
+        graph_key, data_key = onnx_files(name, choice)
+        files[(name, choice)] = OnnxFiles(_file_entry(graph_key, exported.graph), _file_entry(data_key, exported.data))
+        bar.update(1)
+    bar.close()
+    return files
+
+
 def _build_manifest(
-    scalable_dir: Path, table_path: Path, model_id: str, version: int, signer: str
+    scalable_dir: Path, table_path: Path, model_id: str, signer: str, onnx: dict[tuple[str, str], OnnxFiles],
+    preprocessing: Preprocessing | None, classes: Sequence[str] | None,
 ) -> Manifest:
-    """Cross-check the ScalableModel directory against its ProfileTable and describe both."""
+    """Cross-check the ScalableModel directory against its ProfileTable and describe both (as version 1)."""
     from profiling.table import load as load_table
 
     meta = _read_scalable(scalable_dir)
@@ -135,8 +171,6 @@ def _build_manifest(
         entries = []
         for choice in choices:
             path = scalable_dir / name / f"{choice}.safetensors"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing: the ScalableModel directory is incomplete")
             p = profiled[choice]
             header = file_header(path)
             entries.append(
@@ -152,27 +186,31 @@ def _build_manifest(
                     memory_bytes=p.peak_bytes,
                     accuracy_drop=p.accuracy_drop,
                     server_latency_ms=p.latency.median_ms,
+                    onnx=onnx[(name, choice)],
                 )
             )
-        blocks.append(
-            BlockEntry(
-                name=name,
-                in_shape=tuple(spec["in_shape"]),
-                out_shape=tuple(spec["out_shape"]),
-                scalable=bool(spec["scalable"]),
-                descendants=tuple(entries),
-            )
-        )
+        blocks.append(BlockEntry(name=name, in_shape=tuple(spec["in_shape"]), out_shape=tuple(spec["out_shape"]),
+                                 scalable=bool(spec["scalable"]), descendants=tuple(entries)))
+    input_shape = tuple(meta["input_shape"])
+    if preprocessing is not None:
+        check_preprocessing(preprocessing, input_shape)
+    outputs = blocks[-1].out_shape[-1] if blocks else 0
+    if classes is not None and (len(classes) != outputs or len(set(classes)) != len(classes)):
+        raise ValueError(f"classes: {len(classes)} names given, the model has {outputs} outputs; give one unique "
+                         "name per output")
     return Manifest(
         schema_version=SCHEMA_VERSION,
         model_id=model_id,
         model_ref=str(meta.get("model_ref") or table.model_ref),
-        version=version,
+        version=1,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         signer_key_id=signer,
-        input_shape=tuple(meta["input_shape"]),
+        input_shape=input_shape,
         blocks=tuple(blocks),
-        table=FileEntry(TABLE_NAME, sha256_file(table_path), table_path.stat().st_size),
+        table=_file_entry(TABLE_NAME, table_path),
+        preprocessing=preprocessing,
+        classes=None if classes is None else tuple(classes),
+        onnx_opset=ONNX_OPSET,
     )
 
 
@@ -242,33 +280,54 @@ def publish_bundle(
     private_key: str | Path,
     model_id: str,
     *,
+    preprocessing: Preprocessing | None = None,
+    classes: Sequence[str] | None = None,
     progress: bool = False,
 ) -> PublishedBundle:
     """Publish a ScalableModel directory and its ProfileTable as the next signed version.
 
-    scalable_dir: a directory written by `ScalableModel.save()`; table_path: the ProfileTable
-    JSON made from it; store_uri: `file:///dir`, a plain path, or `s3://bucket/prefix`
-    (boto3 credential chain, `AWS_ENDPOINT_URL`); private_key: the PEM file from
-    `legodnn keys init`; model_id: the name devices fetch it by (`<store_uri>/<model_id>`).
-    Returns the version URI, the version number and the manifest (log both to MLflow).
-    Safe to run concurrently with other publishers of the same model (see module docstring).
+    Args:
+        scalable_dir: a directory written by `ScalableModel.save()`.
+        table_path: the ProfileTable JSON made from it.
+        store_uri: `file:///dir`, a plain path, or `s3://bucket/prefix` (boto3 credential
+            chain, `AWS_ENDPOINT_URL`).
+        private_key: the PEM file from `legodnn keys init`.
+        model_id: the name devices fetch it by (`<store_uri>/<model_id>`).
+        preprocessing: how a device turns an image into the model's input (e.g.
+            `infra.manifest.FASHION_MNIST_PREPROCESSING`); None leaves it out, and
+            `legodnn-fetch predict` then refuses the bundle.
+        classes: one name per model output (e.g. `FASHION_MNIST_CLASSES`); None: indices.
+        progress: show tqdm bars.
+
+    Returns:
+        The version URI, the version number and the manifest (log both to MLflow).
+
+    Every descendant is also exported to ONNX and checked against its torch block before
+    anything is claimed (`infra.onnx_blocks`). Safe to run concurrently with other
+    publishers of the same model (see module docstring).
     """
     scalable_dir, table_path = Path(scalable_dir), Path(table_path)
     _check_model_id(model_id)
     key = load_private_key(private_key)
     signer = key_id(key.public_key())
-    # Validate everything before claiming, so bad input never burns a version number.
-    _build_manifest(scalable_dir, table_path, model_id, 1, signer)
-    model_store = open_store(store_uri).child(model_id)
-    version = _claim_version(model_store)
-    manifest = _build_manifest(scalable_dir, table_path, model_id, version, signer)
-    vstore = model_store.child(version_dir(version))
-    files = [(d.file, scalable_dir / b.name / f"{d.choice}.safetensors") for b, d in manifest.descendants()]
-    files.append((TABLE_NAME, table_path))
-    bar = _progress_bar(progress, len(files) + 2, f"publish {model_id} v{version}")
-    for key_name, path in files:
-        vstore.put_file(key_name, path)
-        bar.update(1)
+    with tempfile.TemporaryDirectory(prefix="legodnn-onnx-") as tmp:
+        # Validate and export everything before claiming, so bad input never burns a version number.
+        onnx = _export_onnx(scalable_dir, _read_scalable(scalable_dir), Path(tmp), progress)
+        manifest = _build_manifest(scalable_dir, table_path, model_id, signer, onnx, preprocessing, classes)
+        model_store = open_store(store_uri).child(model_id)
+        version = _claim_version(model_store)
+        manifest = dataclasses.replace(manifest, version=version)
+        vstore = model_store.child(version_dir(version))
+        files = []
+        for b, d in manifest.descendants():
+            files.append((d.file, scalable_dir / b.name / f"{d.choice}.safetensors"))
+            assert d.onnx is not None
+            files += [(e.file, Path(tmp) / b.name / Path(e.file).name) for e in (d.onnx.graph, d.onnx.data)]
+        files.append((TABLE_NAME, table_path))
+        bar = _progress_bar(progress, len(files) + 2, f"publish {model_id} v{version}")
+        for key_name, path in files:
+            vstore.put_file(key_name, path)
+            bar.update(1)
     manifest_bytes = manifest.to_bytes()
     vstore.put_bytes(MANIFEST_NAME, manifest_bytes)
     bar.update(1)

@@ -1,4 +1,4 @@
-"""Errors of the bundle/store/fetch path.
+"""Errors of the bundle/store/device path.
 
 They are separate classes so that callers (the fetch CLI, the pipeline) can tell "the bundle
 is not trustworthy" (refuse, change nothing) from "the store is unreachable" (retry later).
@@ -30,3 +30,20 @@ class DownloadInterruptedError(StoreError):
     The bytes received so far stay in the `.part` file, so running the same download again
     continues where this one stopped (an HTTP Range request) instead of starting over.
     """
+
+
+class DowngradeError(BundleVerificationError):
+    """A store offers an older version than the device already runs: a rollback, refused
+    unless the caller allows downgrades."""
+
+
+class InfeasibleBudgetError(BundleError):
+    """No selection of the fetched bundles fits the budgets."""
+
+
+class OverBudgetError(BundleError):
+    """The chosen models, timed end to end on the device, still run over the latency budget."""
+
+
+class RuntimeUnavailableError(BundleError):
+    """The requested device runtime (torch or onnxruntime) is not installed or cannot run here."""

@@ -2,48 +2,93 @@
 
 A manifest lists every file of a bundle with its size and SHA-256, plus the per-descendant
 figures a device needs to decide without downloading anything else (params, FLOPs, memory,
-accuracy drop, server latency). It is serialized canonically (sorted keys, fixed
-separators), signed as bytes, and parsed back with strict validation: a device trusts a
-manifest only after its signature verified, and even then refuses one whose fields are
-malformed, naming the field.
+accuracy drop, server latency), and what a device that reads no code needs to run the model:
+the input preprocessing and the class names. It is serialized canonically (sorted keys,
+fixed separators), signed as bytes, and parsed back with strict validation
+(`legoblocks.schema`): a device trusts a manifest only after its signature verified, and
+even then refuses one whose fields are malformed, naming the field
+(`manifest.json.blocks[3].descendants[0].sha256: ...`).
+
+Schema 2 adds, per descendant, the block as an ONNX graph (`onnx.graph`, weights in
+`onnx.data` as ONNX external data, so a device can time a block from its graph alone) and,
+per bundle, `preprocessing`, `classes` and `onnx_opset`. Schema 1 manifests (safetensors
+only) are still read: the torch runtime runs them; the ONNX runtime says to republish.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
+from msgspec import Meta
+
+from legoblocks.schema import Finite, NonNegativeInt, Positive, PositiveInt, Sha256, convert, join
 from infra.errors import BundleVerificationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 TABLE_NAME = "profile.json"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+ONNX_OPSET = 17  # ONNX Runtime (and its Mobile build) runs opset 17 everywhere since 1.13
+
+Shape = Annotated[tuple[PositiveInt, ...], Meta(min_length=1)]
 
 
 def descendant_file(block: str, choice: str) -> str:
-    """Where a descendant lives inside a bundle version (relative key)."""
+    """Where a descendant's safetensors file lives inside a bundle version (relative key)."""
     return f"blocks/{block}/{choice}.safetensors"
+
+
+def onnx_files(block: str, choice: str) -> tuple[str, str]:
+    """Where a descendant's ONNX graph and its external weight data live (relative keys)."""
+    return f"blocks/{block}/{choice}.onnx", f"blocks/{block}/{choice}.onnx.data"
+
+
+def onnx_data_location(choice: str) -> str:
+    """The external-data location the graph of `choice` names (its data file, beside it)."""
+    return f"{choice}.onnx.data"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a bundle version: its key, SHA-256 and size."""
+
+    file: str
+    sha256: Sha256
+    bytes: NonNegativeInt
+
+
+@dataclass(frozen=True)
+class OnnxFiles:
+    """A descendant as ONNX: the graph (every initializer stored externally) and its data."""
+
+    graph: FileEntry
+    data: FileEntry
 
 
 @dataclass(frozen=True)
 class DescendantEntry:
-    """One descendant (block variant) of a bundle: its file and what it costs and loses."""
+    """One descendant (block variant) of a bundle: its files and what it costs and loses."""
 
     choice: str
-    file: str
-    sha256: str
-    bytes: int
-    header_bytes: int  # length prefix + JSON header: what a device needs to time it
-    header_sha256: str
-    params: int
-    flops: int
-    memory_bytes: int
-    accuracy_drop: float
-    server_latency_ms: float
+    file: str  # the safetensors file (torch runtime)
+    sha256: Sha256
+    bytes: NonNegativeInt
+    header_bytes: Annotated[int, Meta(ge=8)]  # length prefix + JSON header: what torch needs to time it
+    header_sha256: Sha256
+    params: NonNegativeInt
+    flops: NonNegativeInt
+    memory_bytes: NonNegativeInt
+    accuracy_drop: Finite
+    server_latency_ms: Finite
+    onnx: OnnxFiles | None = None  # schema >= 2
+
+    @property
+    def safetensors(self) -> FileEntry:
+        return FileEntry(self.file, self.sha256, self.bytes)
 
 
 @dataclass(frozen=True)
@@ -51,8 +96,8 @@ class BlockEntry:
     """One block, in chain order, with all its descendants."""
 
     name: str
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
+    in_shape: Shape
+    out_shape: Shape
     scalable: bool
     descendants: tuple[DescendantEntry, ...]
 
@@ -64,10 +109,35 @@ class BlockEntry:
 
 
 @dataclass(frozen=True)
-class FileEntry:
-    file: str
-    sha256: str
-    bytes: int
+class Preprocessing:
+    """How a device turns an image file into the model's input, without reading any code.
+
+    In order: decode as `color` ("grayscale": one channel, "rgb": three); when `resize` is
+    set, scale the shorter side to `resize` pixels, then (with `center_crop`) cut the central
+    `size` window, else scale straight to `size`; multiply the 0..255 pixel values by
+    `pixel_scale`; subtract `mean` and divide by `std`, per channel. `size` is (height,
+    width) and `channels` must match the model's input shape.
+    """
+
+    channels: Literal[1, 3]
+    size: tuple[PositiveInt, PositiveInt]
+    mean: tuple[Finite, ...]
+    std: tuple[Positive, ...]
+    color: Literal["grayscale", "rgb"]
+    resize: PositiveInt | None = None
+    center_crop: bool = False
+    pixel_scale: Positive = 1 / 255
+
+
+FASHION_MNIST_PREPROCESSING = Preprocessing(
+    channels=1, size=(28, 28), mean=(0.2860,), std=(0.3530,), color="grayscale"
+)
+"""The embedded Fashion-MNIST data source: 28x28 grayscale, [0, 1] pixels normalized as in
+`legoblocks.data` (mean 0.2860, std 0.3530)."""
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
 
 
 @dataclass(frozen=True)
@@ -77,12 +147,15 @@ class Manifest:
     schema_version: int
     model_id: str
     model_ref: str
-    version: int
+    version: PositiveInt
     created: str
     signer_key_id: str
-    input_shape: tuple[int, ...]
+    input_shape: Shape
     blocks: tuple[BlockEntry, ...]
     table: FileEntry
+    preprocessing: Preprocessing | None = None  # schema >= 2 (optional: a publisher may not know it)
+    classes: tuple[str, ...] | None = None
+    onnx_opset: int | None = None
 
     @property
     def block_names(self) -> list[str]:
@@ -98,163 +171,91 @@ class Manifest:
         return [(b, d) for b in self.blocks for d in b.descendants]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": self.schema_version,
-            "model_id": self.model_id,
-            "model_ref": self.model_ref,
-            "version": self.version,
-            "created": self.created,
-            "signer_key_id": self.signer_key_id,
-            "input_shape": list(self.input_shape),
-            "blocks": [
-                {
-                    "name": b.name,
-                    "in_shape": list(b.in_shape),
-                    "out_shape": list(b.out_shape),
-                    "scalable": b.scalable,
-                    "descendants": [
-                        {
-                            "choice": d.choice,
-                            "file": d.file,
-                            "sha256": d.sha256,
-                            "bytes": d.bytes,
-                            "header_bytes": d.header_bytes,
-                            "header_sha256": d.header_sha256,
-                            "params": d.params,
-                            "flops": d.flops,
-                            "memory_bytes": d.memory_bytes,
-                            "accuracy_drop": d.accuracy_drop,
-                            "server_latency_ms": d.server_latency_ms,
-                        }
-                        for d in b.descendants
-                    ],
-                }
-                for b in self.blocks
-            ],
-            "table": {"file": self.table.file, "sha256": self.table.sha256, "bytes": self.table.bytes},
-        }
+        return msgspec.to_builtins(self)
 
     def to_bytes(self) -> bytes:
         """Canonical JSON: the same manifest always gives the same bytes (and signature)."""
         return (json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=True) + "\n").encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, where: str = "manifest.json") -> Manifest:
+    def from_bytes(cls, data: bytes, *, where: str = MANIFEST_NAME) -> Manifest:
         """Parse and validate; BundleVerificationError names the bad field."""
         try:
             raw = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BundleVerificationError(f"{where}: not valid JSON ({e})") from None
-        return _parse(raw, where)
-
-
-class _Fields:
-    """Typed field access that reports `where.path.to.field` on any problem."""
-
-    def __init__(self, raw: Any, path: str) -> None:
-        if not isinstance(raw, dict):
-            raise BundleVerificationError(f"{path}: expected an object, got {type(raw).__name__}")
-        self.raw, self.path = raw, path
-
-    def _get(self, name: str, types: tuple[type, ...], what: str) -> Any:
-        if name not in self.raw:
-            raise BundleVerificationError(f"{self.path}.{name}: missing")
-        value = self.raw[name]
-        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-            raise BundleVerificationError(f"{self.path}.{name}: expected {what}, got {value!r}")
-        return value
-
-    def str(self, name: str) -> str:
-        return self._get(name, (str,), "a string")
-
-    def int(self, name: str, minimum: int = 0) -> int:
-        value = self._get(name, (int,), "an integer")
-        if value < minimum:
-            raise BundleVerificationError(f"{self.path}.{name}: must be >= {minimum}, got {value}")
-        return value
-
-    def float(self, name: str) -> float:
-        return float(self._get(name, (int, float), "a number"))
-
-    def bool(self, name: str) -> bool:
-        return self._get(name, (bool,), "true or false")
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        value = self._get(name, (list,), "a list of positive integers")
-        if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-            raise BundleVerificationError(f"{self.path}.{name}: expected a list of positive integers, got {value!r}")
-        return tuple(value)
-
-    def sha256(self, name: str) -> str:
-        value = self.str(name)
-        if not _SHA256.match(value):
-            raise BundleVerificationError(f"{self.path}.{name}: not a lowercase hex SHA-256: {value!r}")
-        return value
-
-    def list(self, name: str) -> list[Any]:
-        return self._get(name, (list,), "a list")
-
-
-def _parse(raw: Any, where: str) -> Manifest:
-    top = _Fields(raw, where)
-    schema = top.int("schema_version", 1)
-    if schema != SCHEMA_VERSION:
-        raise BundleVerificationError(
-            f"{where}.schema_version: this reader understands schema {SCHEMA_VERSION}, the bundle has "
-            f"{schema}; upgrade legodnn on the device"
-        )
-    blocks = []
-    seen: set[str] = set()
-    for i, braw in enumerate(top.list("blocks")):
-        bf = _Fields(braw, f"{where}.blocks[{i}]")
-        name = bf.str("name")
-        if name in seen or not name or "/" in name:
-            raise BundleVerificationError(f"{bf.path}.name: empty, duplicate or contains '/': {name!r}")
-        seen.add(name)
-        descendants = []
-        for j, draw in enumerate(bf.list("descendants")):
-            df = _Fields(draw, f"{bf.path}.descendants[{j}]")
-            choice = df.str("choice")
-            file = df.str("file")
-            if file != descendant_file(name, choice):
-                raise BundleVerificationError(
-                    f"{df.path}.file: expected {descendant_file(name, choice)!r}, got {file!r}"
-                )
-            if df.int("header_bytes", 8) > df.int("bytes"):
-                raise BundleVerificationError(f"{df.path}.header_bytes: larger than the file ({df.int('bytes')} bytes)")
-            descendants.append(
-                DescendantEntry(
-                    choice=choice,
-                    file=file,
-                    sha256=df.sha256("sha256"),
-                    bytes=df.int("bytes"),
-                    header_bytes=df.int("header_bytes", 8),
-                    header_sha256=df.sha256("header_sha256"),
-                    params=df.int("params"),
-                    flops=df.int("flops"),
-                    memory_bytes=df.int("memory_bytes"),
-                    accuracy_drop=df.float("accuracy_drop"),
-                    server_latency_ms=df.float("server_latency_ms"),
-                )
+        schema = raw.get("schema_version") if isinstance(raw, dict) else None
+        if schema not in READABLE_SCHEMAS:
+            raise BundleVerificationError(
+                f"{where}.schema_version: this reader understands schemas {list(READABLE_SCHEMAS)}, the bundle has "
+                f"{schema!r}; upgrade legodnn on the device"
             )
-        if not descendants:
-            raise BundleVerificationError(f"{bf.path}.descendants: empty; every block needs at least one")
-        blocks.append(
-            BlockEntry(name, bf.shape("in_shape"), bf.shape("out_shape"), bf.bool("scalable"), tuple(descendants))
-        )
-    if not blocks:
-        raise BundleVerificationError(f"{where}.blocks: empty")
-    tf = _Fields(top._get("table", (dict,), "an object"), f"{where}.table")
-    if tf.str("file") != TABLE_NAME:
-        raise BundleVerificationError(f"{where}.table.file: expected {TABLE_NAME!r}")
-    return Manifest(
-        schema_version=schema,
-        model_id=top.str("model_id"),
-        model_ref=top.str("model_ref"),
-        version=top.int("version", 1),
-        created=top.str("created"),
-        signer_key_id=top.str("signer_key_id"),
-        input_shape=top.shape("input_shape"),
-        blocks=tuple(blocks),
-        table=FileEntry(TABLE_NAME, tf.sha256("sha256"), tf.int("bytes")),
-    )
+        manifest = convert(raw, cls, error=_error, path=where)
+        _check(manifest, where)
+        return manifest
+
+
+def _error(path: str, message: str) -> BundleVerificationError:
+    return BundleVerificationError(f"{path}: {message}")
+
+
+def _check(m: Manifest, where: str) -> None:
+    """What the types alone cannot say: names, file keys, sizes and the schema's required parts."""
+    if not m.blocks:
+        raise _error(join(where, "blocks"), "empty")
+    seen: set[str] = set()
+    for i, b in enumerate(m.blocks):
+        path = join(join(where, "blocks"), i)
+        if b.name in seen or not b.name or "/" in b.name:
+            raise _error(join(path, "name"), f"empty, duplicate or contains '/': {b.name!r}")
+        seen.add(b.name)
+        if not b.descendants:
+            raise _error(join(path, "descendants"), "empty; every block needs at least one")
+        for j, d in enumerate(b.descendants):
+            _check_descendant(b, d, m.schema_version, join(join(path, "descendants"), j))
+    if m.table.file != TABLE_NAME:
+        raise _error(join(join(where, "table"), "file"), f"expected {TABLE_NAME!r}")
+    if m.schema_version >= 2 and m.onnx_opset is None:
+        raise _error(join(where, "onnx_opset"), "missing (schema 2 bundles carry ONNX blocks)")
+    if m.classes is not None and len(set(m.classes)) != len(m.classes):
+        raise _error(join(where, "classes"), "class names must be unique")
+    if m.preprocessing is not None:
+        _check_preprocessing(m.preprocessing, m.input_shape, join(where, "preprocessing"))
+
+
+def _check_descendant(b: BlockEntry, d: DescendantEntry, schema: int, path: str) -> None:
+    if d.file != descendant_file(b.name, d.choice):
+        raise _error(join(path, "file"), f"expected {descendant_file(b.name, d.choice)!r}, got {d.file!r}")
+    if d.header_bytes > d.bytes:
+        raise _error(join(path, "header_bytes"), f"larger than the file ({d.bytes} bytes)")
+    if d.onnx is None:
+        if schema >= 2:
+            raise _error(join(path, "onnx"), "missing (schema 2 bundles carry every descendant as ONNX)")
+        return
+    graph, data = onnx_files(b.name, d.choice)
+    if d.onnx.graph.file != graph:
+        raise _error(join(join(join(path, "onnx"), "graph"), "file"), f"expected {graph!r}, got {d.onnx.graph.file!r}")
+    if d.onnx.data.file != data:
+        raise _error(join(join(join(path, "onnx"), "data"), "file"), f"expected {data!r}, got {d.onnx.data.file!r}")
+
+
+def _check_preprocessing(p: Preprocessing, input_shape: tuple[int, ...], path: str) -> None:
+    expected = (p.channels, *p.size)
+    if tuple(input_shape) != expected:
+        raise _error(path, f"channels and size give input {list(expected)}, the model takes {list(input_shape)}")
+    if (p.color == "grayscale") != (p.channels == 1):
+        raise _error(join(path, "color"), f"{p.color!r} does not give {p.channels} channel(s)")
+    for name in ("mean", "std"):
+        if len(getattr(p, name)) != p.channels:
+            raise _error(join(path, name), f"needs one value per channel ({p.channels})")
+    if p.center_crop and (p.resize is None or p.resize < min(p.size)):
+        raise _error(join(path, "center_crop"), "needs resize >= the smaller side of size (the crop's source)")
+
+
+def check_preprocessing(p: Preprocessing, input_shape: tuple[int, ...]) -> Preprocessing:
+    """A publisher's preprocessing checked against the model input (ValueError names the field)."""
+    try:
+        _check_preprocessing(p, input_shape, "preprocessing")
+    except BundleVerificationError as e:
+        raise ValueError(str(e)) from None
+    return p

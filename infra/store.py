@@ -24,7 +24,6 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,16 +36,9 @@ from infra.errors import (
     StoreError,
 )
 
+from legoblocks.files import sha256_file, temp_path, write_atomic
+
 CHUNK = 1 << 20
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in chunks (descendant files can be large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_key(key: str) -> str:
@@ -163,9 +155,25 @@ class Store(ABC):
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
-        where = self.key_uri(key)
         if size is None:
             size = self.size(key)
+        resumed = part.is_file() and 0 < part.stat().st_size <= size
+        try:
+            self._download_part(key, part, size, sha256, attempts, progress)
+        except BundleVerificationError:
+            # A partial file left by an earlier run may hold other bytes (a crash, a disk
+            # error, a swapped file): start once more from nothing before refusing the object.
+            if not resumed:
+                raise
+            self._download_part(key, part, size, sha256, attempts, progress)
+        os.replace(part, dest)
+        return dest
+
+    def _download_part(self, key: str, part: Path, size: int, sha256: str | None, attempts: int,
+                       progress: bool) -> None:
+        """Fill `part` with the object's `size` bytes (resuming what it holds) and verify it;
+        a mismatch deletes `part` and raises BundleVerificationError."""
+        where = self.key_uri(key)
         offset = part.stat().st_size if part.exists() else 0
         if offset > size:  # leftovers of some other object: start over
             part.unlink()
@@ -211,12 +219,11 @@ class Store(ABC):
                     f"{where}: SHA-256 mismatch (manifest says {sha256[:16]}..., file has {got[:16]}...); "
                     "the file was changed or corrupted after the bundle was signed. Refusing it."
                 )
-        os.replace(part, dest)
-        return dest
 
 
 class FileStore(Store):
-    """A directory as a store. Writes are temp file + rename in the same directory."""
+    """A directory as a store. Writes are temp file + rename in the same directory
+    (`legoblocks.files.write_atomic`)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
@@ -228,28 +235,11 @@ class FileStore(Store):
     def child(self, prefix: str) -> FileStore:
         return FileStore(self._path(prefix))
 
-    def _write_temp(self, target: Path, data: bytes | None = None, source: Path | None = None) -> Path:
-        """A fully written, fsynced temp file next to `target` (same filesystem, so rename is atomic)."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            if source is not None:
-                with open(source, "rb") as src:
-                    for chunk in iter(lambda: src.read(CHUNK), b""):
-                        f.write(chunk)
-            else:
-                f.write(data or b"")
-            f.flush()
-            os.fsync(f.fileno())
-        return Path(tmp)
-
     def put_bytes(self, key: str, data: bytes) -> None:
-        target = self._path(key)
-        os.replace(self._write_temp(target, data), target)
+        write_atomic(self._path(key), data)
 
     def put_file(self, key: str, path: str | Path) -> None:
-        target = self._path(key)
-        os.replace(self._write_temp(target, source=Path(path)), target)
+        write_atomic(self._path(key), Path(path).read_bytes())
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -300,7 +290,7 @@ class FileStore(Store):
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         target = self._path(key)
-        tmp = self._write_temp(target, data)
+        tmp = write_atomic(temp_path(target), data)
         try:
             os.link(tmp, target)  # atomic, and fails if the name exists: the claim is whole or absent
             return True
@@ -326,7 +316,7 @@ class FileStore(Store):
             current = self.get_with_tag(key)
             if current is None or current[1] != tag:
                 return False
-            os.replace(self._write_temp(target, data), target)
+            write_atomic(target, data)
             return True
 
 

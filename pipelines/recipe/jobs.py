@@ -15,7 +15,7 @@ from typing import Any
 from legoblocks.joint import JointConfig as TrainerJointConfig
 from legoblocks.retrain import RetrainConfig as TrainerRetrainConfig
 from pipelines.config import PipelineConfig, TeacherConfig
-from pipelines.data import DataRef
+from pipelines.data import DataRef, Preprocess
 from pipelines.stage import NOT_KEYED
 from profiling.profile import LatencySettings
 
@@ -155,6 +155,8 @@ class PublishJob:
     store: str
     key_id: str
     model_id: str
+    preprocess: Preprocess  # what the bundle tells a device about preparing an image
+    classes: tuple[str, ...]
     key_path: str = field(default="", metadata=NOT_KEYED)
 
 
@@ -244,4 +246,5 @@ def points_job(cfg: PipelineConfig, facts: Facts) -> PointsJob:
 def publish_job(cfg: PipelineConfig, facts: Facts) -> PublishJob:
     if facts.store is None or facts.key_id is None or facts.key_path is None:
         raise ValueError("publish needs a store and a signing key (preflight sets them)")
-    return PublishJob(facts.store, facts.key_id, facts.model_name, key_path=facts.key_path)
+    return PublishJob(facts.store, facts.key_id, facts.model_name, facts.data.preprocess, tuple(facts.classes),
+                      key_path=facts.key_path)

@@ -151,10 +151,15 @@ def points(ctx: UnitContext[PointsJob]) -> dict[str, Any]:
 def publish(ctx: UnitContext[PublishJob]) -> dict[str, Any]:
     """Sign and publish the bundle (infra.bundle); record where it went."""
     from infra.bundle import publish_bundle
+    from infra.manifest import Preprocessing
 
     job = ctx.job
+    p = job.preprocess
+    preprocessing = Preprocessing(channels=p.channels, size=(p.size, p.size), mean=tuple(p.mean), std=tuple(p.std),
+                                  color="grayscale" if p.channels == 1 else "rgb", resize=p.resize, center_crop=True)
     published = publish_bundle(ctx.inputs.one("joint").dir / SCALABLE_DIR, ctx.inputs.one("table").dir / TABLE_FILE,
-                               job.store, job.key_path, job.model_id)
+                               job.store, job.key_path, job.model_id, preprocessing=preprocessing,
+                               classes=list(job.classes))
     info = {"uri": published.uri, "version": published.version, "manifest": published.manifest}
     (ctx.out / PUBLISH_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
     return {"uri": published.uri, "version": published.version}

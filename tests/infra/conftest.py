@@ -178,3 +178,53 @@ def built_models(tmp_path_factory: pytest.TempPathFactory, val_ds) -> dict[str, 
         "resnet_b": _build(root, "resnet8", lambda: resnet(depth=8, width=4), 4, 1, val_ds),
         "vgg": _build(root, "vgg11", lambda: vgg(width=4), 4, 0, val_ds),
     }
+
+
+def _write_pngs(val_ds, folder: Path, n: int):
+    """The first n test images as 8-bit PNG files, and the dataset's own tensors for them."""
+    import torch
+    from PIL import Image
+
+    from legoblocks.data import MEAN, STD
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = val_ds.tensors[0][:n]
+    paths = []
+    for i, x in enumerate(images):
+        pixels = torch.round((x[0] * STD + MEAN) * 255).clamp(0, 255).to(torch.uint8).numpy()
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(pixels, mode="L").save(paths[-1])
+    return paths, images
+
+
+@pytest.fixture(scope="session")
+def write_pngs():
+    """`write_pngs(val_ds, folder, n) -> (paths, tensors)`: real PNG files of Fashion-MNIST test images."""
+    return _write_pngs
+
+
+def _run_device_cli(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, list[str], str, str]:
+    """`legodnn-fetch ARGS` in a fresh interpreter: (exit code, top-level modules it imported,
+    stdout, stderr). How the tests check what the device path imports."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from infra.device.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    top = json.loads(lines[-1]) if lines and lines[-1].startswith("[") else []
+    return proc.returncode, top, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def run_device_cli():
+    """`run_device_cli(args, env, cwd) -> (rc, top-level modules imported, stdout, stderr)`."""
+    return _run_device_cli

@@ -2,14 +2,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 
 import pytest
 
 from infra.bundle import list_bundles, publish_bundle, read_verified_manifest, resolve_bundle
 from infra.errors import BundleVerificationError, ObjectNotFoundError
-from infra.manifest import Manifest
-from infra.store import open_store, sha256_file
+from infra.manifest import Manifest, Preprocessing
+from infra.store import open_store
+from legoblocks.files import sha256_file
 
 
 def _file_shas(scalable_dir):
@@ -33,6 +35,17 @@ def test_publish_layout_manifest_and_signature(built_models, keypair, tmp_path):
         assert (vdir / d.file).stat().st_size == d.bytes
     assert manifest.table.sha256 == hashlib.sha256(rn.table_path.read_bytes()).hexdigest()
     assert manifest.signer_key_id == keypair.key_id
+    # every descendant also as ONNX: a small graph whose float weights are all in its data file
+    import onnx
+
+    for _, d in manifest.descendants():
+        for entry in (d.onnx.graph, d.onnx.data):
+            assert sha256_file(vdir / entry.file) == entry.sha256 and (vdir / entry.file).stat().st_size == entry.bytes
+        graph = onnx.load_model_from_string((vdir / d.onnx.graph.file).read_bytes())
+        floats = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+        assert floats and all(t.data_location == onnx.TensorProto.EXTERNAL for t in floats)
+        assert d.onnx.data.bytes >= sum(4 * math.prod(t.dims) for t in floats)
+    assert manifest.onnx_opset == 17 and manifest.preprocessing is None and manifest.classes is None
     assert json.loads((tmp_path / "store" / "rn8" / "latest").read_text()) == {"version": 1}
     # per-descendant figures come from the real ProfileTable
     from profiling.table import load
@@ -56,6 +69,11 @@ def test_publish_refuses_bad_input_before_claiming(built_models, keypair, tmp_pa
         publish_bundle(rn.scalable_dir, vg.table_path, store, keypair.private_key, "rn8")
     with pytest.raises(FileNotFoundError, match="ScalableModel.save"):
         publish_bundle(tmp_path, rn.table_path, store, keypair.private_key, "rn8")
+    rgb = Preprocessing(3, (28, 28), (0.5,) * 3, (0.5,) * 3, "rgb")
+    with pytest.raises(ValueError, match=r"preprocessing: channels and size give input \[3, 28, 28\]"):
+        publish_bundle(rn.scalable_dir, rn.table_path, store, keypair.private_key, "rn8", preprocessing=rgb)
+    with pytest.raises(ValueError, match="classes: 2 names given, the model has 10 outputs"):
+        publish_bundle(rn.scalable_dir, rn.table_path, store, keypair.private_key, "rn8", classes=["a", "b"])
     assert open_store(store).list("") == [], "refused input must not claim a version"
 
 

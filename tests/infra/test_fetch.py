@@ -1,4 +1,5 @@
-"""The device fetch path against a real S3-compatible server (moto) with real tiny bundles."""
+"""The device fetch path against a real S3-compatible server (moto) with real tiny bundles,
+on the torch runtime (`test_device_onnx.py` runs the ONNX Runtime side)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import hashlib
 import itertools
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import boto3
@@ -15,9 +14,9 @@ import pytest
 import torch
 
 from infra.bundle import publish_bundle
-from infra.device_latency import DeviceLatencySettings
-from infra.errors import BundleVerificationError, DownloadInterruptedError
-from infra.fetch import DeviceBudgets, InfeasibleBudgetError, fetch
+from infra.device.runtime import DeviceLatencySettings
+from infra.device.session import DeviceBudgets, fetch
+from infra.errors import BundleVerificationError, DownloadInterruptedError, InfeasibleBudgetError
 from infra.signing import sign
 from legoblocks.compose import ScalableModel
 from profiling.table import load as load_table
@@ -81,9 +80,9 @@ def test_s3_fetch_equals_server_compose_then_caches(built_models, keypair, bucke
     # reported latency is the device's corrected composed-model figure, not the bare sum.
     device = first.session.bundles["rn8"].device
     cal = device.calibration
-    assert cal is not None and cal["k"] >= 3 and all(m > 0 for _, m in cal["points"])
+    assert cal is not None and cal.k >= 3 and all(m > 0 for _, m in cal.points)
     summed = sum(device.median_ms()[(b, c)] for b, c in zip(names, sel))
-    assert first.models[0].latency_ms == pytest.approx(cal["scale"] * summed + cal["offset_ms"])
+    assert first.models[0].latency_ms == pytest.approx(cal.scale * summed + cal.offset_ms)
 
     # same budget again: nothing downloaded (not even a header) and nothing timed
     before = len(_block_gets(dropping_proxy))
@@ -274,34 +273,25 @@ def test_offline_uses_only_the_cache(built_models, keypair, bucket, tmp_path, mo
               offline=True)
 
 
-def test_cli_fetch_imports_no_ray_mlflow_optuna(built_models, keypair, bucket, tmp_path, s3_env):
-    """The device path in a fresh interpreter: JSON output, and none of the heavy server packages."""
+def test_cli_fetch_imports_no_ray_mlflow_optuna(built_models, keypair, bucket, tmp_path, s3_env, run_device_cli):
+    """The torch device path in a fresh interpreter: JSON output, and none of the heavy server packages."""
     rn = built_models["resnet"]
     root = f"s3://{bucket}/bundles"
     publish_bundle(rn.scalable_dir, rn.table_path, root, keypair.private_key, "rn8")
-    code = (
-        "import json, sys\n"
-        "from infra.fetch import main\n"
-        "rc = main(sys.argv[1:])\n"
-        "top = sorted({m.split('.')[0] for m in sys.modules})\n"
-        "print(json.dumps({'rc': rc, 'top': top}), file=sys.stderr)\n"
-    )
     args = [f"{root}/rn8", "--public-key", str(keypair.public_key), "--cache", str(tmp_path / "cache"),
-            "--memory-mb", "1", "--latency-ms", "1000", "--verify-latency", "2", "--json", "--repeats", "3"]
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **s3_env}, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stderr.strip().splitlines()[-1])
-    assert report["rc"] == 0
-    assert not {"ray", "mlflow", "optuna"} & set(report["top"]), report["top"]
-    out = json.loads(proc.stdout)
+            "--memory-mb", "1", "--latency-ms", "1000", "--verify-latency", "2", "--json", "--repeats", "3",
+            "--runtime", "torch"]
+    rc, top, stdout, stderr = run_device_cli(args, {**os.environ, **s3_env}, REPO)
+    assert rc == 0, stderr
+    assert top and not {"ray", "mlflow", "optuna"} & set(top), top
+    out = json.loads(stdout)
     assert out["models"][0]["model_id"] == "rn8" and out["total"]["memory_bytes"] <= 1 << 20
     assert len(out["downloaded"]) == len(out["models"][0]["selection"]) + 1
     assert out["verified_latency"]["fits"] and len(out["verified_latency"]["rounds"]) == 1  # 1 s is plenty
 
 
 def test_cli_refusal_exit_code_and_message(built_models, keypair, other_keypair, tmp_path, capsys):
-    from infra.fetch import main
+    from infra.device.cli import main
 
     rn = built_models["resnet"]
     publish_bundle(rn.scalable_dir, rn.table_path, str(tmp_path / "store"), keypair.private_key, "rn8")
@@ -329,7 +319,7 @@ def test_watch_reacts_to_budget_file_and_swaps_only_changed_blocks(built_models,
     import io
     import threading
 
-    from infra.fetch import watch
+    from infra.device.watch import watch
 
     rn = built_models["resnet"]
     result, budget_file = _fetched_for_watch(rn, keypair, bucket, tmp_path, {"memory_mb": None})
@@ -373,7 +363,7 @@ def test_watch_with_verify_latency_times_each_change_and_runs_what_it_reports(bu
     import io
     import threading
 
-    from infra.fetch import watch
+    from infra.device.watch import watch
 
     rn = built_models["resnet"]
     result, budget_file = _fetched_for_watch(rn, keypair, bucket, tmp_path, {"latency_ms": None})
