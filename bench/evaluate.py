@@ -25,6 +25,7 @@ invocation (experiment "legodnn-evaluation") holds them.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import logging
@@ -47,7 +48,9 @@ NOTES_MARKER = "<!-- hand-written notes below this line are kept when the page i
 RECIPE_STAGES = ("blockio", "retrain", "joint", "cost", "accuracy", "table")  # LegoDNN's training time
 # The recipe the figures measure, per model, over the embedded defaults (pipelines/config.py).
 FULL = {
-    "data": {"train_size": 54000, "val_size": 1000, "test_size": 10000},
+    # The profile measures on 20,000 held-out images, a check split of 10,000 is used for
+    # nothing but checking what is told, and the official 10,000 test images are the test set.
+    "data": {"train_size": 30000, "val_size": 20000, "check_size": 10000, "test_size": 10000},
     "teacher": {"epochs": 8, "lr": 0.1, "batch_size": 128},
     "retrain": {"epochs": 1, "lr": 1e-3, "val_limit": 500, "io_limit": 14000},
     "joint": {"steps": 500, "lr": 1e-3, "batch_size": 128, "random_compositions": 0, "anchor_budgets": [0.5, 0.75]},
@@ -57,7 +60,7 @@ FULL = {
 MODELS = {"resnet20": {"model": {"ref": "resnet20", "options": {"width": 16}}},
           "mobilenetv2": {"model": {"ref": "mobilenetv2", "options": {"width_mult": 0.5}}, "teacher": {"epochs": 4}}}
 QUICK = {
-    "data": {"train_size": 768, "val_size": 128, "test_size": 256},
+    "data": {"train_size": 768, "val_size": 128, "check_size": 128, "test_size": 256},
     "teacher": {"epochs": 1}, "descend": {"ladder": [0.0, 0.8]}, "retrain": {"io_limit": 256, "val_limit": None},
     "joint": {"steps": 2, "batch_size": 32},
     "profile": {"additivity_n": 2, "calibration_k": 2, "verify_top_k": 2, "latency_repeats": 30, "latency_warmup": 2,
@@ -79,7 +82,10 @@ class Model:
     """One model's recipe run, its baselines and what the figures share."""
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
+        from legoblocks.compose import ScalableModel
+        from pipelines.commands.run import overrides_from_args
         from pipelines.config import load_config
+        from profiling.table import load
 
         self.name, self.args = name, args
         over = _merge(_merge(FULL, MODELS.get(name, {"model": {"ref": name}})), QUICK if args.quick else {})
@@ -87,29 +93,25 @@ class Model:
             over["model"]["options"] = QUICK_WIDTH.get(name, {})
         over = _merge(over, {"workdir": str(args.workdir / name), "data": {"dir": args.data_dir, "seed": args.seed},
                              "publish": {"enabled": False}, "ray": {"num_cpus": args.threads}})
-        for item in args.set or []:
-            key, _, value = item.partition("=")
-            node = over
-            for part in key.split(".")[:-1]:
-                node = node.setdefault(part, {})
-            node[key.split(".")[-1]] = json.loads(value) if value[:1] in "[{0123456789-tfn" else value
+        over = _merge(over, overrides_from_args(argparse.Namespace(set=args.set or [])))
         prefix = self._run(load_config(None, over), stages=4)  # teacher, detect, descend, blockio
         budgets = budget_grid(smallest_fraction(prefix), args.budgets_n)
         over = _merge(over, {"joint": {"sandwich_floor": budgets[0]}, "profile": {"verify_budgets": budgets}})
         self.cfg = load_config(None, over)
         self.budgets = budgets
         self.run = self._run(self.cfg)
-        self.scalable = _scalable(self.run)
-        self.table = _table(self.run)
+        self.scalable = ScalableModel.load(self.run.scalable_dir)
+        self.table = load(self.run.table_path)
         self.teacher_flops = self.table.total(["0.0"] * len(self.table.blocks), "flops")
         self.lego_s = sum(r.seconds for s in RECIPE_STAGES for r in self.run.records.get(s, []))
 
     def _run(self, cfg: Any, stages: int | None = None, extra: Sequence[Any] = ()):
+        from pipelines.progress import PipelineProgress
         from pipelines.recipe import STAGES
         from pipelines.run import run_recipe
 
         stage_list = [s for s in STAGES[:stages] if s.name != "publish"] + list(extra)
-        return run_recipe(cfg, stages=stage_list, observers=[_Log()])
+        return run_recipe(cfg, stages=stage_list, observers=[PipelineProgress(live=False)])
 
     def baselines(self) -> dict[str, list[dict[str, Any]]]:
         """Uniform and scratch at every budget, each with LegoDNN's time over the budgets below 1.0."""
@@ -125,53 +127,36 @@ class Model:
                            for r in run.records[method] if "skipped" not in r.meta]
         return out | {"share_s": share}  # type: ignore[operator]
 
-    def served(self) -> list[dict[str, Any]]:
-        """What LegoDNN serves at each FLOPs budget: the table's measured re-ranked picks."""
-        return [{"budget": v["fraction"], "selection": v["selection"], "val_acc": 100 * v["measured_accuracy"],
-                 "predicted": 100 * self.table.predicted_accuracy(v["selection"])} for v in self.table.verified]
+    def served(self, budget: float) -> list[str]:
+        """What LegoDNN serves at a FLOPs budget (a fraction of the teacher's): the library's choice."""
+        from pipelines.recipe.serve import flops_override, solve_top
 
-    def measured(self, sel: Sequence[str]) -> dict[str, float]:
+        _, (selection, *_) = solve_top(self.table, {"latency_ms": budget * self.teacher_flops / 1e6},
+                                       latency_override=flops_override(self.table))
+        return selection
+
+    def measured(self, sel: Sequence[str], split: str = "test") -> dict[str, float]:
         from legoblocks.train import evaluate
 
         composed = self.scalable.compose(list(sel))
-        return {"test_acc": round(100 * evaluate(composed, self.test), 2),
+        return {f"{split}_acc": round(100 * evaluate(composed, getattr(self.splits, split)), 2),
                 "flops_frac": round(self.table.total(list(sel), "flops") / self.teacher_flops, 4)}
+
+    @functools.cached_property
+    def splits(self):
+        from pipelines.data import load_splits
+
+        return load_splits(self.run.checked.facts.data)
 
     @property
     def test(self):
-        from pipelines.data import load_splits
-        from pipelines.recipe.jobs import data_ref
-
-        return load_splits(data_ref(self.cfg, self.run.checked.facts)).test
+        return self.splits.test
 
     def latency_ms(self, module) -> float:
         from profiling.latency import measure_latency
 
         return measure_latency(module, self.cfg.model.input_shape, batch_size=1, warmup=5, repeats=30,
                                threads=1).median_ms
-
-
-class _Log:
-    """A progress observer that logs one line per stage (the benchmark's output is a log)."""
-
-    def stage_started(self, stage, total, cached): ...
-    def unit_finished(self, stage, record, executed): ...
-    def unit_report(self, stage, unit, kind, values): ...
-
-    def stage_finished(self, stage, executed, skipped, seconds):
-        log.info("[%s] %d run, %d cached (%.1f s)", stage, executed, skipped, seconds)
-
-
-def _scalable(run):
-    from legoblocks.compose import ScalableModel
-
-    return ScalableModel.load(run.scalable_dir)
-
-
-def _table(run):
-    from profiling.table import load
-
-    return load(run.table_path)
 
 
 def smallest_fraction(prefix) -> float:
@@ -200,10 +185,20 @@ def budget_grid(smallest: float, n: int) -> list[float]:
 
 
 def fig_accuracy(m: Model) -> dict[str, Any]:
-    """LegoDNN vs uniform vs scratch at every FLOPs budget, all measured on the test set."""
-    rows = [{"method": "legodnn", "budget": p["budget"], **m.measured(p["selection"]),
-             "predicted_val_acc": round(p["predicted"], 2), "val_acc": round(p["val_acc"], 2),
-             "selection": p["selection"]} for p in m.served()]
+    """LegoDNN vs uniform vs scratch at every FLOPs budget, all measured on the test set; what
+    LegoDNN tells about each served composition against the check split (`served` rows)."""
+    from profiling.serving import told
+
+    rows, served = [], []
+    for budget in m.budgets:
+        sel = m.served(budget)
+        t, check = told(m.table, sel), m.measured(sel, "check")
+        rows.append({"method": "legodnn", "budget": budget, **m.measured(sel), "told": round(100 * t.accuracy, 2),
+                     "check_acc": check["check_acc"], "selection": sel})
+        served.append({"model": m.name, "budget": budget, "flops_frac": check["flops_frac"],
+                       "predicted": round(100 * t.accuracy, 3), "predicted_se": round(100 * t.se, 3),
+                       "measured_check": check["check_acc"], "check_n": len(m.splits.check),
+                       "measured_test": rows[-1]["test_acc"], "source": t.source})
     base = m.baselines()
     for method in ("uniform", "scratch"):
         rows += [{"method": method, "budget": r["budget"], "flops_frac": round(r["flops_frac"], 4),
@@ -216,7 +211,7 @@ def fig_accuracy(m: Model) -> dict[str, Any]:
         if diffs:
             gaps[other] = {"max": round(max(diffs), 2), "mean": round(sum(diffs) / len(diffs), 2),
                            "min": round(min(diffs), 2)}
-    return {"budgets": m.budgets, "rows": rows, "gaps": gaps, "lego_time_s": round(m.lego_s, 1),
+    return {"budgets": m.budgets, "rows": rows, "served": served, "gaps": gaps, "lego_time_s": round(m.lego_s, 1),
             "baseline_share_s": round(base["share_s"], 1), "joint_floor": m.cfg.joint.sandwich_floor,
             "teacher_test_acc": m.measured(["0.0"] * len(m.table.blocks))["test_acc"]}
 
@@ -231,7 +226,8 @@ def fig_latency(m: Model) -> dict[str, Any]:
     from optimizer import parse_problem, solve_measured
     from pipelines.recipe import stage
     from pipelines.run import run_recipe
-    from profiling.table import load, to_problem
+    from profiling.serving import to_problem
+    from profiling.table import load
 
     fractions = [round(i / (m.args.budgets_n - 1), 4) for i in range(m.args.budgets_n)]
     cfg = dataclasses.replace(m.cfg, profile=dataclasses.replace(m.cfg.profile, verify_metric="latency",
@@ -269,13 +265,10 @@ def fig_options(m: Model) -> dict[str, Any]:
     """Options count, LegoDNN's time for all of them, and uniform's time to match it at 50%."""
     from legoblocks.train import evaluate
     from legoblocks.uniform import finetune, prune_to_flops
-    from pipelines.data import load_splits
-    from pipelines.recipe.jobs import data_ref, model_spec
+    from pipelines.recipe.jobs import model_spec
     from pipelines.recipe.model import load_teacher
-    from pipelines.recipe.serve import flops_override, solve_top
 
-    _, (sel, *_) = solve_top(m.table, {"latency_ms": 0.5 * m.teacher_flops / 1e6}, latency_override=flops_override(m.table))
-    target = m.measured(sel)
+    target = m.measured(m.served(0.5))
     teacher = load_teacher(model_spec(m.cfg), m.run.dir("teacher"))
     cap = (2.0 if m.args.quick else 3.0) * m.lego_s
     start = time.perf_counter()
@@ -297,8 +290,7 @@ def fig_options(m: Model) -> dict[str, Any]:
             raise Reached
 
     try:
-        finetune(choice.model, teacher, load_splits(data_ref(m.cfg, m.run.checked.facts)).train, wall_time_s=cap,
-                 lr=0.01, progress=False, on_step=on_step)
+        finetune(choice.model, teacher, m.splits.train, wall_time_s=cap, lr=0.01, progress=False, on_step=on_step)
     except Reached:
         pass
     reached = next((t for t, a in curve if a >= target["test_acc"]), None)
@@ -319,7 +311,7 @@ def fig_switching(m: Model) -> dict[str, Any]:
     from legoblocks.serialize import load_module, save_module
     from pipelines.recipe.serve import flops_override
     from optimizer import parse_problem, solve
-    from profiling.table import to_problem
+    from profiling.serving import to_problem
 
     names, root = m.table.block_names, m.args.workdir / m.name / "switch"
     for b in names:
@@ -368,13 +360,12 @@ def fig_switching(m: Model) -> dict[str, Any]:
 def fig_additivity(m: Model) -> dict[str, Any]:
     """Predicted (raw, calibrated) vs measured validation accuracy of compositions spread over
     the FLOPs range, drawn with a seed the calibration did not use."""
-    from pipelines.recipe.jobs import data_ref
     from pipelines.recipe.measure import evaluator_for
     from profiling.calibrate import spread_compositions
 
     flops = {b.name: {c: p.flops for c, p in b.choices.items()} for b in m.table.blocks}
     sels = spread_compositions(m.scalable, flops, 6 if m.args.quick else 20, seed=m.args.seed + 7919)
-    measured = evaluator_for(m.scalable, data_ref(m.cfg, m.run.checked.facts), 0, m.args.seed).accuracy_many(sels)
+    measured = evaluator_for(m.scalable, m.run.checked.facts.data, 0, m.args.seed).accuracy_many(sels)
     points = [{"measured": round(100 * a, 2), "raw": round(100 * m.table.predicted_accuracy(s, raw=True), 2),
                "calibrated": round(100 * m.table.predicted_accuracy(s), 2)} for s, a in zip(sels, measured)]
     out: dict[str, Any] = {"n": len(points), "points": points}
@@ -447,6 +438,17 @@ def verdicts(figures: dict[str, dict[str, Any]]) -> list[str]:
         u = r["gaps"].get("uniform", {"min": float("nan"), "mean": float("nan")})
         out.append(f"accuracy, {model}: legodnn - uniform mean {u['mean']:+.2f}, worst {u['min']:+.2f} points "
                    f"(target >= 0 at every budget: {'met' if u['min'] >= 0 else 'missed'})")
+        served = r.get("served", [])
+        if served:
+            mae = sum(abs(x["predicted"] - x["measured_check"]) for x in served) / len(served)
+            tests = [x["measured_test"] for x in sorted(served, key=lambda x: x["budget"])]
+            drops = [a - b for a, b in zip(tests, tests[1:]) if a - b > 0.2]
+            full = next((x for x in r["rows"] if x["method"] == "legodnn" and x["budget"] == 1.0), None)
+            out.append(f"served, {model}: mean |told - check| {mae:.2f} points on {served[0]['check_n']} check images "
+                       f"(target <= 0.3: {'met' if mae <= 0.3 else 'missed'}); test accuracy non-decreasing in the "
+                       f"budget within 0.2: {'met' if not drops else f'missed ({len(drops)} falls, largest {max(drops):.2f})'}"
+                       + (f"; 100% serves the original: {'met' if full and set(full['selection']) == {'0.0'} else 'missed'}"
+                          if full else ""))
     for model, r in figures.get("latency", {}).items():
         lego = [x for x in r["rows"] if x["method"] == "legodnn"]
         over = sum(x["latency_ms"] > x["budget_ms"] for x in lego)
@@ -472,7 +474,8 @@ def markdown(result: dict[str, Any], md: Path) -> str:
             png = os.path.relpath(REPO / r["png"], md.parent) if not Path(r["png"]).is_absolute() else r["png"]
             out += [f"## {figure}: {model}", "", f"`{r['command']}` - {r['date']}, {r['wall_s']} s, {r['machine']}.", "",
                     f"![{figure} {model}]({png})", ""]
-            rows = r.get("rows") or [{k: v for k, v in run.items() if k != "steps"} for run in r.get("penalties", [])]
+            rows = r.get("served") or r.get("rows") or [{k: v for k, v in run.items() if k != "steps"}
+                                                         for run in r.get("penalties", [])]
             rows = rows or r.get("points", [])
             if rows:
                 keys = [k for k in rows[0] if k != "selection"]
@@ -517,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX folder")
     p.add_argument("--workdir", type=Path, default=REPO / ".legodnn" / "bench-evaluate", help="the recipe's cache")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "evaluation.json")
+    p.add_argument("--served-out", type=Path, default=REPO / "docs" / "results" / "served.json",
+                   help="the served compositions of the accuracy figure: told vs check vs test, per model and budget")
     p.add_argument("--md", type=Path, default=REPO / "docs" / "benchmarks" / "evaluation.md")
     p.add_argument("--figures-dir", type=Path, default=REPO / "docs" / "figures")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite "
@@ -563,6 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for figure, per_model in new["figures"].items():
         merged.setdefault(figure, {}).update(per_model)
     result = {"command": command, "machine": machine, "figures": merged}
+    served = [row for r in merged.get("accuracy", {}).values() for row in r.get("served", [])]
+    if "accuracy" in new["figures"]:
+        args.served_out.parent.mkdir(parents=True, exist_ok=True)
+        args.served_out.write_text(json.dumps({"command": command, "machine": machine, "rows": served}, indent=1) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     write_page(args.md, result)

@@ -255,7 +255,7 @@ def pareto_plot(points: Mapping[str, Any], path: str | Path, *, title: str = "")
     for i, (group, key, label, scale) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         rows = [p for p in points.get(group, []) if p.get("feasible")]
-        ax.plot([p[key] * scale for p in rows], [100 * p["predicted_accuracy"] for p in rows],
+        ax.plot([p[key] * scale for p in rows], [100 * p["told"]["accuracy"] for p in rows],
                 "o-", label="optimizer choice (predicted)")
         measured = [p for p in points.get("measured", []) if "measured_test_accuracy" in p]
         if measured:

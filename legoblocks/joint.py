@@ -110,7 +110,7 @@ class JointConfig:
 
     def trained_budgets(self) -> list[float]:
         """The FLOPs budgets whose even composition this stage trains: the anchors and the
-        sandwich floor (re-ranking prefers these compositions, `profiling.rerank`)."""
+        sandwich floor (serving prefers these measured compositions, `profiling.serving`)."""
         floor = [self.sandwich_floor] if self.sandwich_floor is not None else []
         return [*self.anchor_budgets, *floor]
 

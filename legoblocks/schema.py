@@ -121,8 +121,9 @@ def _with_value(message: str, raw: Any, where: str) -> str:
     value = _value_at(raw, where)
     if value is _MISSING or not isinstance(value, (str, int, float, bool)) or len(repr(value)) > 60:
         return message
+    shown = "NaN" if isinstance(value, float) and math.isnan(value) else repr(value)
     head, sep, _ = message.rpartition(", got ")
-    return f"{head}, got {value!r}" if sep else f"{message}, got {value!r}"
+    return f"{head}, got {shown}" if sep else f"{message}, got {shown}"
 
 
 def join(path: str, key: str | int) -> str:

@@ -48,6 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
     module_name, help_text = COMMANDS[name]
+    try:
+        if name != "solve":  # the exact solver runs on numpy alone
+            import torch  # noqa: F401 - every other command needs the pipeline install
+    except ImportError:
+        print("legodnn: this install has only the device side (legodnn-fetch); install the pipeline with "
+              "`pip install 'legodnn-at-scale[pipeline]' torch==2.13.0`", file=sys.stderr)
+        return 2
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"legodnn {name}", description=help_text)
     module.add_arguments(parser)

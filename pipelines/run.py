@@ -147,7 +147,8 @@ class PipelineResult:
             f"  model options:   {self.num_options:,} compositions",
             f"  teacher:         val accuracy {self.teacher.get('val_accuracy', float('nan')):.4f}, "
             f"test accuracy {self.teacher.get('test_accuracy', float('nan')):.4f}",
-            "  optimizer-chosen compositions (latency budget -> predicted / measured test accuracy):",
+            "  served compositions (latency budget -> accuracy told, ± standard error, measured or predicted on "
+            "validation data; test accuracy, on data that chose nothing):",
         ]
         original = self.points.get("original", {})
         for p in self.points.get("measured", []):
@@ -155,9 +156,10 @@ class PipelineResult:
             if not p.get("feasible"):
                 lines.append(f"    {p['budget']:8.3f} ms ({share:4.0%} of original): infeasible")
                 continue
+            t = p["told"]
             lines.append(
-                f"    {p['budget']:8.3f} ms ({share:4.0%} of original): predicted {p['predicted_accuracy']:.4f}, "
-                f"measured {p.get('measured_test_accuracy', float('nan')):.4f}, "
+                f"    {p['budget']:8.3f} ms ({share:4.0%} of original): told {100 * t['accuracy']:.2f} ± "
+                f"{100 * t['se']:.2f} % ({t['source']}), test {100 * p.get('measured_test_accuracy', float('nan')):.2f} %, "
                 f"{p['flops'] / original['flops']:.0%} FLOPs, selection {','.join(p['selection'])}"
             )
         counts = self.counts

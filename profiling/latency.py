@@ -21,20 +21,7 @@ import torch
 from torch import nn
 
 from legoblocks.devices import device_of
-
-
-def _cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Hardware", "Processor", "cpu model"):
-                    if value.strip():
-                        return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+from profiling.host import cpu_model
 
 
 def fingerprint(threads: int | None = None) -> dict:
@@ -45,7 +32,7 @@ def fingerprint(threads: int | None = None) -> dict:
     were measured under the same conditions.
     """
     info = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count() or 0,
         "torch_version": torch.__version__,
         "threads": int(threads if threads is not None else torch.get_num_threads()),

@@ -41,7 +41,7 @@ from profiling.calibrate import DEFAULT_K, Calibration
 from profiling.cost import Cost, measure_cost
 from profiling.latency import LatencyStats, fingerprint, measure_latency
 from profiling.latency_fit import DEFAULT_LATENCY_K, LatencyCalibration, measure_latency_calibration
-from profiling.table import BlockProfile, ChoiceProfile, LatencyColumn, ProfileTable
+from profiling.table import BlockProfile, ChoiceProfile, LatencyColumn, Measured, ProfileTable
 
 Drops = Mapping[str, Mapping[str, float]]
 
@@ -113,10 +113,17 @@ def assemble_table(
     model_name: str | None = None,
     settings: Mapping[str, Any] | None = None,
     latency_calibration: LatencyCalibration | None = None,
+    measured: Sequence[Measured] = (),
 ) -> ProfileTable:
-    """Build the ProfileTable from the measured parts (no measuring happens here)."""
+    """Build the ProfileTable from the measured parts (no measuring happens here).
+
+    The optimizer's drops are the raw drops clipped at 0 (a swap that measured better than
+    the original is noise the optimizer must not count on), calibrated when a calibration is
+    given; the raw drops are kept as measured.
+    """
     flops = {b: {c: cost.flops for c, cost in per.items()} for b, per in costs.items()}
-    drops = calibration.apply(drops_raw, flops) if calibration else drops_raw
+    clipped = clip_drops(drops_raw)
+    drops = calibration.apply(clipped, flops) if calibration else clipped
     model_ref = str(getattr(model, "model_ref", "") or "")
     blocks = []
     for name in model.block_names:
@@ -149,6 +156,7 @@ def assemble_table(
         latency_calibration=latency_calibration.to_dict() if latency_calibration else None,
         bn_recalibration_batches=bn_recalibration_batches,
         settings=dict(settings or {}),
+        measured=list(measured),
     )
 
 
@@ -209,22 +217,26 @@ def table_from_measurements(
     model_name: str | None = None,
     settings: Mapping[str, Any] | None = None,
     latency_calibration: LatencyCalibration | None = None,
+    val_size: int = 1,
 ) -> ProfileTable:
     """The ProfileTable from a plan's measured accuracies: drops averaged over environments,
-    the additivity check, the calibration fit, costs and latencies (nothing is measured here).
+    the additivity check, the calibration fit, costs and latencies (nothing is measured here);
+    every measured composition joins the table's measured frontier (`profiling.serving`).
 
     Args:
         model: the scalable model the plan was made for.
         plan: from `plan_profile`.
         measured: validation accuracy of every selection in `plan.selections`.
         costs, latencies, host: per block and choice, and the host that timed them.
+        val_size: the validation images each accuracy was measured on.
     """
     from profiling.accuracy import AdditivityPoint, results_from_accuracies, summed_drop
     from profiling.calibrate import fit_calibration
 
     names = model.block_names
     teacher = measured[tuple(ORIGINAL for _ in names)]
-    drops = accuracy_drops(model, results_from_accuracies(plan_units(model, plan.environments), measured))
+    raw = accuracy_drops(model, results_from_accuracies(plan_units(model, plan.environments), measured))
+    drops = clip_drops(raw)
 
     def points(selections: Sequence[Selection]) -> list[AdditivityPoint]:
         return [AdditivityPoint(tuple(s), teacher - summed_drop(names, drops, s), measured[tuple(s)])
@@ -235,12 +247,20 @@ def table_from_measurements(
     if plan.calibration and additivity is not None:
         flops = {b: {c: cost.flops for c, cost in per.items()} for b, per in costs.items()}
         calibration = fit_calibration(names, drops, teacher, points(plan.calibration), additivity.points, flops=flops)
+    original = tuple(ORIGINAL for _ in names)
+    frontier = [Measured(tuple(sel), float(measured[tuple(sel)]), val_size,
+                         "original" if tuple(sel) == original else "measured") for sel in plan.selections]
     return assemble_table(
-        model, teacher_accuracy=teacher, costs=costs, latencies=latencies, host=host, drops_raw=drops,
+        model, teacher_accuracy=teacher, costs=costs, latencies=latencies, host=host, drops_raw=raw,
         additivity=additivity, calibration=calibration, environments=[e.to_dict() for e in plan.environments],
         bn_recalibration_batches=bn_recalibration_batches, model_name=model_name, settings=settings,
-        latency_calibration=latency_calibration,
+        latency_calibration=latency_calibration, measured=frontier,
     )
+
+
+def clip_drops(drops: Drops) -> dict[str, dict[str, float]]:
+    """Drops below 0 set to 0: a swap cannot be counted on to gain accuracy."""
+    return {b: {c: max(0.0, float(d)) for c, d in per.items()} for b, per in drops.items()}
 
 
 def profile_model(
@@ -310,5 +330,5 @@ def profile_model(
     return table_from_measurements(
         model, plan, measured, costs=costs, latencies=latencies, host=host,
         bn_recalibration_batches=bn_recalibration_batches, model_name=model_name, settings=settings,
-        latency_calibration=latency_calibration,
+        latency_calibration=latency_calibration, val_size=len(val_ds),  # type: ignore[arg-type]
     )

@@ -132,7 +132,7 @@ def export_models(session: DeviceSession, out_dir: str | Path) -> list[ExportedM
             "output": {"name": "output", "shape": ["N", *b.manifest.blocks[-1].out_shape], "dtype": "float32"},
             "preprocessing": None if b.manifest.preprocessing is None else asdict(b.manifest.preprocessing),
             "classes": None if b.manifest.classes is None else list(b.manifest.classes),
-            "predicted_accuracy": report.predicted_accuracy, "latency_ms": report.latency_ms,
+            "accuracy": report.accuracy.to_dict(), "latency_ms": report.latency_ms,
             "memory_bytes": report.memory_bytes, "runtime": session.runtime.name,
         })
         exported.append(ExportedModel(model_id, onnx_path, meta, pte, diff))

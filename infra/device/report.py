@@ -32,7 +32,7 @@ def print_result(result: FetchResult, out: TextIO) -> None:
     for m in result.models:
         print(f"{m.model_id} v{m.version}  ({m.uri})", file=out)
         print("  selection: " + " ".join(f"{b}={c}" for b, c in m.selection.items()), file=out)
-        print(f"  predicted accuracy {m.predicted_accuracy:.4f}  latency {m.latency_ms:.3f} ms  "
+        print(f"  accuracy {m.accuracy.text()}  latency {m.latency_ms:.3f} ms  "
               f"memory {mib(m.memory_bytes)}", file=out)
     d = result.to_dict()
     b = result.budgets
@@ -59,7 +59,7 @@ def print_switch(report: Any, budgets: DeviceBudgets, session: DeviceSession, se
     else:
         lines.append(f"  loaded {report.bytes_loaded} bytes in {report.seconds * 1000:.1f} ms "
                      f"(downloaded {len(downloaded)} files)")
-    lines += [f"  {m.model_id}: predicted accuracy {m.predicted_accuracy:.4f}  latency {m.latency_ms:.3f} ms  "
+    lines += [f"  {m.model_id}: accuracy {m.accuracy.text()}  latency {m.latency_ms:.3f} ms  "
               f"memory {mib(m.memory_bytes)}" for m in models]
     if measured is not None:
         lines.append("  " + measured_line(measured, budgets.latency_ms))

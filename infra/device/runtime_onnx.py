@@ -23,6 +23,7 @@ from typing import Any
 from infra.device.runtime import BlockFiles, Runtime, TimingStats, time_callable
 from infra.errors import BundleError, BundleVerificationError
 from infra.manifest import BlockEntry, DescendantEntry, FileEntry, onnx_data_location
+from profiling.host import cpu_model
 
 
 def check_graph(graph: bytes, location: str, data_bytes: int, where: str) -> None:
@@ -106,16 +107,6 @@ class OnnxChain:
         return x
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            names = [v.strip() for k, _, v in (line.partition(":") for line in fh)
-                     if k.strip() in ("model name", "Hardware", "Processor", "cpu model") and v.strip()]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine() or "unknown"
-
-
 class OnnxRuntime(Runtime):
     """Blocks as ONNX Runtime sessions on the CPU (see module docstring)."""
 
@@ -130,7 +121,7 @@ class OnnxRuntime(Runtime):
         import onnxruntime as ort
 
         info = {
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "logical_cores": os.cpu_count() or 0,
             "runtime": f"onnxruntime {ort.__version__}",
             "threads": self.settings.threads,

@@ -26,6 +26,7 @@ from infra.errors import InfeasibleBudgetError
 from infra.manifest import FileEntry
 from infra.signing import load_public_key
 from legoblocks.schema import convert
+from profiling.serving import Told, told
 
 if TYPE_CHECKING:
     from optimizer.measured import MeasuredSolution
@@ -64,7 +65,7 @@ class ModelReport:
     version: int
     uri: str
     selection: dict[str, str]
-    predicted_accuracy: float
+    accuracy: Told  # what serving the selection is reported at: value, standard error, measured or predicted
     latency_ms: float
     memory_bytes: float
 
@@ -95,7 +96,7 @@ class DeviceSession:
 
     def problem(self, budgets: DeviceBudgets) -> dict[str, Any]:
         """The joint optimizer problem over all bundles, with this device's latencies."""
-        from profiling.table import to_problem
+        from profiling.serving import to_problem
 
         tables = [b.table for b in self.bundles.values()]
         override = {b.model_id: b.device.choice_ms() for b in self.bundles.values()}
@@ -209,7 +210,7 @@ class DeviceSession:
             names = b.manifest.block_names
             out.append(ModelReport(
                 model_id=model_id, version=b.version, uri=b.model_uri, selection=dict(zip(names, choices)),
-                predicted_accuracy=b.table.predicted_accuracy(list(choices)),
+                accuracy=told(b.table, list(choices)),
                 latency_ms=sum(lat[(n, c)] for n, c in zip(names, choices)),
                 memory_bytes=float(b.table.total(list(choices), "peak_bytes"))))
         return out

@@ -240,7 +240,10 @@ def table_job(cfg: PipelineConfig, facts: Facts) -> TableJob:
 
 
 def points_job(cfg: PipelineConfig, facts: Facts) -> PointsJob:
-    return PointsJob(data_ref(cfg, facts))
+    """The summary's measured points: the re-ranking grid (measured there) and the full budget."""
+    p = cfg.profile
+    fractions = sorted({*p.verify_budgets, 1.0}) if p.verify_metric == "latency" else MEASURE_FRACTIONS
+    return PointsJob(data_ref(cfg, facts), fractions=tuple(fractions))
 
 
 def publish_job(cfg: PipelineConfig, facts: Facts) -> PublishJob:

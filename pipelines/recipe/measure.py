@@ -123,7 +123,7 @@ def table(ctx: UnitContext[TableJob]) -> dict[str, Any]:
     from profiling.cost import Cost
     from profiling.latency import LatencyStats
     from profiling.profile import table_from_measurements
-    from profiling.table import even_selections
+    from profiling.serving import even_selections
     from profiling.table import save as save_table
     from pipelines.recipe.serve import verify_top_k
 
@@ -144,6 +144,7 @@ def table(ctx: UnitContext[TableJob]) -> dict[str, Any]:
     table = table_from_measurements(
         scalable, plan, measured, costs=costs, latencies=latencies, host=hosts[names[0]],
         bn_recalibration_batches=job.bn_recalibration_batches, model_name=job.model_name, settings=settings,
+        val_size=job.data.val_size,
     )
     # Latency units may have run on different nodes: each choice keeps its own host's id.
     table.blocks = [
@@ -157,8 +158,8 @@ def table(ctx: UnitContext[TableJob]) -> dict[str, Any]:
     if job.verify_top_k and job.verify_budgets:
         evaluator = evaluator_for(scalable, job.data, job.bn_recalibration_batches, job.plan.seed)
         evaluator.update(measured)
-        table.verified = verify_top_k(table, evaluator, job.verify_budgets, job.verify_top_k,
-                                      extra=even_selections(table, job.anchor_budgets), metric=job.verify_metric)
+        verify_top_k(table, evaluator, job.verify_budgets, job.verify_top_k,
+                     even_selections(table, job.anchor_budgets), metric=job.verify_metric)
     save_table(table, ctx.out / TABLE_FILE)
     calibration = table.calibration or {}
     return {
@@ -170,8 +171,8 @@ def table(ctx: UnitContext[TableJob]) -> dict[str, Any]:
                                 if latency_fit else None),
         "drops": {b.name: {c: ch.accuracy_drop_raw for c, ch in b.choices.items()} for b in table.blocks},
         "hosts": sorted(table.fingerprints),
-        "verified": [{"fraction": v["fraction"], "optimizer_rank": v["optimizer_rank"],
-                      "measured_accuracy": v["measured_accuracy"]} for v in table.verified],
+        "prediction_error": dataclasses.asdict(table.prediction_error) if table.prediction_error else None,
+        "verified": [{"fraction": v["fraction"], **v["told"]} for v in table.verified],
     }
 
 

@@ -10,19 +10,21 @@ from pipelines.recipe.jobs import PointsJob, PublishJob
 from pipelines.recipe.measure import TABLE_FILE
 from pipelines.recipe.model import SCALABLE_DIR, load_scalable
 from pipelines.stage import UnitContext
-from profiling.rerank import DEFAULT_MARGIN_SE, pick_measured
 
 POINTS_FILE = "points.json"
 PUBLISH_FILE = "publish.json"
 
 
 def solve_top(table: Any, budgets: dict[str, float | None], top_k: int = 1, *,
-              latency_override: dict[tuple[str, str], float] | None = None) -> tuple[bool, list[list[str]]]:
-    """The optimizer's feasibility and up to `top_k` best selections of one table, best first."""
+              latency_override: dict[tuple[str, str], float] | None = None,
+              measured: bool = True) -> tuple[bool, list[list[str]]]:
+    """The optimizer's feasibility and up to `top_k` best selections of one table, best first:
+    what is served (`measured`: the measured frontier competes, `profiling.serving`) or the
+    additive model's own ranking (`measured=False`)."""
     from optimizer import parse_problem, solve
-    from profiling.table import to_problem
+    from profiling.serving import to_problem
 
-    problem = to_problem(table, budgets, latency_override=latency_override)
+    problem = to_problem(table, budgets, latency_override=latency_override, measured=measured)
     solution = solve(parse_problem(problem), top_k=top_k)
     candidates = [list(s.selection[table.model_name]) for s in [solution, *solution.alternatives]
                   if s.feasible and s.selection]
@@ -46,64 +48,50 @@ def budget_grid(table: Any, fractions: list[float], metric: str) -> list[tuple[f
     return [(f, lo + f * (hi - lo)) for f in fractions]
 
 
-def verify_top_k(table: Any, evaluator: Any, fractions: list[float], k: int,
-                 extra: list[list[str]] | None = None, margin_se: float = DEFAULT_MARGIN_SE,
-                 metric: str = "latency") -> list[dict[str, Any]]:
-    """Measured re-ranking: at each budget of the grid (`budget_grid`), measure the optimizer's
-    top k on validation data and record the measured winner (ProfileTable.verified).
+def verify_top_k(table: Any, evaluator: Any, fractions: list[float], k: int, anchors: list[list[str]],
+                 metric: str = "latency") -> None:
+    """Measure what matters and record what is served, in `table` (`profiling.serving`).
 
-    The additive prediction ranks near-ties by noise; measuring a handful of them picks the
-    composition that is actually best, and a device whose budget matches a grid point uses it.
-    `extra` selections (the joint stage's anchors) join the candidates of every budget they
-    fit. At the smallest grid budget an anchor fits, it was trained for about that budget:
-    there it is kept unless a candidate measures better by more than `margin_se` standard
-    errors of the validation accuracy (`profiling.rerank`). The original model counts as an
-    anchor: single-swap drops measured within noise of zero, some negative, would otherwise let
-    a pruned composition "beat" it where it fits.
+    At each budget of the grid (`budget_grid`) the additive model's top k are measured on
+    validation data; they and the joint stage's trained `anchors` join the measured frontier;
+    the additive model's error on the top-k picks (its bias and spread) is estimated from them;
+    then `table.verified` records, per grid budget, the composition served and what it is told.
     """
-    original = original_selection(table.block_names)
-    override = flops_override(table) if metric == "flops" else None
-
-    def cost(sel: list[str]) -> float:
-        return table.total(sel, "flops") / 1e6 if metric == "flops" else table.predicted_latency(sel)
+    from profiling.serving import prediction_error, told
+    from profiling.table import Measured
 
     n = len(evaluator.val_ds)
-    anchors = [list(sel) for sel in extra or []]
-    if original not in anchors:
-        anchors.append(original)
+    override = flops_override(table) if metric == "flops" else None
     grid = budget_grid(table, fractions, metric)
-    home: dict[int, float] = {}  # the smallest grid budget each anchor fits: where it is preferred
-    for i, sel in enumerate(anchors):
-        fits = sorted(f for f, budget in grid if cost(sel) <= budget * (1 + 1e-12))
-        if fits:
-            home[i] = fits[0]
-    verified = []
+    picked: dict[tuple[str, ...], None] = {}
+    for _, budget in grid:
+        _, candidates = solve_top(table, {"latency_ms": budget}, top_k=k, latency_override=override, measured=False)
+        picked.update(dict.fromkeys(tuple(c) for c in candidates))
+    selections = [list(s) for s in picked]
+    accuracies = evaluator.accuracy_many(selections + anchors)
+    table.measured += [Measured(tuple(s), a, n, "measured") for s, a in zip(selections, accuracies)]
+    table.measured += [Measured(tuple(s), a, n, "anchor") for s, a in zip(anchors, accuracies[len(selections):])]
+    cal = table.calibration or {}
+    fallback = 1.25 * float(cal.get("heldout_mae_calibrated", (table.additivity or {}).get("mae", 0.0)))
+    table.prediction_error = prediction_error(
+        [(table.predicted_accuracy(s), a) for s, a in zip(selections, accuracies)], fallback_sd=fallback)
+    table.verified = []
     for fraction, budget in grid:
-        _, candidates = solve_top(table, {"latency_ms": budget}, top_k=k, latency_override=override)
-        for sel in anchors:
-            if sel not in candidates and cost(sel) <= budget * (1 + 1e-12):
-                candidates.append(list(sel))
-        if not candidates:
-            continue
-        accuracies = evaluator.accuracy_many(candidates)
-        measured = [{"selection": sel, "predicted_accuracy": table.predicted_accuracy(sel), "measured_accuracy": acc}
-                    for sel, acc in zip(candidates, accuracies)]
-        preferred = [candidates.index(anchors[i]) for i, f in home.items() if f == fraction]
-        best = pick_measured(accuracies, preferred, n=n, margin_se=margin_se)
-        verified.append({
-            "budget": {"flops": budget * 1e6} if metric == "flops" else {"latency_ms": budget},
-            "fraction": fraction, "selection": measured[best]["selection"],
-            "measured_accuracy": measured[best]["measured_accuracy"], "optimizer_rank": best + 1,
-            "anchor": best in preferred, "candidates": measured,
-        })
-    return verified
+        feasible, served = solve_top(table, {"latency_ms": budget}, latency_override=override)
+        if feasible and served:
+            table.verified.append({
+                "budget": {"flops": budget * 1e6} if metric == "flops" else {"latency_ms": budget},
+                "fraction": fraction, "selection": served[0], "told": told(table, served[0]).to_dict(),
+            })
 
 
 def points(ctx: UnitContext[PointsJob]) -> dict[str, Any]:
-    """Optimizer-chosen compositions across latency and memory budgets (the Pareto points),
-    with test accuracy measured for the compositions at `job.fractions` of the latency range."""
+    """What is served across latency and memory budgets (the Pareto points) and what each is
+    told, with test accuracy measured for the compositions at `job.fractions` of the latency
+    range (the test split is used to choose nothing: it checks what the user is told)."""
     from legoblocks.train import evaluate
     from pipelines.data import load_splits
+    from profiling.serving import told
     from profiling.table import load as load_table
 
     table = load_table(ctx.inputs.one("table").dir / TABLE_FILE)
@@ -120,7 +108,7 @@ def points(ctx: UnitContext[PointsJob]) -> dict[str, Any]:
                                  "feasible": feasible, "selection": picks[0] if picks else None}
         if picks:
             sel = picks[0]
-            entry.update(predicted_accuracy=table.predicted_accuracy(sel), latency_ms=table.predicted_latency(sel),
+            entry.update(told=told(table, sel).to_dict(), latency_ms=table.predicted_latency(sel),
                          memory_bytes=table.total(sel, "peak_bytes"), flops=table.total(sel, "flops"))
         return entry
 
@@ -143,22 +131,27 @@ def points(ctx: UnitContext[PointsJob]) -> dict[str, Any]:
                                                        num_workers=ctx.job.data.workers)
         result["measured"].append(entry)
     result["original"] = {"latency_ms": hi, "memory_bytes": table.total(original, "peak_bytes"),
-                          "flops": table.total(original, "flops"), "predicted_accuracy": table.teacher_accuracy}
+                          "flops": table.total(original, "flops"), "told": told(table, original).to_dict()}
     (ctx.out / POINTS_FILE).write_text(json.dumps(result, indent=1), encoding="utf-8")
     return {"points": len(result["latency"]) + len(result["memory"]), "measured": len(result["measured"])}
+
+
+def manifest_preprocessing(p: Any):
+    """The data source's `Preprocess` in the bundle's words (`infra.manifest.Preprocessing`):
+    what a device does to an image, without reading this code."""
+    from infra.manifest import Preprocessing
+
+    return Preprocessing(channels=p.channels, size=(p.size, p.size), mean=tuple(p.mean), std=tuple(p.std),
+                         color="grayscale" if p.channels == 1 else "rgb", resize=p.resize, center_crop=True)
 
 
 def publish(ctx: UnitContext[PublishJob]) -> dict[str, Any]:
     """Sign and publish the bundle (infra.bundle); record where it went."""
     from infra.bundle import publish_bundle
-    from infra.manifest import Preprocessing
 
     job = ctx.job
-    p = job.preprocess
-    preprocessing = Preprocessing(channels=p.channels, size=(p.size, p.size), mean=tuple(p.mean), std=tuple(p.std),
-                                  color="grayscale" if p.channels == 1 else "rgb", resize=p.resize, center_crop=True)
     published = publish_bundle(ctx.inputs.one("joint").dir / SCALABLE_DIR, ctx.inputs.one("table").dir / TABLE_FILE,
-                               job.store, job.key_path, job.model_id, preprocessing=preprocessing,
+                               job.store, job.key_path, job.model_id, preprocessing=manifest_preprocessing(job.preprocess),
                                classes=list(job.classes))
     info = {"uri": published.uri, "version": published.version, "manifest": published.manifest}
     (ctx.out / PUBLISH_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")

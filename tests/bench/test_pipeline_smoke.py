@@ -6,7 +6,7 @@ the shared 2-core machine (three Ray starts); the timings themselves are not ass
 from __future__ import annotations
 
 import importlib.util
-import re
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -32,24 +32,19 @@ def test_quick_run_times_both_cpu_counts_and_shuts_ray_down(
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):  # a local Ray and a workdir store only
         monkeypatch.delenv(name, raising=False)
     bench = _load_bench()
-    report = tmp_path / "pipeline.md"
+    out = tmp_path / "pipeline.json"
 
     code = bench.main(["--quick", "--data-dir", str(fmnist_dir), "--workdir", str(tmp_path / "work"),
-                       "--write", str(report)])
+                       "--out", str(out)])
 
     assert code == 0
     assert not ray.is_initialized(), "the benchmark left Ray running"
-    text = report.read_text()
-    assert "bench/pipeline.py --quick" in text
-    rows = {int(m[1]): (float(m[2]), float(m[3])) for m in
-            re.finditer(r"^\| (\d) \| ([\d.]+) \| [\d., ]+ \| ([\d.]+) \|$", text, re.MULTILINE)}
-    assert set(rows) == {1, 2}, text  # the stage finished on 1 and on 2 CPUs
-    tasks = int(re.search(r"(\d+) Ray tasks \(one per", text)[1])
-    assert tasks >= 2  # something to run in parallel
-    for cpus, (best, busy) in rows.items():
-        assert best > 0 and 0 < busy <= cpus + 0.05, (cpus, best, busy)
-    speedup = float(re.search(r"Speedup 2 vs 1 CPU: \*\*([\d.]+)x\*\*", text)[1])
-    assert speedup == pytest.approx(rows[1][0] / rows[2][0], abs=0.01)
-    capacity = float(re.search(r"Parallel capacity of the host at the time: \*\*([\d.]+)x\*\*", text)[1])
-    assert capacity > 0
-    assert f"speedup 2 vs 1 CPU: {speedup:.2f}x" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert "bench/pipeline.py --quick" in result["command"]
+    assert set(result["runs"]) == {"1", "2"}  # the stage finished on 1 and on 2 CPUs
+    assert result["tasks"] >= 2  # something to run in parallel
+    for cpus, run in result["runs"].items():
+        assert run["best_s"] > 0 and 0 < run["tasks_running"] <= int(cpus) + 0.05, (cpus, run)
+    assert result["speedup"] == pytest.approx(result["runs"]["1"]["best_s"] / result["runs"]["2"]["best_s"], abs=0.01)
+    assert result["capacity"] > 0
+    assert f"speedup 2 vs 1 CPU: {result['speedup']:.2f}x" in capsys.readouterr().out

@@ -66,7 +66,7 @@ class _Block:
     ("raw", "message"),
     [
         ({"name": "b", "choices": [{"id": "0.0", "latency_ms": -1, "drop": 0}]}, r"^blocks\[2\]\.choices\[0\]\.latency_ms: expected a number >= 0\.0, got -1$"),
-        ({"name": "b", "choices": [{"id": "0.0", "latency_ms": 1, "drop": float("nan")}]}, r"choices\[0\]\.drop: expected a finite number, got nan$"),
+        ({"name": "b", "choices": [{"id": "0.0", "latency_ms": 1, "drop": float("nan")}]}, r"choices\[0\]\.drop: expected a finite number, got NaN$"),
         ({"name": 3, "choices": []}, r"^blocks\[2\]\.name: expected a string, got 3$"),
         ({"choices": []}, r"^blocks\[2\]: missing required field 'name'$"),
     ],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from profiling.table import even_selections
+from profiling.serving import even_selections
 
 STAGES = ("teacher", "detect", "descend", "blockio", "retrain", "assemble", "cost", "accuracy",
           "table", "points", "publish")

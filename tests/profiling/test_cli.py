@@ -70,7 +70,7 @@ def test_console_script_check(profiled: Path, tmp_path: Path) -> None:
     bad.write_text(json.dumps(data))
     res = subprocess.run([str(legodnn), "table", "check", str(bad)], capture_output=True, text=True)
     assert res.returncode == 2
-    assert "blocks[1].choices['0.0'].flops: missing" in res.stderr
+    assert "blocks[1].choices['0.0'].flops: expected an integer, got null" in res.stderr
 
 
 def test_profile_reports_bad_input(tmp_path: Path, fmnist_dir: Path, capsys) -> None:

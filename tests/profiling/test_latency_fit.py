@@ -9,7 +9,8 @@ import pytest
 from legoblocks.compose import ScalableModel
 from optimizer import parse_problem, solve
 from profiling.latency_fit import LatencyCalibration, fit_latency_calibration, measure_latency_calibration
-from profiling.table import ProfileTable, TableError, load, save, to_problem
+from profiling.serving import to_problem
+from profiling.table import ProfileTable, TableError, load, save
 
 
 def test_fit_recovers_an_affine_overhead_and_beats_the_raw_sum() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from profiling.table import SCHEMA_VERSION, ProfileTable, TableError, load, save, to_problem
+from profiling.serving import to_problem
+from profiling.table import SCHEMA_VERSION, ProfileTable, TableError, load, save
 
 
 def _write(tmp_path: Path, data: dict, name: str = "bad.json") -> Path:
@@ -53,7 +54,7 @@ def test_block_order_mismatch_is_refused(table: ProfileTable, tmp_path: Path) ->
 def test_wrong_schema_version_is_refused(table: ProfileTable, tmp_path: Path) -> None:
     data = table.to_dict()
     data["schema_version"] = 1
-    _refused(tmp_path, data, "schema_version", "version 1", f"version {SCHEMA_VERSION}", "legodnn profile")
+    _refused(tmp_path, data, "schema_version", "version 1", f"writes version {SCHEMA_VERSION}", "legodnn profile")
     del data["schema_version"]
     _refused(tmp_path, data, "schema_version: missing")
 
@@ -70,7 +71,7 @@ def test_missing_and_negative_values_are_refused(table: ProfileTable, tmp_path: 
     i = _scalable_index(data)
     broken = copy.deepcopy(data)
     del broken["blocks"][i]["choices"]["0.4"]["flops"]
-    _refused(tmp_path, broken, f"blocks[{i}].choices['0.4'].flops: missing")
+    _refused(tmp_path, broken, f"blocks[{i}].choices['0.4']: missing required field 'flops'")
     broken = copy.deepcopy(data)
     broken["blocks"][i]["choices"]["0.2"]["latency"]["median_ms"] = -1.0
     _refused(tmp_path, broken, f"blocks[{i}].choices['0.2'].latency.median_ms", ">= 0")
