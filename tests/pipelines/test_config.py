@@ -139,7 +139,7 @@ def test_retrain_section_takes_every_trainer_field() -> None:
     from legoblocks.retrain import RetrainConfig as TrainerRetrainConfig
 
     section = dataclasses.asdict(load_config().retrain)
-    assert {f.name for f in dataclasses.fields(TrainerRetrainConfig)} | {"io_batch_size", "io_limit"} == section.keys()
+    assert {f.name for f in dataclasses.fields(TrainerRetrainConfig)} | {"io_batch_size", "io_limit", "io_memory_mb"} == section.keys()
     assert type(load_config().retrain.trainer()) is TrainerRetrainConfig
     assert from_dict({"retrain": {"limit": 100}}).retrain.limit == 100
 
