@@ -13,55 +13,49 @@ threshold for *every* multiplier vector of a small set, so it prunes at least as
 any convex combination of them: the set brackets the dual's minimum instead of having to
 hit it (measured: a 20% error in one multiplier costs the search 10-100x more states).
 
-`multipliers` finds that set with two batched evaluations of f (a handful of array
+`multipliers` finds that set with a few batched evaluations of f (a handful of array
 operations over all groups and all candidate multipliers at once):
 
 1. each constraint alone: f along its axis on a geometric grid (mu_j);
-2. one constraint: a fine grid around mu; two: with correlated resources (latency and
+2. one constraint: a fine grid around mu. Two: with correlated resources (latency and
    memory both fall with sparsity) the dual's minimum lies near the segment from
    (mu_1, 0) to (0, mu_2), a little beyond it, so a grid over (position along the segment,
-   scale) gives the best point and its cell; more (deadlines, a switching budget): a grid
-   of scalings of mu / D per coordinate.
+   scale); then grids a third as wide around the best point, `zooms` times, and the last
+   grid cell's corners bracket it. More constraints (deadlines, a switching budget):
+   each coordinate in turn moved to the best of a line of values (a batch each).
 
 `core_selections` gives the search its first threshold: under the best multipliers each
 group's best choice is fixed except in the `n_core` most contested groups (the smallest
 loss from the best to the second-best choice), which try both; all 2^n_core combinations
-are evaluated as sums of two halves (measured: the best feasible one is the optimum in
-most instances, and within 1.6x the duality gap of it up to 6 models).
+are evaluated as sums of two halves (measured on profile-shaped tables: the best feasible
+one is the optimum in most instances, and within 1.6x the duality gap of it up to six
+models).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from functools import lru_cache
+
 import numpy as np
 
-__all__ = ["Dual", "core_selections", "multipliers"]
+__all__ = ["core_selections", "lp_infeasible", "multipliers", "natural_scale"]
 
 _SCAN = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 31)])  # x the constraint's natural scale
 _STEP = _SCAN[2] / _SCAN[1]
+_FINE = np.geomspace(1 / _STEP, _STEP, 13)
 _ALONG = np.linspace(0.0, 1.0, 11)  # position on the segment (mu_1, 0) .. (0, mu_2)
 _SCALE = np.geomspace(1 / _STEP, 1.6 * _STEP, 9)
-_FINE = np.geomspace(1 / _STEP, _STEP, 25)
-_COORD = np.array([0.0, 0.4, 0.7, 1.0, 1.4, 2.0])
 _ZOOM = np.linspace(-1.0, 1.0, 7)
-_ZOOMS = 2
+_LINE = np.concatenate([[0.0], np.geomspace(0.25, 4.0, 13)])
+_POS, _SC = (a.ravel() for a in np.meshgrid(_ALONG, _SCALE, indexing="ij"))
+# Per number of constraints D <= 2: the zoom grid's offsets and a cell's corners, (n, D).
+_OFFSETS = {d: np.stack(np.meshgrid(*([_ZOOM] * d), indexing="ij"), axis=-1).reshape(-1, d) for d in (1, 2)}
+_CORNERS = {d: np.stack(np.meshgrid(*([np.array([-1.0, 1.0])] * d), indexing="ij"), axis=-1).reshape(-1, d) for d in (1, 2)}
 
 
-class Dual:
-    """The multiplier set (first row the best found) and the best feasible selection seen."""
-
-    def __init__(self, lams: np.ndarray, selection: np.ndarray | None, value: float) -> None:
-        self.lams = lams  # (K, D)
-        self.selection = selection  # (G,) choice per group, or None
-        self.value = value  # its value (-inf when none was feasible)
-
-
-def _batch(V: np.ndarray, A: np.ndarray, lams: np.ndarray) -> np.ndarray:
-    """(K, C, G): the reduced values V - lam . A for each row of `lams`."""
-    D, C, G = A.shape
-    return (V.reshape(1, -1) - lams @ A.reshape(D, -1)).reshape(len(lams), C, G)
-
-
-def _natural_scale(V: np.ndarray, A: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def natural_scale(V: np.ndarray, A: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Per constraint, summed value spread over summed coefficient spread: the order of a
     multiplier that makes the constraint matter."""
     spread = (np.where(valid, V, -np.inf).max(axis=0) - np.where(valid, V, np.inf).min(axis=0)).sum()
@@ -69,91 +63,143 @@ def _natural_scale(V: np.ndarray, A: np.ndarray, valid: np.ndarray) -> np.ndarra
     return np.where(span > 0, max(spread, 1e-12) / np.where(span > 0, span, 1.0), 0.0)
 
 
-def _grid(mu: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The second batch's multipliers around mu, and the grid's shape."""
+def _dual(V: np.ndarray, A: np.ndarray, limits: np.ndarray, lams: np.ndarray) -> np.ndarray:
+    """f(lam) for each row of `lams` (K, D)."""
+    D, C, G = A.shape
+    R = (V.reshape(1, -1) - lams @ A.reshape(D, C * G)).reshape(len(lams), C, G)
+    return R.max(axis=1).sum(axis=1) + lams @ limits
+
+
+def _plane(V: np.ndarray, A: np.ndarray, limits: np.ndarray, mu: np.ndarray, zooms: int) -> np.ndarray:
+    """One or two constraints: the best point and the corners of the finest cell around it."""
     D = len(mu)
     if D == 1:
-        return (_FINE * mu[0])[:, None], (len(_FINE),)
-    if D == 2:
-        pos, sc = np.meshgrid(_ALONG, _SCALE, indexing="ij")
-        grid = np.stack([pos * sc * mu[0], (1.0 - pos) * sc * mu[1]], axis=-1)
-        return grid.reshape(-1, 2), grid.shape[:2]
-    grid = np.repeat((mu / D)[None], 1 + D * len(_COORD), axis=0)
-    for j in range(D):
-        grid[1 + j * len(_COORD) : 1 + (j + 1) * len(_COORD), j] = _COORD * mu[j] / D * 2
-    return grid, (len(grid),)
-
-
-def _bracket(grid: np.ndarray, shape: tuple[int, ...], best: int) -> np.ndarray:
-    """The best grid point first, then the corners of the grid cells around it."""
-    if len(shape) == 1:
-        if grid.shape[1] == 1:
-            lo, hi = max(best - 1, 0), min(best + 1, shape[0] - 1)
-            return grid[[best, lo, hi]]
-        return grid[[best]]
-    i, s = np.unravel_index(best, shape)
-    rows = [best]
-    for di in (-1, 1):
-        for ds in (-1, 1):
-            rows.append(np.ravel_multi_index((min(max(i + di, 0), shape[0] - 1), min(max(s + ds, 0), shape[1] - 1)), shape))
-    return grid[rows]
-
-
-def _zoom(V: np.ndarray, A: np.ndarray, limits: np.ndarray, lams: np.ndarray) -> np.ndarray:
-    """Refine the best point on ever finer grids spanning its bracket (each step a third)."""
-    best = lams[0]
-    half = np.abs(lams[1:] - best).max(axis=0)
-    D = len(best)
-    offsets = np.stack(np.meshgrid(*([_ZOOM] * D), indexing="ij"), axis=-1).reshape(-1, D)
-    for _ in range(_ZOOMS):
-        grid = np.maximum(best + offsets * half, 0.0)
-        f = _batch(V, A, grid).max(axis=1).sum(axis=1) + grid @ limits
-        best = grid[int(f.argmin())]
+        grid = (_FINE * mu[0])[:, None]
+        best = int(_dual(V, A, limits, grid).argmin())
+        point, half = grid[best], np.array([mu[0] * (_STEP - 1) / 6])
+    else:
+        grid = np.column_stack([_POS * _SC * mu[0], (1.0 - _POS) * _SC * mu[1]])
+        best = int(_dual(V, A, limits, grid).argmin())
+        i, s = divmod(best, len(_SCALE))
+        point = grid[best]
+        near = grid.reshape(len(_ALONG), len(_SCALE), 2)[
+            [max(i - 1, 0), min(i + 1, len(_ALONG) - 1)]][:, [max(s - 1, 0), min(s + 1, len(_SCALE) - 1)]]
+        half = np.abs(near.reshape(-1, 2) - point).max(axis=0)
+    for _ in range(zooms):
+        grid = np.maximum(point + _OFFSETS[D] * half, 0.0)
+        point = grid[int(_dual(V, A, limits, grid).argmin())]
         half = half * (_ZOOM[1] - _ZOOM[0])
-    corners = np.stack(np.meshgrid(*([np.array([-1.0, 1.0])] * D), indexing="ij"), axis=-1).reshape(-1, D)
-    return np.concatenate([best[None], np.maximum(best + corners * half, 0.0)])
+    return np.concatenate([point[None], np.maximum(point + _CORNERS[D] * half, 0.0)])
 
 
-def multipliers(V: np.ndarray, A: np.ndarray, limits: np.ndarray, valid: np.ndarray) -> Dual:
-    """A small set of multiplier vectors around the Lagrangian dual's minimum, and the best
-    feasible selection among the best choices per group under the multipliers tried.
+def _coordinates(
+    V: np.ndarray, A: np.ndarray, limits: np.ndarray, mu: np.ndarray, sweeps: int, owner: np.ndarray, starts: np.ndarray
+) -> np.ndarray:
+    """Three or more constraints: from mu / D, each shared constraint in turn set to the best
+    of a geometric line of values (one batch each), then every deadline at once: a model's
+    deadline touches only its own groups, so one batch of scalings, summed per model, gives
+    each deadline its best value. `sweeps` times; returns the best point and, per
+    coordinate, the two points a little either side."""
+    D = len(mu)
+    point = mu / D
+    own = owner >= 0
+    for _ in range(sweeps):
+        for j in np.flatnonzero(~own):
+            base = point[j] if point[j] > 0 else mu[j] / D
+            if base > 0:
+                grid = np.repeat(point[None], len(_LINE), axis=0)
+                grid[:, j] = base * _LINE
+                point = grid[int(_dual(V, A, limits, grid).argmin())]
+        if own.any():
+            base = np.where(point > 0, point, mu / D)[own]
+            grid = np.repeat(point[None], len(_LINE), axis=0)
+            grid[:, own] = _LINE[:, None] * base
+            C, G = V.shape
+            R = (V.reshape(1, -1) - grid @ A.reshape(D, C * G)).reshape(len(grid), C, G)
+            parts = np.add.reduceat(R.max(axis=1), starts, axis=1)[:, owner[own]]  # (K, deadlines)
+            best = (parts + grid[:, own] * limits[own]).argmin(axis=0)
+            point = point.copy()
+            point[own] = base * _LINE[best]
+    rows = [point]
+    for j in range(D):
+        for factor in (0.95, 1.05):
+            row = point.copy()
+            row[j] *= factor
+            rows.append(row)
+    return np.array(rows)
+
+
+def multipliers(
+    V: np.ndarray,
+    A: np.ndarray,
+    limits: np.ndarray,
+    scale: np.ndarray,
+    zooms: int = 2,
+    owner: np.ndarray | None = None,
+    starts: np.ndarray | None = None,
+) -> np.ndarray:
+    """A small set of multiplier vectors (K, D) around the Lagrangian dual's minimum; the
+    first row is the best one found.
 
     Args:
         V: (C, G) values, -inf where invalid.
         A: (D, C, G) constraint coefficients (0 where invalid).
         limits: (D,) budgets.
-        valid: (C, G) which entries are choices.
+        scale: (D,) `natural_scale`.
+        zooms: refinements of the best point (more for more groups).
+        owner: (D,) for a constraint on one model's groups only (a deadline), that model; else -1.
+        starts: (M,) the first group of each model (groups are in model order).
     """
-    D, C, G = A.shape
+    D = len(limits)
     if D == 0:
-        lams = np.zeros((1, 0))
-        pick = V.argmax(axis=0)
-        return Dual(lams, pick, float(V[pick, np.arange(G)].sum()))
-    scale = _natural_scale(V, A, valid)
-    n = len(_SCAN)
-    axes = np.zeros((D, n, D))
-    axes[np.arange(D), :, np.arange(D)] = _SCAN[None, :] * scale[:, None]
-    axes = axes.reshape(-1, D)
-    f = _batch(V, A, axes).max(axis=1).sum(axis=1) + axes @ limits
-    mu = _SCAN[f.reshape(D, n).argmin(axis=1)] * scale
-    grid, shape = _grid(mu)
-    R = _batch(V, A, grid)
-    f = R.max(axis=1).sum(axis=1) + grid @ limits
-    lams = _bracket(grid, shape, int(f.argmin()))
+        return np.zeros((1, 0))
+    axes = _axes(D) * scale
+    mu = _SCAN[_dual(V, A, limits, axes).reshape(D, len(_SCAN)).argmin(axis=1)] * scale
     if D <= 2:
-        lams = _zoom(V, A, limits, lams)
-    # The best choice per group under each multiplier tried: the best feasible one.
-    picks = R.argmax(axis=1)  # (K, G)
-    cols = np.arange(G)
-    values = V[picks, cols].sum(axis=1)
-    used = A[:, picks, cols].sum(axis=2)  # (D, K)
-    values = np.where((used <= limits[:, None]).all(axis=0), values, -np.inf)
-    best = int(values.argmax())
-    if not np.isfinite(values[best]):
-        return Dual(lams, None, -np.inf)
-    return Dual(lams, picks[best], float(values[best]))
+        return _plane(V, A, limits, mu, zooms)
+    if owner is None or starts is None:
+        owner, starts = np.full(D, -1), np.zeros(1, dtype=np.intp)
+    return _coordinates(V, A, limits, mu, 2 + zooms, owner, starts)
 
 
+@lru_cache(maxsize=None)
+def _simplex(D: int) -> np.ndarray:
+    """Points of the unit simplex in D dimensions on a grid (a few hundred at most)."""
+    steps = next(n for n in (12, 8, 6, 4, 3, 2, 1) if math.comb(n + D - 1, D - 1) <= 600)
+    cuts = np.array(list(itertools.combinations(range(steps + D - 1), D - 1)), dtype=float).reshape(-1, D - 1)
+    edges = np.concatenate([np.full((len(cuts), 1), -1.0), cuts, np.full((len(cuts), 1), steps + D - 1.0)], axis=1)
+    return (np.diff(edges, axis=1) - 1.0) / steps
+
+
+def lp_infeasible(A: np.ndarray, valid: np.ndarray, limits: np.ndarray) -> bool:
+    """Whether not even fractional choices meet the budgets, shown by a certificate (Farkas):
+    weights lam >= 0 for which the least weighted usage exceeds the weighted budgets. The
+    weights are searched on a grid of the simplex (budgets scaled to 1), then around the
+    best point; not finding one proves nothing."""
+    D, C, G = A.shape
+    unit = np.where(limits > 0, limits, 1.0)
+    scaled = A.reshape(D, C * G) / unit[:, None]
+    norm = limits / unit
+    lams = _simplex(D)
+    for _ in range(3):
+        weighted = (lams @ scaled).reshape(len(lams), C, G)
+        excess = np.where(valid[None], weighted, np.inf).min(axis=1).sum(axis=1) - lams @ norm
+        if (excess > 1e-9 * (1.0 + np.abs(lams @ norm))).any():
+            return True
+        best = lams[int(excess.argmax())]
+        lams = np.maximum(best + (_simplex(D) - 1.0 / D) / 4.0, 0.0)
+    return False
+
+
+@lru_cache(maxsize=None)
+def _axes(D: int) -> np.ndarray:
+    """(D * len(_SCAN), D): the scan points along each axis, for a unit natural scale."""
+    axes = np.zeros((D, len(_SCAN), D))
+    axes[np.arange(D), :, np.arange(D)] = _SCAN
+    return axes.reshape(-1, D)
+
+
+@lru_cache(maxsize=None)
 def _subsets(n: int) -> np.ndarray:
     """(2^n, n) 0/1 rows: every subset of n items, in binary counting order."""
     return ((np.arange(2**n)[:, None] >> np.arange(n - 1, -1, -1)) & 1).astype(float)
@@ -163,7 +209,7 @@ def core_selections(
     V: np.ndarray, A: np.ndarray, limits: np.ndarray, lam: np.ndarray, n_core: int, count: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `count` best feasible selections that differ from the best choice per group
-    (under `lam`) only by second-best choices in the most contested groups.
+    (under `lam`) only by second-best choices in the `n_core` most contested groups.
 
     Returns:
         (selections (n, G), values (n,)) best first; n <= count (0 when none is feasible).
@@ -171,8 +217,7 @@ def core_selections(
     D, C, G = A.shape
     cols = np.arange(G)
     R = V - np.tensordot(lam, A, axes=1) if D else V
-    top = np.argsort(-R, axis=0, kind="stable")[:2] if C > 1 else np.zeros((2, G), dtype=np.intp)
-    first, second = top
+    first, second = np.argsort(-R, axis=0, kind="stable")[:2] if C > 1 else np.zeros((2, G), dtype=np.intp)
     loss = R[first, cols] - R[second, cols]
     loss = np.where(np.isfinite(loss) & (second != first), loss, np.inf)
     core = np.argsort(loss, kind="stable")[:n_core]
@@ -186,7 +231,7 @@ def core_selections(
     value = base_v + (left @ dv[:half])[:, None] + (right @ dv[half:])[None, :]
     used = base_u[:, None, None] + (du[:, :half] @ left.T)[:, :, None] + (du[:, half:] @ right.T)[:, None, :]
     value = np.where((used <= limits[:, None, None]).all(axis=0), value, -np.inf).ravel()
-    best = np.argsort(-value, kind="stable")[:count]
+    best = np.argsort(-value, kind="stable")[:count] if count > 1 else np.array([int(value.argmax())])
     best = best[np.isfinite(value[best])]
     chosen = np.concatenate([left[best // len(right)], right[best % len(right)]], axis=1).astype(bool)
     selections = np.repeat(first[None], len(best), axis=0)

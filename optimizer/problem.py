@@ -173,8 +173,25 @@ class _ProblemJSON(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     switch_penalty_per_byte: Cost | None = None
 
 
+_FIELDS = {
+    "choices": Choice,
+    "blocks": Block,
+    "compositions": Composition,
+    "models": Model,
+    "budgets": Budgets,
+    "problem": _ProblemJSON,
+}
+
+
 def _error(path: str, message: str) -> ProblemError:
-    return ProblemError(path or "problem", message)
+    """A `ProblemError` from a schema mismatch, saying which keys an object allows and that
+    costs must be finite."""
+    where = path or "problem"
+    if message.startswith("unknown field"):
+        kind = where.rsplit(".", 1)[-1].split("[", 1)[0]
+        if kind in _FIELDS:
+            message += f" (allowed: {', '.join(sorted(_FIELDS[kind].__struct_fields__))})"
+    return ProblemError(where, message.replace("expected a number >= 0.0", "expected a finite number >= 0"))
 
 
 def _type_name(value: Any) -> str:
@@ -242,14 +259,14 @@ def _check_models(models: tuple[Model, ...], path: str) -> None:
 
 def parse_models(raw: Any, path: str = "models") -> tuple[Model, ...]:
     """Validate a list of model objects (the part of a problem that does not change with budgets)."""
-    models = convert(raw, Annotated[tuple[Model, ...], Meta(min_length=1)], error=ProblemError, path=path)
+    models = convert(raw, Annotated[tuple[Model, ...], Meta(min_length=1)], error=_error, path=path)
     _check_models(models, path)
     return models
 
 
 def parse_budgets(raw: Any, path: str = "budgets") -> Budgets:
     """Validate a budgets object; missing keys and nulls mean unconstrained."""
-    return Budgets() if raw is None else convert(raw, Budgets, error=ProblemError, path=path)
+    return Budgets() if raw is None else convert(raw, Budgets, error=_error, path=path)
 
 
 def parse_current(
@@ -271,7 +288,7 @@ def parse_current(
 
 def parse_penalty(raw: Any, path: str = "switch_penalty_per_byte") -> float:
     """Validate the objective's cost per switched byte (>= 0; null means 0)."""
-    return 0.0 if raw is None else convert(raw, Cost, error=ProblemError, path=path)
+    return 0.0 if raw is None else convert(raw, Cost, error=_error, path=path)
 
 
 def _load_raw(source: Mapping[str, Any] | str | Path) -> Any:
