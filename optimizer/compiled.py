@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.dual import core_selections, lp_infeasible, multipliers, natural_scale
+from optimizer.dual import Relaxation, core_selections, lp_infeasible, multipliers, natural_scale
 from optimizer.evaluation import Solution, budget_limit, evaluate_indices, infeasible
 from optimizer.problem import Budgets, Model, Problem, parse_budgets, parse_current, parse_problem
 from optimizer.search import Bounds, Layout, PassResult, StateLimit, bounds, layout, run_pass
@@ -325,22 +325,63 @@ class CompiledProblem:
             ]
             return infeasible(self._minima, "; ".join(over), "bounds")
         zooms = 0 if self._n_groups <= 12 else 1 if self._n_groups <= 24 else 2
-        lams = multipliers(value, coef, limits, scale, zooms, owner, self._start[:-1])
+        free = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[:0], lay.comp_coef[:, :0], lay.comp_model[:0])
+        lams = multipliers(free, scale, zooms, owner)
+        first = self._first_target(value, coef, limits, lams[0], top_k)
+        fits = (lay.comp_need <= limits[:, None]).all(axis=0)  # compositions that can fit at all
+        if fits.any():  # the bound with compositions has its own best multipliers: prune with both sets
+            rel = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[fits], lay.comp_coef[:, fits], lay.comp_model[fits])
+            both = multipliers(rel, scale, zooms, owner)
+            first = max(first, self._first_target(value, coef, limits, both[0], top_k))
+            lams = np.concatenate([both, lams])
         # Summed in another order than `evaluate_indices`: a hair of slack, then the canonical verdict.
         b = bounds(lay, lams, limits + 1e-12 * (np.abs(limits) + spread))
         eps = max(eps, _EPS_REL * float(np.abs(b.upper).max()), 1e-300)
-        first = self._first_target(value, coef, limits, lams[0], top_k)
         if first == -np.inf and len(limits) and lp_infeasible(coef, self._valid, limits):
             return infeasible(self._minima, _JOINTLY_INFEASIBLE + " (not even fractionally)", METHOD)
         return self._search(problem, b, first, top_k, eps, node_limit)
 
     def _first_target(self, value: np.ndarray, coef: np.ndarray, limits: np.ndarray, lam: np.ndarray, top_k: int) -> float:
-        """A value that top_k distinct feasible selections reach (-inf if none was found)."""
-        selections, values = core_selections(value, coef, limits, lam, CORE_GROUPS, top_k + 4 * len(self._comp_model))
+        """A value that top_k distinct feasible selections reach (-inf if none was found).
+
+        Candidates: the best combinations of the contested groups' two best choices, and
+        the best of them with one model's selection replaced by each of its compositions,
+        or by a greedy pick of one composition per model (best gain first, while it fits).
+        """
+        selections, values = core_selections(value, coef, limits, lam, CORE_GROUPS, top_k)
         if len(self._comp_model) and len(values):  # a composition is worth its measured value
+            cols = np.arange(selections.shape[1])
+            base = selections[0]
+            swapped = np.repeat(base[None], len(self._comp_model) + 1, axis=0)
+            rows = np.arange(len(self._comp_model))[:, None]
+            swapped[rows, self._comp_group] = self._comp_choice
+            own_v = np.add.reduceat(value[base, cols], self._start[:-1])  # (M,) the base's part per model
+            own_u = np.add.reduceat(coef[:, base, cols], self._start[:-1], axis=1)  # (D, M)
+            comp = self._comp_values(value, coef)
+            gain = comp[0] - own_v[self._comp_model]
+            extra = comp[1:] - own_u[:, self._comp_model]
+            used, taken = coef[:, base, cols].sum(axis=1), set()
+            for j in np.argsort(-gain, kind="stable"):
+                m = int(self._comp_model[j])
+                if gain[j] > 0 and m not in taken and (used + extra[:, j] <= limits).all():
+                    taken.add(m)
+                    used = used + extra[:, j]
+                    swapped[-1, self._comp_group[j]] = self._comp_choice[j]
+            fits = (coef[:, swapped, cols].sum(axis=2) <= limits[:, None]).all(axis=0)
+            selections = np.concatenate([selections, swapped[fits]])
+            values = np.concatenate([values, value[swapped[fits], cols].sum(axis=1)])
             hit = (selections[:, self._comp_group] == self._comp_choice[None]).all(axis=2)  # (n, J)
-            values = np.sort(values + hit.astype(float) @ self._comp_gain)[::-1]
+            values = values + hit.astype(float) @ self._comp_gain
+            distinct = np.unique(selections, axis=0, return_index=True)[1]
+            values = np.sort(values[distinct])[::-1]
         return float(values[top_k - 1]) if len(values) >= top_k else -np.inf
+
+    def _comp_values(self, value: np.ndarray, coef: np.ndarray) -> np.ndarray:
+        """(1 + D, J): each composition's (measured) value and coefficients."""
+        stacked = np.concatenate([np.where(self._valid, value, 0.0)[None], coef])
+        out = stacked[:, self._comp_choice, self._comp_group].sum(axis=2)
+        out[0] += self._comp_gain
+        return out
 
     def _search(self, problem: Problem, b: Bounds, first: float, top_k: int, eps: float, limit: int) -> Solution:
         """An exact pass at the first threshold. Without one, a beam pass (the best partial

@@ -40,7 +40,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["core_selections", "lp_infeasible", "multipliers", "natural_scale"]
+__all__ = ["Relaxation", "core_selections", "lp_infeasible", "multipliers", "natural_scale"]
 
 _SCAN = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 31)])  # x the constraint's natural scale
 _STEP = _SCAN[2] / _SCAN[1]
@@ -63,23 +63,47 @@ def natural_scale(V: np.ndarray, A: np.ndarray, valid: np.ndarray) -> np.ndarray
     return np.where(span > 0, max(spread, 1e-12) / np.where(span > 0, span, 1.0), 0.0)
 
 
-def _dual(V: np.ndarray, A: np.ndarray, limits: np.ndarray, lams: np.ndarray) -> np.ndarray:
-    """f(lam) for each row of `lams` (K, D)."""
-    D, C, G = A.shape
-    R = (V.reshape(1, -1) - lams @ A.reshape(D, C * G)).reshape(len(lams), C, G)
-    return R.max(axis=1).sum(axis=1) + lams @ limits
+class Relaxation:
+    """The Lagrangian relaxation of one solve: values V (C, G) (-inf where invalid),
+    coefficients A (D, C, G), budgets (D,), and the models' measured compositions (their
+    values (J,), coefficients (D, J) and models (J,); groups are in model order from
+    `starts`). A model's part of f is the larger of its groups' sum and its compositions'."""
+
+    def __init__(
+        self, V: np.ndarray, A: np.ndarray, limits: np.ndarray, starts: np.ndarray,
+        comp_value: np.ndarray, comp_coef: np.ndarray, comp_model: np.ndarray,
+    ) -> None:
+        self.V, self.A, self.limits, self.starts = V, A, limits, starts
+        self.comp_value, self.comp_coef, self.comp_model = comp_value, comp_coef, comp_model
+
+    def parts(self, lams: np.ndarray) -> np.ndarray:
+        """(K, M): each model's part of f at each row of `lams`."""
+        D, C, G = self.A.shape
+        R = (self.V.reshape(1, -1) - lams @ self.A.reshape(D, C * G)).reshape(len(lams), C, G)
+        parts = np.add.reduceat(R.max(axis=1), self.starts, axis=1)
+        if len(self.comp_model):
+            np.maximum.at(parts.T, self.comp_model, (self.comp_value - lams @ self.comp_coef).T)
+        return parts
+
+    def dual(self, lams: np.ndarray) -> np.ndarray:
+        """f(lam) for each row of `lams` (K, D)."""
+        if len(self.comp_model):
+            return self.parts(lams).sum(axis=1) + lams @ self.limits
+        D, C, G = self.A.shape
+        R = (self.V.reshape(1, -1) - lams @ self.A.reshape(D, C * G)).reshape(len(lams), C, G)
+        return R.max(axis=1).sum(axis=1) + lams @ self.limits
 
 
-def _plane(V: np.ndarray, A: np.ndarray, limits: np.ndarray, mu: np.ndarray, zooms: int) -> np.ndarray:
+def _plane(rel: Relaxation, mu: np.ndarray, zooms: int) -> np.ndarray:
     """One or two constraints: the best point and the corners of the finest cell around it."""
     D = len(mu)
     if D == 1:
         grid = (_FINE * mu[0])[:, None]
-        best = int(_dual(V, A, limits, grid).argmin())
+        best = int(rel.dual(grid).argmin())
         point, half = grid[best], np.array([mu[0] * (_STEP - 1) / 6])
     else:
         grid = np.column_stack([_POS * _SC * mu[0], (1.0 - _POS) * _SC * mu[1]])
-        best = int(_dual(V, A, limits, grid).argmin())
+        best = int(rel.dual(grid).argmin())
         i, s = divmod(best, len(_SCALE))
         point = grid[best]
         near = grid.reshape(len(_ALONG), len(_SCALE), 2)[
@@ -87,14 +111,12 @@ def _plane(V: np.ndarray, A: np.ndarray, limits: np.ndarray, mu: np.ndarray, zoo
         half = np.abs(near.reshape(-1, 2) - point).max(axis=0)
     for _ in range(zooms):
         grid = np.maximum(point + _OFFSETS[D] * half, 0.0)
-        point = grid[int(_dual(V, A, limits, grid).argmin())]
+        point = grid[int(rel.dual(grid).argmin())]
         half = half * (_ZOOM[1] - _ZOOM[0])
     return np.concatenate([point[None], np.maximum(point + _CORNERS[D] * half, 0.0)])
 
 
-def _coordinates(
-    V: np.ndarray, A: np.ndarray, limits: np.ndarray, mu: np.ndarray, sweeps: int, owner: np.ndarray, starts: np.ndarray
-) -> np.ndarray:
+def _coordinates(rel: Relaxation, mu: np.ndarray, sweeps: int, owner: np.ndarray) -> np.ndarray:
     """Three or more constraints: from mu / D, each shared constraint in turn set to the best
     of a geometric line of values (one batch each), then every deadline at once: a model's
     deadline touches only its own groups, so one batch of scalings, summed per model, gives
@@ -109,15 +131,13 @@ def _coordinates(
             if base > 0:
                 grid = np.repeat(point[None], len(_LINE), axis=0)
                 grid[:, j] = base * _LINE
-                point = grid[int(_dual(V, A, limits, grid).argmin())]
+                point = grid[int(rel.dual(grid).argmin())]
         if own.any():
             base = np.where(point > 0, point, mu / D)[own]
             grid = np.repeat(point[None], len(_LINE), axis=0)
             grid[:, own] = _LINE[:, None] * base
-            C, G = V.shape
-            R = (V.reshape(1, -1) - grid @ A.reshape(D, C * G)).reshape(len(grid), C, G)
-            parts = np.add.reduceat(R.max(axis=1), starts, axis=1)[:, owner[own]]  # (K, deadlines)
-            best = (parts + grid[:, own] * limits[own]).argmin(axis=0)
+            parts = rel.parts(grid)[:, owner[own]]  # (K, deadlines)
+            best = (parts + grid[:, own] * rel.limits[own]).argmin(axis=0)
             point = point.copy()
             point[own] = base * _LINE[best]
     rows = [point]
@@ -129,37 +149,24 @@ def _coordinates(
     return np.array(rows)
 
 
-def multipliers(
-    V: np.ndarray,
-    A: np.ndarray,
-    limits: np.ndarray,
-    scale: np.ndarray,
-    zooms: int = 2,
-    owner: np.ndarray | None = None,
-    starts: np.ndarray | None = None,
-) -> np.ndarray:
+def multipliers(rel: Relaxation, scale: np.ndarray, zooms: int = 2, owner: np.ndarray | None = None) -> np.ndarray:
     """A small set of multiplier vectors (K, D) around the Lagrangian dual's minimum; the
     first row is the best one found.
 
     Args:
-        V: (C, G) values, -inf where invalid.
-        A: (D, C, G) constraint coefficients (0 where invalid).
-        limits: (D,) budgets.
+        rel: the relaxation.
         scale: (D,) `natural_scale`.
         zooms: refinements of the best point (more for more groups).
         owner: (D,) for a constraint on one model's groups only (a deadline), that model; else -1.
-        starts: (M,) the first group of each model (groups are in model order).
     """
-    D = len(limits)
+    D = len(rel.limits)
     if D == 0:
         return np.zeros((1, 0))
     axes = _axes(D) * scale
-    mu = _SCAN[_dual(V, A, limits, axes).reshape(D, len(_SCAN)).argmin(axis=1)] * scale
+    mu = _SCAN[rel.dual(axes).reshape(D, len(_SCAN)).argmin(axis=1)] * scale
     if D <= 2:
-        return _plane(V, A, limits, mu, zooms)
-    if owner is None or starts is None:
-        owner, starts = np.full(D, -1), np.zeros(1, dtype=np.intp)
-    return _coordinates(V, A, limits, mu, 2 + zooms, owner, starts)
+        return _plane(rel, mu, zooms)
+    return _coordinates(rel, mu, 2 + zooms, np.full(D, -1) if owner is None else owner)
 
 
 @lru_cache(maxsize=None)

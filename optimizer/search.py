@@ -41,7 +41,7 @@ __all__ = ["BEAM_ITEMS", "Bounds", "Layout", "PassResult", "StateLimit", "bounds
 
 BEAM_ITEMS = 6  # items per chunk a beam pass expands
 _BLOCK = 1 << 18  # candidate rows built at once (memory stays bounded whatever the limit)
-CANDIDATES = 5  # candidates a step may build per state of the limit
+CANDIDATES = 25  # candidates a step may build per state of the limit
 _PAIRS = 4096  # merges of more pairs build only those that pass the first test
 
 
@@ -129,8 +129,9 @@ def bounds(lay: Layout, lams: np.ndarray, limits: np.ndarray) -> Bounds:
     level_best = R.max(axis=3)  # (K, L, M)
     cum = np.cumsum(level_best, axis=1)
     model_best = cum[:, -1].copy()  # (K, M)
-    comp_R = lay.comp_value - lams @ lay.comp_coef  # (K, J)
-    if len(lay.comp_model):
+    comp_fits = (lay.comp_need <= limits[:, None]).all(axis=0)
+    comp_R = np.where(comp_fits, lay.comp_value - lams @ lay.comp_coef, -np.inf)  # (K, J)
+    if len(lay.comp_model):  # only compositions that fit with the other models at their least
         np.maximum.at(model_best.T, lay.comp_model, comp_R.T)
     need = lams @ limits
     total = model_best.sum(axis=1)
@@ -139,7 +140,6 @@ def bounds(lay: Layout, lams: np.ndarray, limits: np.ndarray) -> Bounds:
     th = np.concatenate([free[:, None, :] + cum[:, -1:] - cum, limits[:, None, None] - lay.least_suffix - lay.others_least[:, None, :]])
     fits = (lay.usage_need <= limits[:, None, None, None]).all(axis=0)
     slack = (R + (free[:, None, :] + cum[:, -1:] - level_best)[..., None]).min(axis=0)
-    comp_fits = (lay.comp_need <= limits[:, None]).all(axis=0)
     comp_slack = (comp_R + free[:, lay.comp_model]).min(axis=0) if len(lay.comp_model) else np.zeros(0)
     return Bounds(
         lay=lay,
@@ -148,7 +148,7 @@ def bounds(lay: Layout, lams: np.ndarray, limits: np.ndarray) -> Bounds:
         Z=np.concatenate([-R, lay.coef]),
         th=th,
         item_slack=np.where(fits, slack, -np.inf),
-        comp_Z=np.concatenate([-comp_R, lay.comp_coef]),
+        comp_Z=np.concatenate([np.where(comp_fits, -comp_R, np.inf), lay.comp_coef]),
         comp_slack=np.where(comp_fits, comp_slack, -np.inf),
         need=need,
         upper=total + need,
@@ -204,21 +204,31 @@ def _expand(
 def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(parent, slot, sums) of every merged[:, p] + rows[:, s] <= th. Small inputs build every
     pair; larger ones sort `rows` by the first column and build, per p, only the prefix
-    that passes it."""
+    that passes it, a block of parents at a time."""
     n, m = merged.shape[1], rows.shape[1]
     if n * m <= _PAIRS:
         return _expand(merged, rows[:, None, :], th[:, None], limit)
     order = np.argsort(rows[0], kind="stable")
-    first = rows[0, order]
-    count = np.searchsorted(first, th[0] - merged[0], side="right")
-    total = int(count.sum())
-    if total > CANDIDATES * limit:
+    rows = rows[:, order]
+    count = np.searchsorted(rows[0], th[0] - merged[0], side="right")
+    ends = np.cumsum(count)
+    if ends[-1] > CANDIDATES * limit:
         raise StateLimit
-    parent = np.repeat(np.arange(n), count)
-    slot = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
-    cand = merged[:, parent] + rows[:, order[slot]]
-    keep = (cand <= th[:, None]).all(axis=0)
-    return parent[keep], order[slot[keep]], cand[:, keep]
+    out = []
+    lo = 0
+    while lo < n:  # parents [lo, hi) make at most _BLOCK candidates (or one parent)
+        hi = max(lo + 1, int(np.searchsorted(ends, ends[lo] - count[lo] + _BLOCK, side="right")))
+        part = count[lo:hi]
+        parent = np.repeat(np.arange(lo, hi), part)
+        slot = np.arange(len(parent)) - np.repeat(np.cumsum(part) - part, part)
+        cand = merged[:, parent] + rows[:, slot]
+        keep = (cand <= th[:, None]).all(axis=0)
+        out.append((parent[keep], order[slot[keep]], cand[:, keep]))
+        lo = hi
+    if len(out) == 1:
+        return out[0]
+    parents, slots, found = zip(*out)
+    return np.concatenate(parents), np.concatenate(slots), np.concatenate(found, axis=1)
 
 
 def _model_sets(
