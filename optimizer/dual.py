@@ -75,12 +75,19 @@ class Relaxation:
     ) -> None:
         self.V, self.A, self.limits, self.starts = V, A, limits, starts
         self.comp_value, self.comp_coef, self.comp_model = comp_value, comp_coef, comp_model
+        D, C, G = A.shape
+        self._flat_v, self._flat_neg = V.reshape(1, C * G), -A.reshape(D, C * G)
+
+    def reduced(self, lams: np.ndarray) -> np.ndarray:
+        """(K, C, G): V - lam . A for each row of `lams` (computed in place: no second
+        temporary of that size)."""
+        R = lams @ self._flat_neg
+        R += self._flat_v
+        return R.reshape(len(lams), *self.V.shape)
 
     def parts(self, lams: np.ndarray) -> np.ndarray:
         """(K, M): each model's part of f at each row of `lams`."""
-        D, C, G = self.A.shape
-        R = (self.V.reshape(1, -1) - lams @ self.A.reshape(D, C * G)).reshape(len(lams), C, G)
-        parts = np.add.reduceat(R.max(axis=1), self.starts, axis=1)
+        parts = np.add.reduceat(self.reduced(lams).max(axis=1), self.starts, axis=1)
         if len(self.comp_model):
             np.maximum.at(parts.T, self.comp_model, (self.comp_value - lams @ self.comp_coef).T)
         return parts
@@ -89,9 +96,27 @@ class Relaxation:
         """f(lam) for each row of `lams` (K, D)."""
         if len(self.comp_model):
             return self.parts(lams).sum(axis=1) + lams @ self.limits
+        return self.reduced(lams).max(axis=1).sum(axis=1) + lams @ self.limits
+
+    def dual_in_box(self, lams: np.ndarray, corners: np.ndarray) -> np.ndarray:
+        """f at rows of `lams` that lie in the box spanned by `corners`: a group whose best
+        choice is the same at every corner has it throughout the box (the set of multipliers
+        under which a choice is best is convex), so it adds a linear term and only the other
+        groups are evaluated per row."""
+        if len(self.comp_model):
+            return self.dual(lams)
         D, C, G = self.A.shape
-        R = (self.V.reshape(1, -1) - lams @ self.A.reshape(D, C * G)).reshape(len(lams), C, G)
-        return R.max(axis=1).sum(axis=1) + lams @ self.limits
+        at = self.reduced(corners).argmax(axis=1)
+        stable = (at == at[0]).all(axis=0)
+        cols = np.flatnonzero(stable)
+        pick = at[0, cols]
+        linear = self.V[pick, cols].sum() - lams @ self.A[:, pick, cols].sum(axis=1)
+        rest = np.flatnonzero(~stable)
+        if not len(rest):
+            return linear + lams @ self.limits
+        R = lams @ -self.A[:, :, rest].reshape(D, -1)
+        R += self.V[:, rest].reshape(1, -1)
+        return R.reshape(len(lams), C, len(rest)).max(axis=1).sum(axis=1) + linear + lams @ self.limits
 
 
 def _plane(rel: Relaxation, mu: np.ndarray, zooms: int) -> np.ndarray:
@@ -111,7 +136,7 @@ def _plane(rel: Relaxation, mu: np.ndarray, zooms: int) -> np.ndarray:
         half = np.abs(near.reshape(-1, 2) - point).max(axis=0)
     for _ in range(zooms):
         grid = np.maximum(point + _OFFSETS[D] * half, 0.0)
-        point = grid[int(rel.dual(grid).argmin())]
+        point = grid[int(rel.dual_in_box(grid, np.maximum(point + _CORNERS[D] * half, 0.0)).argmin())]
         half = half * (_ZOOM[1] - _ZOOM[0])
     return np.concatenate([point[None], np.maximum(point + _CORNERS[D] * half, 0.0)])
 
@@ -235,9 +260,13 @@ def core_selections(
     du = A[:, second[core], core] - A[:, first[core], core]  # (D, n)
     half = len(core) // 2
     left, right = _subsets(half), _subsets(len(core) - half)
-    value = base_v + (left @ dv[:half])[:, None] + (right @ dv[half:])[None, :]
-    used = base_u[:, None, None] + (du[:, :half] @ left.T)[:, :, None] + (du[:, half:] @ right.T)[:, None, :]
-    value = np.where((used <= limits[:, None, None]).all(axis=0), value, -np.inf).ravel()
+    value = (left @ dv[:half])[:, None] + (right @ dv[half:] + base_v)[None, :]
+    room = (limits - base_u)[:, None] - du[:, half:] @ right.T  # (D, right): what the left half may use
+    used = du[:, :half] @ left.T  # (D, left)
+    fits = np.ones(value.shape, dtype=bool)
+    for j in range(D):
+        fits &= used[j][:, None] <= room[j][None, :]
+    value = np.where(fits, value, -np.inf).ravel()
     best = np.argsort(-value, kind="stable")[:count] if count > 1 else np.array([int(value.argmax())])
     best = best[np.isfinite(value[best])]
     chosen = np.concatenate([left[best // len(right)], right[best % len(right)]], axis=1).astype(bool)

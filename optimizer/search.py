@@ -42,7 +42,7 @@ __all__ = ["BEAM_ITEMS", "Bounds", "Layout", "PassResult", "StateLimit", "bounds
 BEAM_ITEMS = 6  # items per chunk a beam pass expands
 _BLOCK = 1 << 18  # candidate rows built at once (memory stays bounded whatever the limit)
 CANDIDATES = 25  # candidates a step may build per state of the limit
-_PAIRS = 4096  # merges of more pairs build only those that pass the first test
+_PAIRS = 1 << 16  # merges of more pairs sort one side and visit only pairs passing the first test
 
 
 class StateLimit(Exception):
@@ -125,7 +125,8 @@ def bounds(lay: Layout, lams: np.ndarray, limits: np.ndarray) -> Bounds:
     `limits` (D,) (the budgets, with their tolerance)."""
     K, D = lams.shape
     shape = lay.value.shape
-    R = lay.value - (lams @ lay.coef.reshape(D, lay.value.size)).reshape(K, *shape)  # (K, L, M, I)
+    R = (lams @ -lay.coef.reshape(D, lay.value.size)).reshape(K, *shape)  # (K, L, M, I)
+    R += lay.value  # -inf where invalid
     level_best = R.max(axis=3)  # (K, L, M)
     cum = np.cumsum(level_best, axis=1)
     model_best = cum[:, -1].copy()  # (K, M)
@@ -186,10 +187,12 @@ def _expand(
     if n * width > CANDIDATES * limit:
         raise StateLimit
     step = max(1, _BLOCK // max(width * len(rows), 1))
-    if n <= step:
-        cand = rows[:, :, None] + items
-        parent, slot = np.nonzero((cand <= th[:, :, None]).all(axis=0))
-        return parent, slot, cand[:, parent, slot]
+    if n <= step:  # test the first column on every pair, build only the pairs that pass
+        parent, slot = np.nonzero(rows[0][:, None] + items[0] <= th[0][:, None])
+        cand = rows[:, parent]
+        cand += items[:, parent, slot]
+        keep = (cand <= th[:, parent]).all(axis=0)
+        return parent[keep], slot[keep], cand[:, keep]
     out = []
     for at in range(0, n, step):
         part = items[:, at : at + step] if items.shape[1] > 1 else items
@@ -202,12 +205,16 @@ def _expand(
 
 
 def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(parent, slot, sums) of every merged[:, p] + rows[:, s] <= th. Small inputs build every
-    pair; larger ones sort `rows` by the first column and build, per p, only the prefix
-    that passes it, a block of parents at a time."""
+    """(parent, slot, sums) of every merged[:, p] + rows[:, s] <= th, building only the pairs
+    that pass the first column's test: for small inputs found among all pairs, for larger
+    ones as the prefix of `rows` sorted by that column, a block of parents at a time."""
     n, m = merged.shape[1], rows.shape[1]
-    if n * m <= _PAIRS:
-        return _expand(merged, rows[:, None, :], th[:, None], limit)
+    if n * m <= _PAIRS:  # test the first column on every pair, build only the pairs that pass
+        parent, slot = np.nonzero(merged[0][:, None] + rows[0][None, :] <= th[0])
+        cand = merged[:, parent]
+        cand += rows[:, slot]
+        keep = (cand <= th[:, None]).all(axis=0)
+        return parent[keep], slot[keep], cand[:, keep]
     order = np.argsort(rows[0], kind="stable")
     rows = rows[:, order]
     count = np.searchsorted(rows[0], th[0] - merged[0], side="right")
@@ -221,7 +228,8 @@ def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> t
         part = count[lo:hi]
         parent = np.repeat(np.arange(lo, hi), part)
         slot = np.arange(len(parent)) - np.repeat(np.cumsum(part) - part, part)
-        cand = merged[:, parent] + rows[:, slot]
+        cand = merged[:, parent]
+        cand += rows[:, slot]
         keep = (cand <= th[:, None]).all(axis=0)
         out.append((parent[keep], order[slot[keep]], cand[:, keep]))
         lo = hi
@@ -326,29 +334,34 @@ def run_pass(b: Bounds, target: float, limit: int, beam: int | None = None) -> P
     paths = np.split(path, cuts)
     # The remaining models' best and least over their sets (tighter than over all selections).
     edge = np.array([s.min(axis=1) for s in sets])  # (M, cols): -best R, least usage
-    # Smaller sets first: the partial merges stay small; `choose` keeps model order.
+    # Smaller sets first: the partial merges stay small. After merging the first `at` sets a
+    # row must leave room for the best and least of the sets still to come.
     order = np.argsort(counts, kind="stable")
     edge = edge[order]
-    rest = np.concatenate([np.cumsum(edge[::-1], axis=0)[::-1], np.zeros((1, len(rows)))])
+    rest = np.concatenate([np.cumsum(edge[::-1], axis=0)[::-1], np.zeros((1, len(rows)))])[2:]
+    ths = np.concatenate([(b.need - target) - rest[:, :K], b.limits - rest[:, K:]], axis=1)  # (M - 1, cols)
     merged = sets[order[0]]
-    choose = np.arange(merged.shape[1])[:, None]
+    history = []
     for at in range(1, M):
-        m = order[at]
-        th = np.concatenate([target - b.need + rest[at + 1, :K], b.limits - rest[at + 1, K:]])
-        th[:K] *= -1.0
-        parent, slot, merged = _join(merged, sets[m], th, limit)
+        parent, slot, merged = _join(merged, sets[order[at]], ths[at - 1], limit)
         if beam is not None and at < M - 1 and len(parent) > beam * M:
-            slack = (th[:K, None] - merged[:K]).min(axis=0)
+            slack = (ths[at - 1, :K, None] - merged[:K]).min(axis=0)
             kept = np.argpartition(-slack, beam * M)[: beam * M]
             lost = np.ones(len(parent), dtype=bool)
             lost[kept] = False
             dropped = max(dropped, float(slack[lost].max()) + target)
             parent, slot, merged = parent[kept], slot[kept], merged[:, kept]
-        choose = np.concatenate([choose[parent], slot[:, None]], axis=1)
+        history.append((parent, slot))
         states += len(parent)
         if states > limit:
             raise StateLimit
         if not len(parent):
             return PassResult(np.zeros(0), np.zeros((0, M), dtype=np.intp), paths, states, dropped)
-    choose = choose[:, np.argsort(order)]
+    choose = np.empty((merged.shape[1], M), dtype=np.intp)
+    at_row = np.arange(merged.shape[1])
+    for at in range(M - 1, 0, -1):
+        parent, slot = history[at - 1]
+        choose[:, order[at]] = slot[at_row]
+        at_row = parent[at_row]
+    choose[:, order[0]] = at_row
     return PassResult(b.lams[0] @ merged[K:] - merged[0], choose, paths, states, dropped)
