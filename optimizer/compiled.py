@@ -53,7 +53,7 @@ __all__ = ["DEFAULT_NODE_LIMIT", "CompiledProblem", "SearchLimitError", "compile
 DEFAULT_NODE_LIMIT = 200_000
 METHOD = "lagrangian-enumeration"
 BEAM = 32  # partial selections per model a beam pass keeps (when no first threshold was found)
-CORE_GROUPS = 14  # contested groups whose two best choices the first threshold's selections try
+CORE_GROUPS = (12, 14, 16)  # contested groups whose two best choices the first threshold tries (by size)
 ITEM_BUDGET = 2048
 _EPS_REL = 1e-11  # ties: values closer than this times the objective's scale are float noise
 _JOINTLY_INFEASIBLE = "no selection meets all budgets and deadlines together"
@@ -348,7 +348,8 @@ class CompiledProblem:
         the best of them with one model's selection replaced by each of its compositions,
         or by a greedy pick of one composition per model (best gain first, while it fits).
         """
-        selections, values = core_selections(value, coef, limits, lam, CORE_GROUPS, top_k)
+        n_core = CORE_GROUPS[(self._n_groups > 40) + (self._n_groups > 80)]
+        selections, values = core_selections(value, coef, limits, lam, n_core, top_k)
         if len(self._comp_model) and len(values):  # a composition is worth its measured value
             cols = np.arange(selections.shape[1])
             base = selections[0]
@@ -384,18 +385,28 @@ class CompiledProblem:
         return out
 
     def _search(self, problem: Problem, b: Bounds, first: float, top_k: int, eps: float, limit: int) -> Solution:
-        """An exact pass at the first threshold. Without one, a beam pass (the best partial
-        selections by bound) looks for selections to start from, and failing that, exact
-        passes descend from the bound. A pass with fewer than top_k selections lowers the
-        threshold: to the k-th best it found, or four times as far from the bound."""
+        """An exact pass at the first threshold (a value top_k known selections reach).
+
+        Without one, a beam pass (the best partial selections by bound) looks for a start.
+        A pass that would hold too many selections means the threshold is far below the
+        optimum: passes then *probe* from just below the bound downwards (cheap, they hold
+        only what lies above them), and the selections they find raise the threshold. A
+        pass with fewer than top_k selections lowers the threshold: to the k-th best it
+        found, or twice (four times) as far from the bound.
+        """
         floor, upper = b.lay.floor, b.upper_bound
-        states = 0
+        states, probing = 0, False
+        known = first if first > floor else -np.inf  # top_k distinct feasible selections reach it
         target, beam = (first, None) if first > floor else (floor, BEAM)
         while True:
             try:
                 found = run_pass(b, target - 2 * eps, limit - states, beam)
             except StateLimit:
-                return self._fallback(problem, top_k, states, limit)
+                if probing or beam is not None or not np.isfinite(upper) or target >= upper:
+                    return self._fallback(problem, top_k, states, limit)
+                probing = True
+                target = upper - (upper - target) / 8
+                continue
             states += found.states
             picked = self._pick(problem, found, top_k, eps)
             proven = max(target, found.dropped)
@@ -404,11 +415,13 @@ class CompiledProblem:
                     return infeasible(self._minima, _JOINTLY_INFEASIBLE, METHOD, states)
                 return self._finish([s for _, s in picked], METHOD, states)
             if len(picked) >= top_k:
-                target = picked[-1][0] if beam is None else max(target, picked[-1][0])
-            elif beam is not None:  # nothing to start from: from just below the bound down
-                target = upper - max(upper - found.dropped, 1e-9 * (1.0 + abs(upper)))
+                known = max(known, picked[-1][0])
+            if beam is not None:
+                target = known if known > -np.inf else upper - max(upper - found.dropped, 1e-9 * (1.0 + abs(upper)))
+            elif probing:
+                target = max(known, upper - 2.0 * (upper - target))
             else:
-                target = max(upper - 4.0 * (upper - target), floor)
+                target = known if len(picked) >= top_k else max(upper - 4.0 * (upper - target), floor)
             beam = None
 
     def _decode(self, key: np.ndarray) -> list[list[int]]:
@@ -473,12 +486,15 @@ def compile_problem(source: Problem | Mapping[str, Any] | str | Path) -> Compile
     """A `CompiledProblem` from a `Problem`, or from its JSON form (validated first).
 
     The compiled problem keeps the problem's budgets, current selection and penalty as
-    the defaults of `CompiledProblem.solve`.
+    the defaults of `CompiledProblem.solve`, and lays out its arrays for those kinds of
+    constraints now (other kinds are laid out on first use, then kept).
     """
     problem = source if isinstance(source, Problem) else parse_problem(source)
-    return CompiledProblem(
+    compiled = CompiledProblem(
         problem.models,
         budgets=problem.budgets,
         current=problem.current,
         switch_penalty_per_byte=problem.switch_penalty_per_byte,
     )
+    compiled._layout(problem)  # the arrays for these kinds of constraints, before the first solve
+    return compiled

@@ -45,8 +45,8 @@ __all__ = ["Relaxation", "core_selections", "lp_infeasible", "multipliers", "nat
 _SCAN = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 31)])  # x the constraint's natural scale
 _STEP = _SCAN[2] / _SCAN[1]
 _FINE = np.geomspace(1 / _STEP, _STEP, 13)
-_ALONG = np.linspace(0.0, 1.0, 11)  # position on the segment (mu_1, 0) .. (0, mu_2)
-_SCALE = np.geomspace(1 / _STEP, 1.6 * _STEP, 9)
+_ALONG = np.linspace(0.0, 1.0, 9)  # position on the segment (mu_1, 0) .. (0, mu_2)
+_SCALE = np.geomspace(1 / _STEP, 1.6 * _STEP, 7)
 _ZOOM = np.linspace(-1.0, 1.0, 7)
 _LINE = np.concatenate([[0.0], np.geomspace(0.25, 4.0, 13)])
 _POS, _SC = (a.ravel() for a in np.meshgrid(_ALONG, _SCALE, indexing="ij"))
@@ -248,7 +248,7 @@ def core_selections(
     """
     D, C, G = A.shape
     cols = np.arange(G)
-    R = V - np.tensordot(lam, A, axes=1) if D else V
+    R = V - (lam @ A.reshape(D, C * G)).reshape(C, G) if D else V
     first, second = np.argsort(-R, axis=0, kind="stable")[:2] if C > 1 else np.zeros((2, G), dtype=np.intp)
     loss = R[first, cols] - R[second, cols]
     loss = np.where(np.isfinite(loss) & (second != first), loss, np.inf)

@@ -67,6 +67,7 @@ __all__ = [
     "parse_models",
     "parse_penalty",
     "parse_problem",
+    "synthetic_budgets",
     "synthetic_problem",
 ]
 
@@ -364,6 +365,13 @@ def synthetic_problem(
                 )
             blocks.append({"name": f"b{b}", "choices": choices})
         models.append({"name": f"m{m}", "base_accuracy": 0.9, "blocks": blocks})
+    return {"models": models, "budgets": synthetic_budgets(models, tightness)}
+
+
+def synthetic_budgets(models: list[dict[str, Any]], tightness: float) -> dict[str, float]:
+    """The budgets `synthetic_problem` sets for its models (JSON form) at `tightness`: the
+    latency budget that far from the smallest to the largest total, memory at 1.2x that
+    fraction (capped at the largest total)."""
     every = [b for model in models for b in model["blocks"]]
 
     def budget(key: str, t: float) -> float:
@@ -371,10 +379,4 @@ def synthetic_problem(
         hi = sum(max(c[key] for c in b["choices"]) for b in every)
         return lo + t * (hi - lo)
 
-    return {
-        "models": models,
-        "budgets": {
-            "latency_ms": budget("latency_ms", tightness),
-            "memory_bytes": budget("memory_bytes", min(1.0, 1.2 * tightness)),
-        },
-    }
+    return {"latency_ms": budget("latency_ms", tightness), "memory_bytes": budget("memory_bytes", min(1.0, 1.2 * tightness))}
