@@ -55,6 +55,7 @@ METHOD = "lagrangian-enumeration"
 BEAM = 32  # partial selections per model a beam pass keeps (when no first threshold was found)
 CORE_GROUPS = (12, 14, 16)  # contested groups whose two best choices the first threshold tries (by size)
 ITEM_BUDGET = 2048
+PROBE_GROUPS = 40  # on more groups than this the first pass probes from the bound
 _EPS_REL = 1e-11  # ties: values closer than this times the objective's scale are float noise
 _JOINTLY_INFEASIBLE = "no selection meets all budgets and deadlines together"
 _UNITS = {"latency": "ms", "memory": "B", "switch": "B"}
@@ -385,22 +386,29 @@ class CompiledProblem:
         return out
 
     def _search(self, problem: Problem, b: Bounds, first: float, top_k: int, eps: float, limit: int) -> Solution:
-        """An exact pass at the first threshold (a value top_k known selections reach).
+        """Passes at thresholds T until one holds the top_k best at or above T.
 
-        Without one, a beam pass (the best partial selections by bound) looks for a start.
-        A pass that would hold too many selections means the threshold is far below the
-        optimum: passes then *probe* from just below the bound downwards (cheap, they hold
-        only what lies above them), and the selections they find raise the threshold. A
-        pass with fewer than top_k selections lowers the threshold: to the k-th best it
-        found, or twice (four times) as far from the bound.
+        The first T is a value top_k known selections reach (`first`); without one, a beam
+        pass (the best partial selections by bound) looks for a start. A T far below the
+        optimum makes a pass hold millions of selections; a T above it, only the few whose
+        bound reaches it, among which are usually near-optimal ones. So a pass that runs
+        past a quarter of the state limit, and on many groups the first pass, *probes*
+        instead: from just below the bound downwards, each probe's selections raising the
+        known value, until the threshold meets it. A pass with fewer than top_k
+        selections lowers T: to the k-th best it found, or four times as far from the bound.
         """
         floor, upper = b.lay.floor, b.upper_bound
-        states, probing = 0, False
+        states = 0
         known = first if first > floor else -np.inf  # top_k distinct feasible selections reach it
-        target, beam = (first, None) if first > floor else (floor, BEAM)
+        probing = known > -np.inf and self._n_groups > PROBE_GROUPS and upper > known
+        if probing:
+            target, beam = upper - (upper - known) / 4, None
+        else:
+            target, beam = (first, None) if first > floor else (floor, BEAM)
         while True:
+            budget = limit - states if probing or beam is not None else min(limit - states, max(limit // 4, 1))
             try:
-                found = run_pass(b, target - 2 * eps, limit - states, beam)
+                found = run_pass(b, target - 2 * eps, budget, beam)
             except StateLimit:
                 if probing or beam is not None or not np.isfinite(upper) or target >= upper:
                     return self._fallback(problem, top_k, states, limit)
@@ -426,16 +434,14 @@ class CompiledProblem:
 
     def _decode(self, key: np.ndarray) -> list[list[int]]:
         """Choice index per block per model of a selection given by its chunk items."""
-        levels = self._chunk_choice.shape[0]
-        rows = []
-        for m, model in enumerate(self.models):
-            row = [0] * len(model.blocks)
-            for level, chunk in enumerate(self._chunk_blocks[m]):
-                picks = self._chunk_choice[level, m, key[m * levels + level]]
-                for at, block in enumerate(chunk):
-                    row[block] = int(picks[at])
-            rows.append(row)
-        return rows
+        L, M = self._chunk_valid.shape[:2]
+        items = key.reshape(M, L).T  # (L, M)
+        picks = self._chunk_choice[np.arange(L)[:, None], np.arange(M)[None, :], items]  # (L, M, span)
+        groups = self._chunk_group[np.arange(L)[:, None], np.arange(M)[None, :], items]
+        choice = np.zeros(self._n_groups + 1, dtype=np.intp)
+        choice[groups.ravel()] = picks.ravel()  # padding lands on the extra group
+        flat = choice.tolist()
+        return [flat[self._start[m] : self._start[m + 1]] for m in range(M)]
 
     def _pick(self, problem: Problem, found: PassResult, top_k: int, eps: float) -> list[tuple[float, Solution]]:
         """The top_k best canonically feasible selections found, as (search value, solution):
