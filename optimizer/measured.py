@@ -9,17 +9,19 @@ on our hosts 8-10 of 10 latency-budget picks ran 5-17% over when timed end to en
 chosen composition, and when it runs over, solve again under a budget tightened by the
 measured overrun. It stops at the first selection that fits, or after `max_rounds`, and
 then returns the fastest one it timed (and says it does not fit). The optimizer stays
-exact for each round's budget; only the budget moves.
+exact for each round's budget; only the budget moves. The rounds re-solve one compiled
+problem (`optimizer.compiled`), so the tables are validated and laid out once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from optimizer.problem import Problem
-from optimizer.solver import DEFAULT_NODE_LIMIT, Solution, solve
+from optimizer.compiled import DEFAULT_NODE_LIMIT, CompiledProblem, compile_problem
+from optimizer.evaluation import Solution
+from optimizer.problem import Budgets, Problem
 
 __all__ = ["MeasuredRound", "MeasuredSolution", "solve_measured"]
 
@@ -57,9 +59,11 @@ class MeasuredSolution:
 
 
 def solve_measured(
-    problem: Problem,
+    problem: Problem | CompiledProblem,
     measure: Callable[[Selection], float],
     *,
+    budgets: Budgets | Mapping[str, Any] | None = None,
+    current: Any = None,
     max_rounds: int = 4,
     node_limit: int = DEFAULT_NODE_LIMIT,
 ) -> MeasuredSolution:
@@ -68,10 +72,21 @@ def solve_measured(
     `measure` times the selection on this machine (e.g. the assembled models through
     `profiling.latency.measure_latency`). Each round that runs over tightens the budget by
     the measured overrun (target * budget / measured), and at least below the prediction
-    that failed, so the next round cannot return the same selection. Raises ValueError
-    when the problem has no latency budget or is infeasible from the start.
+    that failed, so the next round cannot return the same selection.
+
+    Args:
+        problem: a `Problem`, or a `CompiledProblem` to re-solve without re-validating.
+        measure: times a selection (model name -> choice ids) here, in ms.
+        budgets, current: override the problem's (a compiled problem's defaults otherwise).
+        max_rounds: the most solves (and timings).
+        node_limit: passed to each solve.
+
+    Raises:
+        ValueError: when there is no latency budget or nothing fits from the start.
     """
-    budget = problem.budgets.latency_ms
+    compiled = problem if isinstance(problem, CompiledProblem) else compile_problem(problem)
+    base = compiled.problem(budgets, current)
+    budget = base.budgets.latency_ms
     if budget is None:
         raise ValueError("solve_measured needs a latency budget: set budgets.latency_ms")
     if max_rounds < 1:
@@ -80,8 +95,8 @@ def solve_measured(
     solutions: list[Solution] = []
     target = budget
     for _ in range(max_rounds):
-        round_problem = dataclasses.replace(problem, budgets=dataclasses.replace(problem.budgets, latency_ms=target))
-        solution = solve(round_problem, node_limit=node_limit)
+        round_budgets = Budgets(target, base.budgets.memory_bytes, base.budgets.switch_bytes)
+        solution = compiled.solve(round_budgets, base.current, node_limit=node_limit)
         if not solution.feasible:
             if not rounds:
                 raise ValueError(f"no selection fits the budgets: {solution.reason}")

@@ -1,10 +1,13 @@
-"""The scaling problem: its JSON form, validated into frozen dataclasses.
+"""The scaling problem: its JSON form, validated into frozen typed records.
 
 The optimizer's input is produced by other programs (profiling, the device fetch script)
 and edited by hand, so validation is strict and every error names the exact place
-(`models[1].blocks[3].choices[0].latency_ms: must be >= 0, got -1`) and what to do.
-After `parse_problem` the solver can trust every number: finite, non-negative where a cost,
-ids unique, `current` consistent with the blocks.
+(`models[1].blocks[3].choices[0].latency_ms: expected a number >= 0.0`) and what is
+expected. Field types and ranges are checked by `legoblocks.schema.convert` (msgspec);
+what spans fields (unique names and ids, selections that must name existing choices) is
+checked here with the same path style. After `parse_problem` the solver can trust every
+number: finite, non-negative where a cost, ids unique, `current` and every composition
+consistent with the blocks.
 
 JSON form (optional keys show their defaults)::
 
@@ -17,7 +20,8 @@ JSON form (optional keys show their defaults)::
              {"id": "0.0", "accuracy_drop": 0.0, "latency_ms": 0.41,
               "memory_bytes": 74000, "load_bytes": 74000}
            ]}
-         ]}
+         ],
+         "compositions": [{"selection": ["0.0"], "accuracy": 0.915}]}
       ],
       "budgets": {"latency_ms": null, "memory_bytes": null, "switch_bytes": null},
       "current": null,
@@ -28,6 +32,12 @@ JSON form (optional keys show their defaults)::
 descendant can measure slightly better than the original on a finite validation set);
 every cost, budget, deadline and the penalty must be >= 0. A model absent from `current`
 is not running, so its blocks cost nothing to switch.
+
+**Compositions** are whole-model selections whose accuracy was measured (the original
+model, trained anchors, re-ranked picks). Under selection s a model is worth the measured
+`accuracy` if s is one of its compositions (the highest, if s is listed twice), else
+`base_accuracy - sum(accuracy_drop)`; latency, memory and switching costs are the sum of
+the chosen choices either way.
 """
 
 from __future__ import annotations
@@ -35,14 +45,20 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from legoblocks.schema import Finite, convert
 
 __all__ = [
-    "Budgets",
     "Block",
+    "Budgets",
     "Choice",
+    "Composition",
     "Model",
     "Problem",
     "ProblemError",
@@ -51,8 +67,15 @@ __all__ = [
     "parse_models",
     "parse_penalty",
     "parse_problem",
+    "synthetic_budgets",
     "synthetic_problem",
 ]
+
+_MAX = 1.7976931348623157e308
+Cost = Annotated[float, Meta(ge=0.0, le=_MAX)]
+"""A finite number >= 0 (NaN fails every comparison)."""
+Positive = Annotated[float, Meta(gt=0.0, le=_MAX)]
+Name = Annotated[str, Meta(min_length=1)]
 
 
 class ProblemError(ValueError):
@@ -63,21 +86,23 @@ class ProblemError(ValueError):
         self.path = path
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One descendant of a block: its predicted accuracy cost and its resource costs."""
 
-    id: str
-    accuracy_drop: float
-    latency_ms: float
-    memory_bytes: float
-    load_bytes: float
+    id: Name
+    accuracy_drop: Finite
+    latency_ms: Cost
+    memory_bytes: Cost
+    load_bytes: Cost | None = None  # None becomes memory_bytes: always a float once built
+
+    def __post_init__(self) -> None:
+        if self.load_bytes is None:
+            msgspec.structs.force_setattr(self, "load_bytes", self.memory_bytes)
 
 
-@dataclass(frozen=True)
-class Block:
-    name: str
-    choices: tuple[Choice, ...]
+class Block(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Name
+    choices: Annotated[tuple[Choice, ...], Meta(min_length=1)]
 
     def index_of(self, choice_id: str) -> int:
         for i, choice in enumerate(self.choices):
@@ -86,30 +111,42 @@ class Block:
         raise KeyError(choice_id)
 
 
-@dataclass(frozen=True)
-class Model:
-    name: str
-    blocks: tuple[Block, ...]
-    base_accuracy: float = 0.0
-    weight: float = 1.0
-    latency_deadline_ms: float | None = None
+class Composition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A whole-model selection (one choice id per block) and its measured absolute accuracy."""
+
+    selection: tuple[str, ...]
+    accuracy: Cost
 
 
-@dataclass(frozen=True)
-class Budgets:
+class Model(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Name
+    blocks: Annotated[tuple[Block, ...], Meta(min_length=1)]
+    base_accuracy: Cost = 0.0
+    weight: Positive = 1.0
+    latency_deadline_ms: Cost | None = None
+    compositions: tuple[Composition, ...] = ()
+
+    def measured(self) -> dict[tuple[str, ...], float]:
+        """Measured accuracy by selection (the highest where one is listed twice)."""
+        out: dict[tuple[str, ...], float] = {}
+        for comp in self.compositions:
+            out[comp.selection] = max(comp.accuracy, out.get(comp.selection, -math.inf))
+        return out
+
+
+class Budgets(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Shared device budgets; None means unconstrained."""
 
-    latency_ms: float | None = None
-    memory_bytes: float | None = None
-    switch_bytes: float | None = None
+    latency_ms: Cost | None = None
+    memory_bytes: Cost | None = None
+    switch_bytes: Cost | None = None
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(msgspec.Struct, frozen=True):
     """A validated scaling problem. `current` maps a running model to its selection."""
 
     models: tuple[Model, ...]
-    budgets: Budgets = field(default_factory=Budgets)
+    budgets: Budgets = Budgets()
     current: Mapping[str, tuple[str, ...]] | None = None
     switch_penalty_per_byte: float = 0.0
 
@@ -119,177 +156,118 @@ class Problem:
                 return model
         raise KeyError(name)
 
+    def replace(self, **changes: Any) -> Problem:
+        """A copy with some fields changed (e.g. `budgets=`), not validated again."""
+        return msgspec.structs.replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; `parse_problem(p.to_dict()) == p`."""
-        return {
-            "models": [
-                {
-                    "name": m.name,
-                    "weight": m.weight,
-                    "base_accuracy": m.base_accuracy,
-                    "latency_deadline_ms": m.latency_deadline_ms,
-                    "blocks": [
-                        {
-                            "name": b.name,
-                            "choices": [
-                                {
-                                    "id": c.id,
-                                    "accuracy_drop": c.accuracy_drop,
-                                    "latency_ms": c.latency_ms,
-                                    "memory_bytes": c.memory_bytes,
-                                    "load_bytes": c.load_bytes,
-                                }
-                                for c in b.choices
-                            ],
-                        }
-                        for b in m.blocks
-                    ],
-                }
-                for m in self.models
-            ],
-            "budgets": {
-                "latency_ms": self.budgets.latency_ms,
-                "memory_bytes": self.budgets.memory_bytes,
-                "switch_bytes": self.budgets.switch_bytes,
-            },
-            "current": None if self.current is None else {k: list(v) for k, v in self.current.items()},
-            "switch_penalty_per_byte": self.switch_penalty_per_byte,
-        }
+        return msgspec.to_builtins(self)
 
 
-# ----------------------------------------------------------------------------------------
-# Validation helpers. Each takes the JSON path of the value it checks, so that a message
-# always says where the problem is.
+class _ProblemJSON(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The top-level object as written; `current` is checked against the models by hand."""
+
+    models: Annotated[tuple[Model, ...], Meta(min_length=1)]
+    budgets: Budgets | None = None
+    current: Any = None
+    switch_penalty_per_byte: Cost | None = None
+
+
+_FIELDS = {
+    "choices": Choice,
+    "blocks": Block,
+    "compositions": Composition,
+    "models": Model,
+    "budgets": Budgets,
+    "problem": _ProblemJSON,
+}
+
+
+def _error(path: str, message: str) -> ProblemError:
+    """A `ProblemError` from a schema mismatch, saying which keys an object allows and that
+    costs must be finite."""
+    where = path or "problem"
+    if message.startswith("unknown field"):
+        kind = where.rsplit(".", 1)[-1].split("[", 1)[0]
+        if kind in _FIELDS:
+            message += f" (allowed: {', '.join(sorted(_FIELDS[kind].__struct_fields__))})"
+    return ProblemError(where, message.replace("expected a number >= 0.0", "expected a finite number >= 0"))
 
 
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _object(value: Any, path: str, required: set[str], optional: set[str]) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ProblemError(path, f"must be a JSON object, got {_type_name(value)}")
-    for key in value:
-        if key not in required and key not in optional:
-            allowed = ", ".join(sorted(required | optional))
-            raise ProblemError(path, f"unknown key {key!r} (allowed: {allowed})")
-    for key in sorted(required):
-        if key not in value:
-            raise ProblemError(path, f"missing required key {key!r}")
-    return value
-
-
-def _number(value: Any, path: str, *, minimum: float | None = 0.0, strictly: bool = False) -> float:
-    # bool is an int in Python but never a sensible cost; reject it explicitly.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ProblemError(path, f"must be a number, got {_type_name(value)}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ProblemError(path, f"must be a finite number, got {value}")
-    if minimum is not None:
-        if strictly and number <= minimum:
-            raise ProblemError(path, f"must be > {minimum:g}, got {value}")
-        if not strictly and number < minimum:
-            raise ProblemError(path, f"must be >= {minimum:g}, got {value}")
-    return number
-
-
-def _optional_number(value: Any, path: str) -> float | None:
-    return None if value is None else _number(value, path)
-
-
-def _name(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        raise ProblemError(path, f"must be a string, got {_type_name(value)}")
-    if not value:
-        raise ProblemError(path, "must not be empty")
-    return value
-
-
-def _list(value: Any, path: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise ProblemError(path, f"must be a list, got {_type_name(value)}")
-    if not value:
-        raise ProblemError(path, "must not be empty")
-    return value
-
-
-_Item = TypeVar("_Item", Choice, Block, Model)
-
-
-def _unique(
-    raw: Any, path: str, parse: Callable[[Any, str], _Item], key: str, what: str
-) -> tuple[_Item, ...]:
-    """Parse a non-empty list with `parse`, rejecting a repeated `key` (a choice id, a
-    block or model name): selections and `current` address items by it, so a repeat
-    would make them ambiguous. The error names both places, e.g.
-    `models[0].blocks[3].name: duplicate block name 'head' (also blocks[1])`.
-    """
-    items: list[_Item] = []
+def _first_repeat(names: list[str]) -> tuple[int, int] | None:
+    """(index of the first repeated name, index of its first occurrence), or None."""
+    if len(set(names)) == len(names):
+        return None
     seen: dict[str, int] = {}
-    short = path.rsplit(".", 1)[-1]
-    for i, raw_item in enumerate(_list(raw, path)):
-        item = parse(raw_item, f"{path}[{i}]")
-        name = getattr(item, key)
+    for i, name in enumerate(names):
         if name in seen:
-            raise ProblemError(f"{path}[{i}].{key}", f"duplicate {what} {name!r} (also {short}[{seen[name]}])")
+            return i, seen[name]
         seen[name] = i
-        items.append(item)
-    return tuple(items)
+    return None
 
 
-def _parse_choice(raw: Any, path: str) -> Choice:
-    obj = _object(raw, path, {"id", "accuracy_drop", "latency_ms", "memory_bytes"}, {"load_bytes"})
-    memory = _number(obj["memory_bytes"], f"{path}.memory_bytes")
-    load = obj.get("load_bytes")
-    return Choice(
-        id=_name(obj["id"], f"{path}.id"),
-        accuracy_drop=_number(obj["accuracy_drop"], f"{path}.accuracy_drop", minimum=None),
-        latency_ms=_number(obj["latency_ms"], f"{path}.latency_ms"),
-        memory_bytes=memory,
-        load_bytes=memory if load is None else _number(load, f"{path}.load_bytes"),
-    )
+def _check_selection(ids: Any, model: Model, path: str) -> tuple[str, ...]:
+    """A list with one existing choice id per block of `model`, in block order."""
+    if not isinstance(ids, (list, tuple)):
+        raise ProblemError(path, f"must be a list of choice ids, got {_type_name(ids)}")
+    if len(ids) != len(model.blocks):
+        raise ProblemError(
+            path,
+            f"has {len(ids)} choice ids but model {model.name!r} has {len(model.blocks)} blocks; "
+            "give one id per block, in block order",
+        )
+    for b, (block, choice_id) in enumerate(zip(model.blocks, ids)):
+        if not isinstance(choice_id, str):
+            raise ProblemError(f"{path}[{b}]", f"must be a string, got {_type_name(choice_id)}")
+        if all(c.id != choice_id for c in block.choices):
+            known = ", ".join(c.id for c in block.choices)
+            raise ProblemError(
+                f"{path}[{b}]", f"unknown choice id {choice_id!r} for block {block.name!r} (choices: {known})"
+            )
+    return tuple(ids)
 
 
-def _parse_block(raw: Any, path: str) -> Block:
-    obj = _object(raw, path, {"name", "choices"}, set())
-    name = _name(obj["name"], f"{path}.name")
-    choices = _unique(obj["choices"], f"{path}.choices", _parse_choice, "id", "choice id")
-    return Block(name=name, choices=choices)
-
-
-def _parse_model(raw: Any, path: str) -> Model:
-    obj = _object(
-        raw, path, {"name", "blocks"}, {"weight", "base_accuracy", "latency_deadline_ms"}
-    )
-    name = _name(obj["name"], f"{path}.name")
-    blocks = _unique(obj["blocks"], f"{path}.blocks", _parse_block, "name", "block name")
-    return Model(
-        name=name,
-        blocks=blocks,
-        base_accuracy=_number(obj.get("base_accuracy", 0.0), f"{path}.base_accuracy"),
-        weight=_number(obj.get("weight", 1.0), f"{path}.weight", strictly=True),
-        latency_deadline_ms=_optional_number(
-            obj.get("latency_deadline_ms"), f"{path}.latency_deadline_ms"
-        ),
-    )
+def _check_models(models: tuple[Model, ...], path: str) -> None:
+    """Names and ids unique where selections address items by them; compositions valid."""
+    repeat = _first_repeat([m.name for m in models])
+    if repeat:
+        i, j = repeat
+        raise ProblemError(f"{path}[{i}].name", f"duplicate model name {models[i].name!r} (also models[{j}])")
+    for m, model in enumerate(models):
+        where = f"{path}[{m}]"
+        repeat = _first_repeat([b.name for b in model.blocks])
+        if repeat:
+            i, j = repeat
+            raise ProblemError(
+                f"{where}.blocks[{i}].name", f"duplicate block name {model.blocks[i].name!r} (also blocks[{j}])"
+            )
+        for b, block in enumerate(model.blocks):
+            repeat = _first_repeat([c.id for c in block.choices])
+            if repeat:
+                i, j = repeat
+                raise ProblemError(
+                    f"{where}.blocks[{b}].choices[{i}].id",
+                    f"duplicate choice id {block.choices[i].id!r} (also choices[{j}])",
+                )
+        for c, comp in enumerate(model.compositions):
+            _check_selection(comp.selection, model, f"{where}.compositions[{c}].selection")
 
 
 def parse_models(raw: Any, path: str = "models") -> tuple[Model, ...]:
     """Validate a list of model objects (the part of a problem that does not change with budgets)."""
-    return _unique(raw, path, _parse_model, "name", "model name")
+    models = convert(raw, Annotated[tuple[Model, ...], Meta(min_length=1)], error=_error, path=path)
+    _check_models(models, path)
+    return models
 
 
 def parse_budgets(raw: Any, path: str = "budgets") -> Budgets:
     """Validate a budgets object; missing keys and nulls mean unconstrained."""
-    if raw is None:
-        return Budgets()
-    obj = _object(raw, path, set(), {"latency_ms", "memory_bytes", "switch_bytes"})
-    return Budgets(
-        latency_ms=_optional_number(obj.get("latency_ms"), f"{path}.latency_ms"),
-        memory_bytes=_optional_number(obj.get("memory_bytes"), f"{path}.memory_bytes"),
-        switch_bytes=_optional_number(obj.get("switch_bytes"), f"{path}.switch_bytes"),
-    )
+    return Budgets() if raw is None else convert(raw, Budgets, error=_error, path=path)
 
 
 def parse_current(
@@ -304,33 +282,14 @@ def parse_current(
     current: dict[str, tuple[str, ...]] = {}
     for name, ids in raw.items():
         if name not in by_name:
-            known = ", ".join(by_name)
-            raise ProblemError(f"{path}.{name}", f"unknown model {name!r} (models: {known})")
-        model = by_name[name]
-        if not isinstance(ids, list):
-            raise ProblemError(f"{path}.{name}", f"must be a list of choice ids, got {_type_name(ids)}")
-        if len(ids) != len(model.blocks):
-            raise ProblemError(
-                f"{path}.{name}",
-                f"has {len(ids)} choice ids but model {name!r} has {len(model.blocks)} blocks; "
-                "give one id per block, in block order",
-            )
-        for b, (block, choice_id) in enumerate(zip(model.blocks, ids)):
-            if not isinstance(choice_id, str):
-                raise ProblemError(f"{path}.{name}[{b}]", f"must be a string, got {_type_name(choice_id)}")
-            if all(c.id != choice_id for c in block.choices):
-                known = ", ".join(c.id for c in block.choices)
-                raise ProblemError(
-                    f"{path}.{name}[{b}]",
-                    f"unknown choice id {choice_id!r} for block {block.name!r} (choices: {known})",
-                )
-        current[name] = tuple(ids)
+            raise ProblemError(f"{path}.{name}", f"unknown model {name!r} (models: {', '.join(by_name)})")
+        current[name] = _check_selection(ids, by_name[name], f"{path}.{name}")
     return current
 
 
 def parse_penalty(raw: Any, path: str = "switch_penalty_per_byte") -> float:
     """Validate the objective's cost per switched byte (>= 0; null means 0)."""
-    return 0.0 if raw is None else _number(raw, path)
+    return 0.0 if raw is None else convert(raw, Cost, error=_error, path=path)
 
 
 def _load_raw(source: Mapping[str, Any] | str | Path) -> Any:
@@ -354,19 +313,18 @@ def _load_raw(source: Mapping[str, Any] | str | Path) -> Any:
 
 
 def parse_problem(source: Mapping[str, Any] | str | Path) -> Problem:
-    """Validate a problem given as a dict, a JSON string, or a Path to a JSON file."""
-    obj = _object(
-        _load_raw(source),
-        "problem",
-        {"models"},
-        {"budgets", "current", "switch_penalty_per_byte"},
-    )
-    models = parse_models(obj["models"])
+    """Validate a problem given as a dict, a JSON string, or a Path to a JSON file.
+
+    Raises:
+        ProblemError: naming the field path and what is expected there.
+    """
+    raw = convert(_load_raw(source), _ProblemJSON, error=_error)
+    _check_models(raw.models, "models")
     return Problem(
-        models=models,
-        budgets=parse_budgets(obj.get("budgets")),
-        current=parse_current(obj.get("current"), models),
-        switch_penalty_per_byte=parse_penalty(obj.get("switch_penalty_per_byte")),
+        models=raw.models,
+        budgets=raw.budgets or Budgets(),
+        current=parse_current(raw.current, raw.models),
+        switch_penalty_per_byte=raw.switch_penalty_per_byte or 0.0,
     )
 
 
@@ -407,6 +365,13 @@ def synthetic_problem(
                 )
             blocks.append({"name": f"b{b}", "choices": choices})
         models.append({"name": f"m{m}", "base_accuracy": 0.9, "blocks": blocks})
+    return {"models": models, "budgets": synthetic_budgets(models, tightness)}
+
+
+def synthetic_budgets(models: list[dict[str, Any]], tightness: float) -> dict[str, float]:
+    """The budgets `synthetic_problem` sets for its models (JSON form) at `tightness`: the
+    latency budget that far from the smallest to the largest total, memory at 1.2x that
+    fraction (capped at the largest total)."""
     every = [b for model in models for b in model["blocks"]]
 
     def budget(key: str, t: float) -> float:
@@ -414,10 +379,4 @@ def synthetic_problem(
         hi = sum(max(c[key] for c in b["choices"]) for b in every)
         return lo + t * (hi - lo)
 
-    return {
-        "models": models,
-        "budgets": {
-            "latency_ms": budget("latency_ms", tightness),
-            "memory_bytes": budget("memory_bytes", min(1.0, 1.2 * tightness)),
-        },
-    }
+    return {"latency_ms": budget("latency_ms", tightness), "memory_bytes": budget("memory_bytes", min(1.0, 1.2 * tightness))}

@@ -8,6 +8,9 @@ new selection; the switcher loads only the changed blocks and reports what it di
 
 Hysteresis keeps a still-feasible current selection when the better one gains less than a
 threshold, so budgets that jitter around a boundary do not make blocks flap in and out.
+
+The models are validated and laid out once (`compiled`, a `CompiledProblem`); an update
+re-solves it under the new budgets and the running selections.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from optimizer.problem import Problem, parse_budgets, parse_current, parse_models, parse_penalty
-from optimizer.solver import DEFAULT_NODE_LIMIT, Solution, evaluate, solve
+from optimizer.compiled import DEFAULT_NODE_LIMIT, CompiledProblem
+from optimizer.evaluation import Solution, evaluate
+from optimizer.problem import Model, Problem, parse_budgets, parse_models, parse_penalty
 
 if TYPE_CHECKING:  # legoblocks (and torch) only for type checkers: the scaler just calls .switch()
     from legoblocks.compose import BlockSwitcher
@@ -49,21 +53,23 @@ class RuntimeScaler:
     """Keeps several models' selections optimal for changing budgets.
 
     `problem_models` are the models of the optimizer's JSON form (what
-    `profiling.table.to_problem(...)["models"]` holds): names, weights, deadlines, blocks
-    and choices. `switchers` maps each model name to the BlockSwitcher running it; their
-    block names must be the model's blocks, in order.
+    `profiling.table.to_problem(...)["models"]` holds: names, weights, deadlines, blocks,
+    choices and measured compositions), or already validated `Model` records.
+    `switchers` maps each model name to the BlockSwitcher running it; their block names
+    must be the model's blocks, in order.
     """
 
     def __init__(
         self,
-        problem_models: Sequence[Mapping[str, Any]],
+        problem_models: Sequence[Mapping[str, Any] | Model],
         switchers: Mapping[str, BlockSwitcher],
         *,
         hysteresis: float = 0.0,
         switch_penalty_per_byte: float = 0.0,
         node_limit: int = DEFAULT_NODE_LIMIT,
     ) -> None:
-        self.models = parse_models(list(problem_models))
+        given = list(problem_models)
+        self.models = tuple(given) if all(isinstance(m, Model) for m in given) else parse_models(given)
         names = [m.name for m in self.models]
         if set(switchers) != set(names):
             raise ValueError(
@@ -85,6 +91,7 @@ class RuntimeScaler:
         self.hysteresis = float(hysteresis)
         self.switch_penalty_per_byte = parse_penalty(switch_penalty_per_byte)
         self.node_limit = node_limit
+        self.compiled = CompiledProblem(self.models, switch_penalty_per_byte=self.switch_penalty_per_byte)
         self.problem({})  # validates the switchers' running selections against the choices now
 
     @property
@@ -94,12 +101,7 @@ class RuntimeScaler:
 
     def problem(self, budgets: Mapping[str, float | None]) -> Problem:
         """The scaling problem for `budgets` with the running selections as `current`."""
-        return Problem(
-            models=self.models,
-            budgets=parse_budgets(budgets),
-            current=parse_current(self.selection, self.models),
-            switch_penalty_per_byte=self.switch_penalty_per_byte,
-        )
+        return self.compiled.problem(parse_budgets(budgets), self.selection)
 
     def update(self, budgets: Mapping[str, float | None]) -> ScaleReport:
         """Re-solve for `budgets` ({"latency_ms", "memory_bytes", "switch_bytes"}, any may be
@@ -110,7 +112,7 @@ class RuntimeScaler:
         """
         start = time.perf_counter()
         problem = self.problem(budgets)
-        solution = solve(problem, node_limit=self.node_limit)
+        solution = self.compiled.solve(problem.budgets, problem.current, node_limit=self.node_limit)
         solve_seconds = time.perf_counter() - start
         running = self.selection
         kept = ""

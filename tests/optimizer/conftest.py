@@ -2,6 +2,7 @@
 
 Realistic tables come from `optimizer.problem.synthetic_problem`, the generator the
 benchmark times, so the MILP comparisons check the very instances it reports on.
+`add_compositions` gives models measured whole-model selections.
 
 The brute force recomputes objective and constraints itself (it does not use the solver's
 `evaluate`), so a shared bug cannot hide.
@@ -102,6 +103,31 @@ def make_random(
     return problem
 
 
+def add_compositions(rng: random.Random, problem: dict[str, Any], count: tuple[int, int] = (1, 4)) -> dict[str, Any]:
+    """Give each model a few measured compositions (in place; returns the problem).
+
+    Selections are random or the model's best choices per block; their accuracy is the
+    additive prediction moved up or down by up to 0.03 (so some beat every free selection
+    and some are worse than their prediction), exactly the prediction, or a repeat of an
+    earlier composition with another accuracy (the higher counts).
+    """
+    for model in problem["models"]:
+        comps = []
+        for _ in range(rng.randint(*count)):
+            if comps and rng.random() < 0.2:
+                comps.append({"selection": list(comps[-1]["selection"]), "accuracy": comps[-1]["accuracy"] + rng.uniform(-0.02, 0.02)})
+                continue
+            if rng.random() < 0.3:
+                picks = [min(b["choices"], key=lambda c: c["accuracy_drop"]) for b in model["blocks"]]
+            else:
+                picks = [rng.choice(b["choices"]) for b in model["blocks"]]
+            predicted = model.get("base_accuracy", 0.0) - sum(c["accuracy_drop"] for c in picks)
+            shift = 0.0 if rng.random() < 0.15 else rng.uniform(-0.03, 0.03)
+            comps.append({"selection": [c["id"] for c in picks], "accuracy": max(0.0, predicted + shift)})
+        model["compositions"] = comps
+    return problem
+
+
 def _within(total: float, budget: float | None) -> bool:
     return budget is None or total <= budget + REL_TOL * abs(budget)
 
@@ -116,6 +142,7 @@ def check(problem: dict[str, Any], selection: dict[str, list[str]]) -> tuple[boo
     for model in problem["models"]:
         ids = selection[model["name"]]
         accuracy = model.get("base_accuracy", 0.0)
+        measured = [c["accuracy"] for c in model.get("compositions", []) if list(c["selection"]) == list(ids)]
         lat = 0.0
         for b, (block, choice_id) in enumerate(zip(model["blocks"], ids)):
             choice = next(c for c in block["choices"] if c["id"] == choice_id)
@@ -125,6 +152,8 @@ def check(problem: dict[str, Any], selection: dict[str, list[str]]) -> tuple[boo
             running = current.get(model["name"])
             if running is not None and running[b] != choice_id:
                 total_switch += choice.get("load_bytes", choice["memory_bytes"])
+        if measured:
+            accuracy = max(measured)
         objective += model.get("weight", 1.0) * accuracy
         total_lat += lat
         feasible &= _within(lat, model.get("latency_deadline_ms"))
@@ -168,6 +197,7 @@ def gen() -> Any:
     class Helpers:
         random = staticmethod(make_random)
         realistic = staticmethod(synthetic_problem)  # the benchmark's generator
+        compositions = staticmethod(add_compositions)
         check = staticmethod(check)
         brute_force = staticmethod(brute_force)
         minima = staticmethod(minima)

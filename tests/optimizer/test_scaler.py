@@ -172,5 +172,5 @@ def test_rejects_mismatched_switchers(setup):
         RuntimeScaler(problem_models, swapped)
     with pytest.raises(ValueError, match="hysteresis"):
         RuntimeScaler(problem_models, switchers, hysteresis=-1)
-    with pytest.raises(ValueError, match="budgets: unknown key 'latency'"):
+    with pytest.raises(ValueError, match="budgets: unknown field 'latency'"):
         RuntimeScaler(problem_models, switchers).update({"latency": 3})

@@ -1,0 +1,506 @@
+"""A compiled problem: validated once, arrays built once, re-solved under any budgets.
+
+`compile_problem(problem)` turns the models of a `Problem` into the arrays the exact
+search works on; `CompiledProblem.solve(budgets=..., current=..., top_k=...)` then
+re-solves without parsing or validating the tables again. A device re-solves on every
+budget change (`RuntimeScaler`, `legodnn-fetch --watch`) and several times per change
+(`solve_measured`): they keep one compiled problem.
+
+The method (exact; `optimizer.dual` and `optimizer.search` have the parts):
+
+1. **Items.** Value per choice ``-w * drop - penalty * switch``, a coefficient per active
+   constraint (the shared latency budget, each model's deadline, memory, switch bytes),
+   laid out per chunk of blocks once per kind of constraints (`search.Layout`, cached
+   while nothing that changes the coefficients changes). A constraint whose smallest
+   achievable total exceeds its budget makes the problem infeasible at once, with how far
+   off it is.
+2. **Multipliers.** A small set of Lagrangian multiplier vectors around the dual's
+   minimum (batched evaluations of the dual over all groups at once).
+3. **First threshold.** Under the best multipliers, the best choice per group with the
+   most contested groups free to take their second best: the k-th best feasible value
+   among those combinations is the threshold T (a value k distinct selections reach).
+4. **Pass.** Every feasible selection that can reach T is enumerated (per model in chunks
+   of blocks, then merged across models, pruned by the multipliers' bounds): the k best
+   are exact. Without a first threshold, a beam pass finds one first.
+5. **Ties.** Values within ``eps`` (1e-11 of the objective's scale: float noise) are
+   ties; the answer is the lexicographically smallest selection by (model, block, choice
+   index) among those tied with the best, so a problem always yields the same selection.
+
+Every reported number comes from `optimizer.evaluation.evaluate_indices`. Worst case is
+exponential (NP-hard): a pass that would hold more than `node_limit` states stops and the
+independent MILP (`optimizer.milp`, SciPy/HiGHS) answers, or, where SciPy is not
+installed (a device), `SearchLimitError` says what to raise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optimizer.dual import Relaxation, core_selections, lp_infeasible, multipliers, natural_scale
+from optimizer.evaluation import Solution, budget_limit, evaluate_indices, infeasible
+from optimizer.problem import Budgets, Model, Problem, parse_budgets, parse_current, parse_problem
+from optimizer.search import Bounds, Layout, PassResult, StateLimit, bounds, layout, run_pass
+
+__all__ = ["DEFAULT_NODE_LIMIT", "CompiledProblem", "SearchLimitError", "compile_problem"]
+
+DEFAULT_NODE_LIMIT = 200_000
+METHOD = "lagrangian-enumeration"
+BEAM = 32  # partial selections per model a beam pass keeps (when no first threshold was found)
+CORE_GROUPS = (12, 14, 16)  # contested groups whose two best choices the first threshold tries (by size)
+ITEM_BUDGET = 2048
+PROBE_GROUPS = 40  # on more groups than this the first pass probes from the bound
+_EPS_REL = 1e-11  # ties: values closer than this times the objective's scale are float noise
+_JOINTLY_INFEASIBLE = "no selection meets all budgets and deadlines together"
+_UNITS = {"latency": "ms", "memory": "B", "switch": "B"}
+
+
+class SearchLimitError(RuntimeError):
+    """The exact search would hold more than its state limit and no MILP fallback is installed."""
+
+
+def _chunks(sizes: Sequence[int], cap: int) -> list[list[int]]:
+    """Consecutive blocks grouped while the product of their choice counts stays <= cap."""
+    out: list[list[int]] = []
+    product = cap + 1
+    for b, size in enumerate(sizes):
+        if out and product * size <= cap:
+            out[-1].append(b)
+            product *= size
+        else:
+            out.append([b])
+            product = size
+    return out
+
+
+@lru_cache(maxsize=256)
+def _combinations(dims: tuple[int, ...]) -> np.ndarray:
+    """(prod(dims), len(dims)): every combination of one index per dimension, lexicographic."""
+    return np.indices(dims).reshape(len(dims), -1).T
+
+
+@lru_cache(maxsize=256)
+def _partition(sizes: tuple[tuple[int, ...], ...]) -> list[list[list[int]]]:
+    """Per model (given by its blocks' choice counts) its chunks: the fewest levels whose
+    items (levels x models x the largest chunk) stay within `ITEM_BUDGET`."""
+    best = None
+    for cap in (4096, 1296, 512, 256, 64, 16):
+        parts = [_chunks(s, cap) for s in sizes]
+        items = max(math.prod(s[b] for b in chunk) for s, p in zip(sizes, parts) for chunk in p)
+        if max(len(p) for p in parts) * len(sizes) * items <= ITEM_BUDGET:
+            return parts
+        best = parts
+    return best  # type: ignore[return-value]
+
+
+class CompiledProblem:
+    """The models of a problem as arrays, ready to be solved under any budgets.
+
+    Build it with `compile_problem`; `budgets` and `current` are the defaults `solve` uses.
+    """
+
+    def __init__(
+        self,
+        models: tuple[Model, ...],
+        *,
+        budgets: Budgets | None = None,
+        current: Mapping[str, tuple[str, ...]] | None = None,
+        switch_penalty_per_byte: float = 0.0,
+    ) -> None:
+        self.models = models
+        self.budgets = budgets or Budgets()
+        self.current = current
+        self.switch_penalty_per_byte = switch_penalty_per_byte
+        self.measured = [m.measured() for m in models]
+        self.constant = math.fsum(m.weight * m.base_accuracy for m in models)
+        blocks = [b for m in models for b in m.blocks]
+        n_groups = len(blocks)
+        sizes = [len(b.choices) for b in blocks]
+        width = max(sizes)
+        self._width, self._n_groups = width, n_groups
+        self._start = np.cumsum([0] + [len(m.blocks) for m in models])
+        # (choice, group) arrays plus a last all-zero group that pads chunks.
+        shape = (width, n_groups + 1)
+        group = np.repeat(np.arange(n_groups), sizes)
+        choice = np.arange(len(group)) - np.repeat(np.cumsum([0] + sizes[:-1]), sizes)
+        table = np.array(
+            [x for b in blocks for c in b.choices for x in (c.accuracy_drop, c.latency_ms, c.memory_bytes, c.load_bytes)]
+        ).reshape(-1, 4)
+        self._valid = np.zeros(shape, dtype=bool)
+        self._valid[choice, group] = True
+        self._valid[0, n_groups] = True
+        drop, lat, mem, load = (np.zeros(shape) for _ in range(4))
+        for column, array in zip(table.T, (drop, lat, mem, load)):
+            array[choice, group] = column
+        self._minima = (math.fsum(np.where(self._valid, lat, np.inf)[:, :-1].min(axis=0)),
+                        math.fsum(np.where(self._valid, mem, np.inf)[:, :-1].min(axis=0)))
+        weight = np.append(np.repeat([m.weight for m in models], [len(m.blocks) for m in models]), 0.0)
+        self._value = np.where(self._valid, -weight * drop, -np.inf)
+        self._lat, self._mem, self._load = lat, mem, load
+        self._blocks = blocks
+        self._index_cache: list[dict[str, int]] | None = None
+        self._build_chunks(models)
+        self._build_compositions(models)
+        self._layouts: dict[Any, tuple[Any, ...]] = {}
+
+    @property
+    def _index(self) -> list[dict[str, int]]:
+        """Per group, choice id -> index (built on first use: `current` and compositions need it)."""
+        if self._index_cache is None:
+            self._index_cache = [{c.id: i for i, c in enumerate(b.choices)} for b in self._blocks]
+        return self._index_cache
+
+    # ------------------------------------------------------------------ construction
+
+    def _build_chunks(self, models: tuple[Model, ...]) -> None:
+        sizes = tuple(tuple(len(b.choices) for b in m.blocks) for m in models)
+        per_model = _partition(sizes)
+        dims = [[[size[b] for b in chunk] for chunk in chunks] for size, chunks in zip(sizes, per_model)]
+        levels = max(len(c) for c in per_model)
+        n_items = max(math.prod(d) for md in dims for d in md)
+        span = max(len(d) for md in dims for d in md)
+        M = len(models)
+        choice = np.zeros((levels, M, n_items, span), dtype=np.intp)
+        group = np.full((levels, M, n_items, span), self._n_groups, dtype=np.intp)
+        valid = np.zeros((levels, M, n_items), dtype=bool)
+        valid[:, :, 0] = True  # a model with fewer chunks has one all-padding item there
+        for m, (chunks, model_dims) in enumerate(zip(per_model, dims)):
+            for level, (chunk, d) in enumerate(zip(chunks, model_dims)):
+                combos = _combinations(tuple(d))
+                choice[level, m, : len(combos), : len(chunk)] = combos
+                group[level, m, : len(combos), : len(chunk)] = self._start[m] + np.asarray(chunk)
+                valid[level, m, : len(combos)] = True
+        self._chunk_choice, self._chunk_group, self._chunk_valid = choice, group, valid
+        self._chunk_blocks, self._chunk_dims = per_model, dims
+
+    def _path(self, m: int, row: Sequence[int]) -> list[int]:
+        """Chunk item per level of model m's selection `row` (choice index per block)."""
+        path = [int(np.ravel_multi_index([row[b] for b in chunk], d)) for chunk, d in zip(self._chunk_blocks[m], self._chunk_dims[m])]
+        return path + [0] * (self._chunk_choice.shape[0] - len(path))
+
+    def _build_compositions(self, models: tuple[Model, ...]) -> None:
+        span = max(len(m.blocks) for m in models)
+        model_of, choices, groups, gains, paths = [], [], [], [], []
+        for m, (model, known) in enumerate(zip(models, self.measured)):
+            for selection, accuracy in known.items():
+                row = [block.index_of(cid) for block, cid in zip(model.blocks, selection)]
+                predicted = math.fsum([model.base_accuracy, *(-b.choices[d].accuracy_drop for b, d in zip(model.blocks, row))])
+                model_of.append(m)
+                choices.append(row + [0] * (span - len(row)))
+                groups.append(list(range(self._start[m], self._start[m + 1])) + [self._n_groups] * (span - len(row)))
+                gains.append(model.weight * (accuracy - predicted))
+                paths.append(self._path(m, row))
+        self._comp_model = np.asarray(model_of, dtype=np.intp)
+        self._comp_choice = np.asarray(choices, dtype=np.intp).reshape(-1, span)
+        self._comp_group = np.asarray(groups, dtype=np.intp).reshape(-1, span)
+        self._comp_gain = np.asarray(gains, dtype=float)
+        self._comp_path = np.asarray(paths, dtype=np.intp).reshape(-1, self._chunk_choice.shape[0])
+
+    # ------------------------------------------------------------------ one solve
+
+    def problem(self, budgets: Budgets | Mapping[str, Any] | None = None, current: Any = None) -> Problem:
+        """The `Problem` these models pose under `budgets` and `current` (defaults: the compiled ones).
+
+        Budgets and current given in JSON form are validated, with field paths in errors.
+        """
+        if budgets is None:
+            budgets = self.budgets
+        elif not isinstance(budgets, Budgets):
+            budgets = parse_budgets(budgets)
+        return Problem(self.models, budgets, self._current(current), self.switch_penalty_per_byte)
+
+    def _current(self, current: Any) -> Mapping[str, tuple[str, ...]] | None:
+        if current is None:
+            return self.current
+        if isinstance(current, Mapping):  # the common case, checked by lookups; else the full check's error
+            out = {}
+            for m, model in enumerate(self.models):
+                ids = current.get(model.name)
+                if ids is None:
+                    continue
+                start = self._start[m]
+                if (isinstance(ids, (list, tuple)) and len(ids) == len(model.blocks)
+                        and all(isinstance(c, str) and c in self._index[start + b] for b, c in enumerate(ids))):
+                    out[model.name] = tuple(ids)
+            if len(out) == len(current):
+                return out
+        return parse_current(current, self.models)
+
+    def _layout(self, problem: Problem) -> tuple[Any, ...]:
+        """(layout, value (C, G'), coefficients (D, C, G'), names, budget getters, least, spread,
+        scale) for the kinds of constraints `problem` has; cached unless switching counts."""
+        budgets, current = problem.budgets, problem.current or {}
+        switching = bool(current) and (budgets.switch_bytes is not None or problem.switch_penalty_per_byte > 0)
+        key = (budgets.latency_ms is not None, budgets.memory_bytes is not None,
+               tuple(sorted(current.items())) if switching else None, budgets.switch_bytes is not None)
+        if key in self._layouts:
+            return self._layouts[key]
+        value = self._value
+        switch = None
+        if switching:
+            running = np.full(self._n_groups + 1, -1)
+            for m, model in enumerate(self.models):
+                ids = current.get(model.name)
+                if ids is not None:
+                    start = self._start[m]
+                    running[start : start + len(ids)] = [self._index[start + b][cid] for b, cid in enumerate(ids)]
+            rows = np.arange(self._width)[:, None]
+            switch = np.where((running >= 0) & (rows != running) & self._valid, self._load, 0.0)
+            value = value - problem.switch_penalty_per_byte * switch
+        coefs, names, limit_of = [], [], []
+        if budgets.latency_ms is not None:
+            coefs.append(self._lat)
+            names.append("latency budget")
+            limit_of.append(lambda p: p.budgets.latency_ms)
+        for m, model in enumerate(self.models):
+            if model.latency_deadline_ms is not None:
+                own = np.zeros_like(self._lat)
+                own[:, self._start[m] : self._start[m + 1]] = self._lat[:, self._start[m] : self._start[m + 1]]
+                coefs.append(own)
+                names.append(f"latency deadline of {model.name}")
+                limit_of.append(lambda p, d=model.latency_deadline_ms: d)
+        if budgets.memory_bytes is not None:
+            coefs.append(self._mem)
+            names.append("memory budget")
+            limit_of.append(lambda p: p.budgets.memory_bytes)
+        if switch is not None and budgets.switch_bytes is not None:
+            coefs.append(switch)
+            names.append("switch budget")
+            limit_of.append(lambda p: p.budgets.switch_bytes)
+        coef = np.array(coefs).reshape(len(coefs), *value.shape)
+        valid = self._valid
+        least = np.where(valid[None], coef, np.inf).min(axis=1).sum(axis=1)
+        spread = np.where(valid[None], coef, 0.0).max(axis=1).sum(axis=1)
+        stacked = np.concatenate([np.where(valid, value, 0.0)[..., None], np.moveaxis(coef, 0, -1)], axis=-1)
+        items = stacked[self._chunk_choice, self._chunk_group].sum(axis=3)  # (L, M, I, 1 + D)
+        comp = stacked[self._comp_choice, self._comp_group].sum(axis=1)  # (J, 1 + D)
+        lay = layout(np.where(self._chunk_valid, items[..., 0], -np.inf), np.ascontiguousarray(np.moveaxis(items[..., 1:], -1, 0)),
+                     self._chunk_valid, comp[:, 0] + self._comp_gain, np.ascontiguousarray(comp[:, 1:].T),
+                     self._comp_model, self._comp_path)
+        scale = natural_scale(value, coef, valid)
+        eps = _EPS_REL * (abs(self.constant) + float(np.abs(np.where(valid, value, 0.0)).max(axis=0).sum()))
+        owner = np.array([next((m for m, model in enumerate(self.models) if name == f"latency deadline of {model.name}"), -1)
+                          for name in names], dtype=np.intp)
+        entry = (lay, value, coef, names, limit_of, least, spread, scale, eps, owner)
+        if not switching:
+            self._layouts[key] = entry
+        return entry
+
+    def solve(
+        self,
+        budgets: Budgets | Mapping[str, Any] | None = None,
+        current: Any = None,
+        *,
+        top_k: int = 1,
+        node_limit: int = DEFAULT_NODE_LIMIT,
+    ) -> Solution:
+        """The best selection (exact), plus up to top_k-1 next-best distinct ones.
+
+        Args:
+            budgets: a `Budgets` or its JSON form; default the compiled problem's.
+            current: running selections (model name -> choice ids); default the compiled problem's.
+            top_k: how many distinct selections to return, best first.
+            node_limit: the most states the search may hold before the MILP takes over.
+
+        Returns:
+            The `Solution`; objectives closer than float noise (1e-11 of the objective's
+            scale) are ties, resolved to the lexicographically smallest selection.
+        """
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        problem = self.problem(budgets, current)
+        lay, value, coef, names, limit_of, least, spread, scale, eps, owner = self._layout(problem)
+        budget_list = [get(problem) for get in limit_of]
+        limits = np.array([budget_limit(b) for b in budget_list])
+        if (least > limits).any():
+            over = [
+                f"{name} {budget:g} {_UNITS[name.split()[0]]} is below the smallest achievable {low:g} {_UNITS[name.split()[0]]}"
+                for name, budget, low, limit in zip(names, budget_list, least, limits)
+                if low > limit
+            ]
+            return infeasible(self._minima, "; ".join(over), "bounds")
+        zooms = 0 if self._n_groups <= 12 else 1 if self._n_groups <= 24 else 2
+        free = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[:0], lay.comp_coef[:, :0], lay.comp_model[:0])
+        lams = multipliers(free, scale, zooms, owner)
+        first = self._first_target(value, coef, limits, lams[0], top_k)
+        fits = (lay.comp_need <= limits[:, None]).all(axis=0)  # compositions that can fit at all
+        if fits.any():  # the bound with compositions has its own best multipliers: prune with both sets
+            rel = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[fits], lay.comp_coef[:, fits], lay.comp_model[fits])
+            both = multipliers(rel, scale, zooms, owner)
+            first = max(first, self._first_target(value, coef, limits, both[0], top_k))
+            lams = np.concatenate([both, lams])
+        # Summed in another order than `evaluate_indices`: a hair of slack, then the canonical verdict.
+        b = bounds(lay, lams, limits + 1e-12 * (np.abs(limits) + spread))
+        eps = max(eps, _EPS_REL * float(np.abs(b.upper).max()), 1e-300)
+        if first == -np.inf and len(limits) and lp_infeasible(coef, self._valid, limits):
+            return infeasible(self._minima, _JOINTLY_INFEASIBLE + " (not even fractionally)", METHOD)
+        return self._search(problem, b, first, top_k, eps, node_limit)
+
+    def _first_target(self, value: np.ndarray, coef: np.ndarray, limits: np.ndarray, lam: np.ndarray, top_k: int) -> float:
+        """A value that top_k distinct feasible selections reach (-inf if none was found).
+
+        Candidates: the best combinations of the contested groups' two best choices, and
+        the best of them with one model's selection replaced by each of its compositions,
+        or by a greedy pick of one composition per model (best gain first, while it fits).
+        """
+        n_core = CORE_GROUPS[(self._n_groups > 40) + (self._n_groups > 80)]
+        selections, values = core_selections(value, coef, limits, lam, n_core, top_k)
+        if len(self._comp_model) and len(values):  # a composition is worth its measured value
+            cols = np.arange(selections.shape[1])
+            base = selections[0]
+            swapped = np.repeat(base[None], len(self._comp_model) + 1, axis=0)
+            rows = np.arange(len(self._comp_model))[:, None]
+            swapped[rows, self._comp_group] = self._comp_choice
+            own_v = np.add.reduceat(value[base, cols], self._start[:-1])  # (M,) the base's part per model
+            own_u = np.add.reduceat(coef[:, base, cols], self._start[:-1], axis=1)  # (D, M)
+            comp = self._comp_values(value, coef)
+            gain = comp[0] - own_v[self._comp_model]
+            extra = comp[1:] - own_u[:, self._comp_model]
+            used, taken = coef[:, base, cols].sum(axis=1), set()
+            for j in np.argsort(-gain, kind="stable"):
+                m = int(self._comp_model[j])
+                if gain[j] > 0 and m not in taken and (used + extra[:, j] <= limits).all():
+                    taken.add(m)
+                    used = used + extra[:, j]
+                    swapped[-1, self._comp_group[j]] = self._comp_choice[j]
+            fits = (coef[:, swapped, cols].sum(axis=2) <= limits[:, None]).all(axis=0)
+            selections = np.concatenate([selections, swapped[fits]])
+            values = np.concatenate([values, value[swapped[fits], cols].sum(axis=1)])
+            hit = (selections[:, self._comp_group] == self._comp_choice[None]).all(axis=2)  # (n, J)
+            values = values + hit.astype(float) @ self._comp_gain
+            distinct = np.unique(selections, axis=0, return_index=True)[1]
+            values = np.sort(values[distinct])[::-1]
+        return float(values[top_k - 1]) if len(values) >= top_k else -np.inf
+
+    def _comp_values(self, value: np.ndarray, coef: np.ndarray) -> np.ndarray:
+        """(1 + D, J): each composition's (measured) value and coefficients."""
+        stacked = np.concatenate([np.where(self._valid, value, 0.0)[None], coef])
+        out = stacked[:, self._comp_choice, self._comp_group].sum(axis=2)
+        out[0] += self._comp_gain
+        return out
+
+    def _search(self, problem: Problem, b: Bounds, first: float, top_k: int, eps: float, limit: int) -> Solution:
+        """Passes at thresholds T until one holds the top_k best at or above T.
+
+        The first T is a value top_k known selections reach (`first`); without one, a beam
+        pass (the best partial selections by bound) looks for a start. A T far below the
+        optimum makes a pass hold millions of selections; a T above it, only the few whose
+        bound reaches it, among which are usually near-optimal ones. So a pass that runs
+        past a quarter of the state limit, and on many groups the first pass, *probes*
+        instead: from just below the bound downwards, each probe's selections raising the
+        known value, until the threshold meets it. A pass with fewer than top_k
+        selections lowers T: to the k-th best it found, or four times as far from the bound.
+        """
+        floor, upper = b.lay.floor, b.upper_bound
+        states = 0
+        known = first if first > floor else -np.inf  # top_k distinct feasible selections reach it
+        probing = known > -np.inf and self._n_groups > PROBE_GROUPS and upper > known
+        if probing:
+            target, beam = upper - (upper - known) / 4, None
+        else:
+            target, beam = (first, None) if first > floor else (floor, BEAM)
+        while True:
+            budget = limit - states if probing or beam is not None else min(limit - states, max(limit // 4, 1))
+            try:
+                found = run_pass(b, target - 2 * eps, budget, beam)
+            except StateLimit:
+                if probing or beam is not None or not np.isfinite(upper) or target >= upper:
+                    return self._fallback(problem, top_k, states, limit)
+                probing = True
+                target = upper - (upper - target) / 8
+                continue
+            states += found.states
+            picked = self._pick(problem, found, top_k, eps)
+            proven = max(target, found.dropped)
+            if (len(picked) >= top_k and picked[-1][0] >= proven - eps) or (target <= floor and found.dropped == -np.inf):
+                if not picked:
+                    return infeasible(self._minima, _JOINTLY_INFEASIBLE, METHOD, states)
+                return self._finish([s for _, s in picked], METHOD, states)
+            if len(picked) >= top_k:
+                known = max(known, picked[-1][0])
+            if beam is not None:
+                target = known if known > -np.inf else upper - max(upper - found.dropped, 1e-9 * (1.0 + abs(upper)))
+            elif probing:
+                target = max(known, upper - 2.0 * (upper - target))
+            else:
+                target = known if len(picked) >= top_k else max(upper - 4.0 * (upper - target), floor)
+            beam = None
+
+    def _decode(self, key: np.ndarray) -> list[list[int]]:
+        """Choice index per block per model of a selection given by its chunk items."""
+        L, M = self._chunk_valid.shape[:2]
+        items = key.reshape(M, L).T  # (L, M)
+        picks = self._chunk_choice[np.arange(L)[:, None], np.arange(M)[None, :], items]  # (L, M, span)
+        groups = self._chunk_group[np.arange(L)[:, None], np.arange(M)[None, :], items]
+        choice = np.zeros(self._n_groups + 1, dtype=np.intp)
+        choice[groups.ravel()] = picks.ravel()  # padding lands on the extra group
+        flat = choice.tolist()
+        return [flat[self._start[m] : self._start[m + 1]] for m in range(M)]
+
+    def _pick(self, problem: Problem, found: PassResult, top_k: int, eps: float) -> list[tuple[float, Solution]]:
+        """The top_k best canonically feasible selections found, as (search value, solution):
+        first the lexicographically smallest within eps of the best, then by value."""
+        values = found.values
+        if not len(values):
+            return []
+        keys = np.concatenate([found.paths[m][found.choose[:, m]] for m in range(len(self.models))], axis=1)
+        alive = np.ones(len(values), dtype=bool)
+        out: list[tuple[float, Solution]] = []
+        while len(out) < top_k and alive.any():
+            idx = np.flatnonzero(alive)
+            if not out:
+                tied = idx[values[idx] >= values[idx].max() - eps]
+                at = tied[np.lexsort(keys[tied].T[::-1])[0]] if len(tied) > 1 else tied[0]
+            else:
+                at = idx[np.lexsort((*keys[idx].T[::-1], -values[idx]))[0]]
+            alive[at] = False
+            solution = evaluate_indices(problem, self._decode(keys[at]), self._minima, self.measured)
+            if solution.feasible:
+                out.append((float(values[at]), solution))
+        return out
+
+    def _finish(self, solutions: list[Solution], method: str, nodes: int) -> Solution:
+        head, *rest = solutions
+        rest.sort(key=lambda s: -s.objective)  # stable: equal objectives keep lexicographic order
+        return replace(head, alternatives=[replace(s, method=method) for s in rest], method=method, nodes=nodes)
+
+    def _fallback(self, problem: Problem, top_k: int, states: int, limit: int) -> Solution:
+        """Past the state limit: the MILP, or a clear error where SciPy is missing."""
+        try:
+            from optimizer.milp import solve_milp_top_k  # SciPy only on this rare path
+        except ImportError as exc:
+            raise SearchLimitError(
+                f"the exact search would hold more than node_limit={limit} states on this problem and the "
+                "MILP fallback needs SciPy, which is not installed; pass a larger node_limit "
+                "(memory grows with it) or install scipy"
+            ) from exc
+        method = f"milp (search passed {limit} states)"
+        found = solve_milp_top_k(problem, top_k)
+        if not found:
+            return infeasible(self._minima, _JOINTLY_INFEASIBLE, method, states)
+        solutions = [evaluate_indices(problem, s, self._minima, self.measured) for _, s in found]
+        return self._finish(solutions, method, states)
+
+
+def compile_problem(source: Problem | Mapping[str, Any] | str | Path) -> CompiledProblem:
+    """A `CompiledProblem` from a `Problem`, or from its JSON form (validated first).
+
+    The compiled problem keeps the problem's budgets, current selection and penalty as
+    the defaults of `CompiledProblem.solve`, and lays out its arrays for those kinds of
+    constraints now (other kinds are laid out on first use, then kept).
+    """
+    problem = source if isinstance(source, Problem) else parse_problem(source)
+    compiled = CompiledProblem(
+        problem.models,
+        budgets=problem.budgets,
+        current=problem.current,
+        switch_penalty_per_byte=problem.switch_penalty_per_byte,
+    )
+    compiled._layout(problem)  # the arrays for these kinds of constraints, before the first solve
+    return compiled

@@ -1,0 +1,367 @@
+"""The exact search: every selection whose Lagrangian value reaches a threshold, enumerated
+model by model and merged across models, all in array operations.
+
+Layout (`Layout`, built by `optimizer.compiled` and kept while the constraints are the
+same kinds): each model's blocks are cut into consecutive *chunks*, and a chunk's *items*
+are all combinations of its blocks' choices (in lexicographic order). Level l of the
+search is the l-th chunk of every model at once. A partial selection is one row
+``[-R_1 .. -R_K, U_1 .. U_D]``: its reduced value R_k = V - lam_k . U under every
+multiplier vector of the set from `optimizer.dual` (negated, so that every test reads
+"at most") and its usage per constraint.
+
+A pass with threshold T returns every feasible selection x whose value can reach T:
+
+1. **Bounds** (`bounds`, once per solve): per model and multiplier the best reduced value
+   of each chunk, summed into the model's best (compositions included); the least usage
+   likewise; the Lagrangian bounds UB_k = sum_m best_m + lam_k . limits.
+2. **Per model**, level by level: a partial selection survives if, for every k, its R
+   plus the best of its remaining chunks plus the other models' best reaches
+   T - lam_k . limits, and its usage plus the least its remaining chunks and the other
+   models can use fits every budget. Items that fail even after the best prefix are left
+   out before a level is expanded, so a level multiplies the states only by the few items
+   inside the gap.
+3. **Compositions** join their model's set with their measured value; a free selection
+   equal to a composition is dropped (its value is the composition's, not the sum).
+4. **Across models**: the sets are merged one model at a time under the same tests, now
+   with the remaining models' best and least taken over their sets.
+
+Since V(x) <= V(x) + lam . (limits - U(x)) for a feasible x, every feasible selection with
+V(x) >= T passes every test: the pass is complete above T. A *beam* pass keeps only the
+best partial selections by bound (a heuristic for when no first threshold is known) and
+reports the best bound it left out, above which it is still complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["BEAM_ITEMS", "Bounds", "Layout", "PassResult", "StateLimit", "bounds", "run_pass"]
+
+BEAM_ITEMS = 6  # items per chunk a beam pass expands
+_BLOCK = 1 << 18  # candidate rows built at once (memory stays bounded whatever the limit)
+CANDIDATES = 25  # candidates a step may build per state of the limit
+_PAIRS = 1 << 16  # merges of more pairs sort one side and visit only pairs passing the first test
+
+
+class StateLimit(Exception):
+    """A pass would hold more than its state limit."""
+
+
+@dataclass
+class Layout:
+    """The threshold-, budget- and multiplier-independent arrays of one kind of constraints.
+    Leading axes are columns (constraints, multipliers): reductions over them are
+    elementwise operations across contiguous slices."""
+
+    value: np.ndarray  # (L, M, I): per chunk item its value (-inf if the item does not exist)
+    coef: np.ndarray  # (D, L, M, I): its coefficient per constraint
+    valid: np.ndarray  # (L, M, I)
+    usage_need: np.ndarray  # (D, L, M, I): an item's usage plus the least of everything else
+    least_suffix: np.ndarray  # (D, L, M): least usage of a model's chunks after level l
+    others_least: np.ndarray  # (D, M): least usage of the other models
+    comp_value: np.ndarray  # (J,)
+    comp_coef: np.ndarray  # (D, J)
+    comp_need: np.ndarray  # (D, J): a composition's usage plus the other models' least
+    comp_model: np.ndarray  # (J,)
+    comp_path: np.ndarray  # (J, L)
+    floor: float  # below every selection's value
+
+
+def layout(
+    value: np.ndarray, coef: np.ndarray, valid: np.ndarray, comp_value: np.ndarray, comp_coef: np.ndarray,
+    comp_model: np.ndarray, comp_path: np.ndarray,
+) -> Layout:
+    """A `Layout` from the items' values (L, M, I), coefficients (D, L, M, I) and the
+    compositions' (J,), (D, J)."""
+    least = np.where(valid, coef, np.inf).min(axis=3)  # (D, L, M)
+    cum = np.cumsum(least, axis=1)
+    model_least = cum[:, -1]  # (D, M)
+    others = model_least.sum(axis=1, keepdims=True) - model_least
+    low = np.where(valid, value, np.inf).min(axis=2).sum(axis=0)  # (M,)
+    if len(comp_model):
+        np.minimum.at(low, comp_model, comp_value)
+    floor = float(low.sum())
+    suffix = cum[:, -1:] - cum
+    return Layout(
+        value=value,
+        coef=coef,
+        valid=valid,
+        usage_need=coef + (cum - least + suffix + others[:, None, :])[..., None],
+        least_suffix=suffix,
+        others_least=others,
+        comp_value=comp_value,
+        comp_coef=comp_coef,
+        comp_need=comp_coef + others[:, comp_model],
+        comp_model=comp_model,
+        comp_path=comp_path,
+        floor=floor - 1.0 - abs(floor),
+    )
+
+
+@dataclass
+class Bounds:
+    """What every pass of one solve shares (independent of the threshold)."""
+
+    lay: Layout
+    lams: np.ndarray  # (K, D)
+    limits: np.ndarray  # (D,)
+    Z: np.ndarray  # (K + D, L, M, I): per item [-R_k..., U_j...]
+    th: np.ndarray  # (K + D, L, M): after level l a row must be <= th (R rows: th - T)
+    item_slack: np.ndarray  # (L, M, I): T above which an item cannot pass even after the best prefix
+    comp_Z: np.ndarray  # (K + D, J)
+    comp_slack: np.ndarray  # (J,)
+    need: np.ndarray  # (K,): lam_k . limits
+    upper: np.ndarray  # (K,): the Lagrangian bounds UB_k
+
+    @property
+    def upper_bound(self) -> float:
+        return float(self.upper.min())
+
+
+def bounds(lay: Layout, lams: np.ndarray, limits: np.ndarray) -> Bounds:
+    """The pass-independent arrays of one solve under multipliers `lams` (K, D) and
+    `limits` (D,) (the budgets, with their tolerance)."""
+    K, D = lams.shape
+    shape = lay.value.shape
+    R = (lams @ -lay.coef.reshape(D, lay.value.size)).reshape(K, *shape)  # (K, L, M, I)
+    R += lay.value  # -inf where invalid
+    level_best = R.max(axis=3)  # (K, L, M)
+    cum = np.cumsum(level_best, axis=1)
+    model_best = cum[:, -1].copy()  # (K, M)
+    comp_fits = (lay.comp_need <= limits[:, None]).all(axis=0)
+    comp_R = np.where(comp_fits, lay.comp_value - lams @ lay.comp_coef, -np.inf)  # (K, J)
+    if len(lay.comp_model):  # only compositions that fit with the other models at their least
+        np.maximum.at(model_best.T, lay.comp_model, comp_R.T)
+    need = lams @ limits
+    total = model_best.sum(axis=1)
+    # After level l: R >= T - need - (other models' best) - (best of the model's later chunks).
+    free = (need + total)[:, None] - model_best  # (K, M)
+    th = np.concatenate([free[:, None, :] + cum[:, -1:] - cum, limits[:, None, None] - lay.least_suffix - lay.others_least[:, None, :]])
+    fits = (lay.usage_need <= limits[:, None, None, None]).all(axis=0)
+    slack = (R + (free[:, None, :] + cum[:, -1:] - level_best)[..., None]).min(axis=0)
+    comp_slack = (comp_R + free[:, lay.comp_model]).min(axis=0) if len(lay.comp_model) else np.zeros(0)
+    return Bounds(
+        lay=lay,
+        lams=lams,
+        limits=limits,
+        Z=np.concatenate([-R, lay.coef]),
+        th=th,
+        item_slack=np.where(fits, slack, -np.inf),
+        comp_Z=np.concatenate([np.where(comp_fits, -comp_R, np.inf), lay.comp_coef]),
+        comp_slack=np.where(comp_fits, comp_slack, -np.inf),
+        need=need,
+        upper=total + need,
+    )
+
+
+@dataclass
+class PassResult:
+    """The feasible selections a pass found: `values` (N,), `choose` (N, M) the index of each
+    model's part in `paths[m]` (its chunk items per level, (n_m, L)); `dropped` is the best
+    bound among the states a beam pass left out (-inf when it left out none)."""
+
+    values: np.ndarray
+    choose: np.ndarray
+    paths: list[np.ndarray]
+    states: int
+    dropped: float = -np.inf
+
+
+def _keep_best(slack: np.ndarray, model: np.ndarray, width: int) -> np.ndarray:
+    """Indices (ascending) of the `width` states with the most slack per model (model-sorted input)."""
+    order = np.lexsort((-slack, model))
+    first = np.searchsorted(model[order], model[order])
+    return np.sort(order[np.arange(len(order)) - first < width])
+
+
+def _expand(
+    rows: np.ndarray, items: np.ndarray, th: np.ndarray, limit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(parent, slot, rows) of every sum rows[:, p] + items[:, p, s] <= th[:, p], over all
+    parents p and slots s, built a block of parents at a time. rows (cols, N), items
+    (cols, N, width) (or (cols, 1, width) for the same items for every parent), th (cols, N)
+    (or (cols, 1)). Raises StateLimit past `CANDIDATES` x `limit` candidates."""
+    n, width = rows.shape[1], items.shape[2]
+    if n * width > CANDIDATES * limit:
+        raise StateLimit
+    step = max(1, _BLOCK // max(width * len(rows), 1))
+    if n <= step:  # test the first column on every pair, build only the pairs that pass
+        parent, slot = np.nonzero(rows[0][:, None] + items[0] <= th[0][:, None])
+        cand = rows[:, parent]
+        cand += items[:, parent, slot]
+        keep = (cand <= th[:, parent]).all(axis=0)
+        return parent[keep], slot[keep], cand[:, keep]
+    out = []
+    for at in range(0, n, step):
+        part = items[:, at : at + step] if items.shape[1] > 1 else items
+        bound = th[:, at : at + step] if th.shape[1] > 1 else th
+        cand = rows[:, at : at + step, None] + part
+        parent, slot = np.nonzero((cand <= bound[:, :, None]).all(axis=0))
+        out.append((parent + at, slot, cand[:, parent, slot]))
+    parents, slots, found = zip(*out)
+    return np.concatenate(parents), np.concatenate(slots), np.concatenate(found, axis=1)
+
+
+def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(parent, slot, sums) of every merged[:, p] + rows[:, s] <= th, building only the pairs
+    that pass the first column's test: for small inputs found among all pairs, for larger
+    ones as the prefix of `rows` sorted by that column, a block of parents at a time."""
+    n, m = merged.shape[1], rows.shape[1]
+    if n * m <= _PAIRS:  # test the first column on every pair, build only the pairs that pass
+        parent, slot = np.nonzero(merged[0][:, None] + rows[0][None, :] <= th[0])
+        cand = merged[:, parent]
+        cand += rows[:, slot]
+        keep = (cand <= th[:, None]).all(axis=0)
+        return parent[keep], slot[keep], cand[:, keep]
+    order = np.argsort(rows[0], kind="stable")
+    rows = rows[:, order]
+    count = np.searchsorted(rows[0], th[0] - merged[0], side="right")
+    ends = np.cumsum(count)
+    if ends[-1] > CANDIDATES * limit:
+        raise StateLimit
+    out = []
+    lo = 0
+    while lo < n:  # parents [lo, hi) make at most _BLOCK candidates (or one parent)
+        hi = max(lo + 1, int(np.searchsorted(ends, ends[lo] - count[lo] + _BLOCK, side="right")))
+        part = count[lo:hi]
+        parent = np.repeat(np.arange(lo, hi), part)
+        slot = np.arange(len(parent)) - np.repeat(np.cumsum(part) - part, part)
+        cand = merged[:, parent]
+        cand += rows[:, slot]
+        keep = (cand <= th[:, None]).all(axis=0)
+        out.append((parent[keep], order[slot[keep]], cand[:, keep]))
+        lo = hi
+    if len(out) == 1:
+        return out[0]
+    parents, slots, found = zip(*out)
+    return np.concatenate(parents), np.concatenate(slots), np.concatenate(found, axis=1)
+
+
+def _model_sets(
+    b: Bounds, target: float, limit: int, beam: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, float]:
+    """Every model's partial selections that pass, level by level; then its compositions.
+    Returns (rows (cols, N), model (N,), path (N, L)) sorted by model, the state count and
+    the best bound among the states a beam pass left out."""
+    K = len(b.lams)
+    lay = b.lay
+    L, M, _ = lay.valid.shape
+    useful = b.item_slack >= target
+    dropped = -np.inf
+    if beam is None:
+        width = int(useful.sum(axis=2).max())
+        order = np.argsort(~useful, axis=2, kind="stable")[:, :, :width]  # (L, M, width): item ids
+    else:  # a heuristic pass expands only the few items with the best bounds
+        width = min(int(useful.sum(axis=2).max()), BEAM_ITEMS)
+        order = np.argsort(-b.item_slack, axis=2, kind="stable")[:, :, :width]
+        skipped = useful.copy()
+        np.put_along_axis(skipped, order, False, axis=2)
+        if skipped.any():
+            dropped = float(b.item_slack[skipped].max())
+    levels, models = np.ogrid[:L, :M]
+    Z = b.Z[:, levels[..., None], models[..., None], order]  # (cols, L, M, width)
+    Z[0] = np.where(useful[levels[..., None], models[..., None], order], Z[0], np.inf)  # padding fails
+    th = b.th.copy()
+    th[:K] -= target
+
+    rows = np.zeros((len(th), M))
+    model = np.arange(M)
+    history: list[tuple[np.ndarray, np.ndarray]] = []
+    states = M
+    for level in range(L):
+        if width == 0:
+            rows, model = rows[:, :0], model[:0]
+            history.append((model, model))
+            continue
+        parent, slot, rows = _expand(rows, Z[:, level, model], th[:, level, model], limit)
+        model = model[parent]
+        if beam is not None and len(model) > beam and np.bincount(model).max() > beam:
+            slack = (th[:K, level, model] - rows[:K]).min(axis=0)
+            kept = _keep_best(slack, model, beam)
+            lost = np.ones(len(model), dtype=bool)
+            lost[kept] = False
+            dropped = max(dropped, float(slack[lost].max()) + target)
+            parent, slot, rows, model = parent[kept], slot[kept], rows[:, kept], model[kept]
+        history.append((parent, slot))
+        states += len(model)
+        if states > limit:
+            raise StateLimit
+    path = np.empty((len(model), L), dtype=np.intp)
+    at = np.arange(len(model))
+    for level in range(L - 1, -1, -1):
+        parent, slot = history[level]
+        path[:, level] = order[level, model, slot[at]]
+        at = parent[at]
+
+    if len(lay.comp_model):
+        if len(model):  # a free selection equal to a composition has the composition's value
+            same = (path[:, None, :] == lay.comp_path[None]).all(axis=2) & (model[:, None] == lay.comp_model[None])
+            free = ~same.any(axis=1)
+            rows, model, path = rows[:, free], model[free], path[free]
+        joins = b.comp_slack >= target
+        rows = np.concatenate([rows, b.comp_Z[:, joins]], axis=1)
+        model = np.concatenate([model, lay.comp_model[joins]])
+        path = np.concatenate([path, lay.comp_path[joins]])
+        by_model = np.argsort(model, kind="stable")
+        rows, model, path = rows[:, by_model], model[by_model], path[by_model]
+        states += int(joins.sum())
+    return rows, model, path, states, dropped
+
+
+def run_pass(b: Bounds, target: float, limit: int, beam: int | None = None) -> PassResult:
+    """Every feasible selection whose Lagrangian value reaches `target` for every multiplier
+    vector (so every feasible selection with value >= target), merged across models.
+
+    With `beam`, at most that many partial selections per model (and `beam` x models in
+    the merge) are kept, those with the best bounds: a heuristic pass, still complete
+    above `PassResult.dropped`. Values are recovered as R_1 + lam_1 . U.
+
+    Raises:
+        StateLimit: when more than `limit` states would be held.
+    """
+    K = len(b.lams)
+    L, M, _ = b.lay.valid.shape
+    rows, model, path, states, dropped = _model_sets(b, target, limit, beam)
+    if M == 1:  # the last level's test was the whole problem's
+        return PassResult(b.lams[0] @ rows[K:] - rows[0], np.arange(rows.shape[1])[:, None], [path], states, dropped)
+    counts = np.bincount(model, minlength=M)
+    if (counts == 0).any():
+        return PassResult(np.zeros(0), np.zeros((0, M), dtype=np.intp), [], states, dropped)
+    cuts = np.cumsum(counts)[:-1]
+    sets = np.split(rows, cuts, axis=1)
+    paths = np.split(path, cuts)
+    # The remaining models' best and least over their sets (tighter than over all selections).
+    edge = np.array([s.min(axis=1) for s in sets])  # (M, cols): -best R, least usage
+    # Smaller sets first: the partial merges stay small. After merging the first `at` sets a
+    # row must leave room for the best and least of the sets still to come.
+    order = np.argsort(counts, kind="stable")
+    edge = edge[order]
+    rest = np.concatenate([np.cumsum(edge[::-1], axis=0)[::-1], np.zeros((1, len(rows)))])[2:]
+    ths = np.concatenate([(b.need - target) - rest[:, :K], b.limits - rest[:, K:]], axis=1)  # (M - 1, cols)
+    merged = sets[order[0]]
+    history = []
+    for at in range(1, M):
+        parent, slot, merged = _join(merged, sets[order[at]], ths[at - 1], limit)
+        if beam is not None and at < M - 1 and len(parent) > beam * M:
+            slack = (ths[at - 1, :K, None] - merged[:K]).min(axis=0)
+            kept = np.argpartition(-slack, beam * M)[: beam * M]
+            lost = np.ones(len(parent), dtype=bool)
+            lost[kept] = False
+            dropped = max(dropped, float(slack[lost].max()) + target)
+            parent, slot, merged = parent[kept], slot[kept], merged[:, kept]
+        history.append((parent, slot))
+        states += len(parent)
+        if states > limit:
+            raise StateLimit
+        if not len(parent):
+            return PassResult(np.zeros(0), np.zeros((0, M), dtype=np.intp), paths, states, dropped)
+    choose = np.empty((merged.shape[1], M), dtype=np.intp)
+    at_row = np.arange(merged.shape[1])
+    for at in range(M - 1, 0, -1):
+        parent, slot = history[at - 1]
+        choose[:, order[at]] = slot[at_row]
+        at_row = parent[at_row]
+    choose[:, order[0]] = at_row
+    return PassResult(b.lams[0] @ merged[K:] - merged[0], choose, paths, states, dropped)
