@@ -198,7 +198,8 @@ def multipliers(rel: Relaxation, scale: np.ndarray, zooms: int = 2, owner: np.nd
 def _simplex(D: int) -> np.ndarray:
     """Points of the unit simplex in D dimensions on a grid (a few hundred at most)."""
     steps = next(n for n in (12, 8, 6, 4, 3, 2, 1) if math.comb(n + D - 1, D - 1) <= 600)
-    cuts = np.array(list(itertools.combinations(range(steps + D - 1), D - 1)), dtype=float).reshape(-1, D - 1)
+    combos = list(itertools.combinations(range(steps + D - 1), D - 1))
+    cuts = np.array(combos, dtype=float).reshape(len(combos), D - 1)  # D == 1: one empty cut
     edges = np.concatenate([np.full((len(cuts), 1), -1.0), cuts, np.full((len(cuts), 1), steps + D - 1.0)], axis=1)
     return (np.diff(edges, axis=1) - 1.0) / steps
 

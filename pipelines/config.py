@@ -73,9 +73,9 @@ class DataConfig:
     source: Literal["fashion-mnist", "imagefolder", "factory"] = "fashion-mnist"
     dir: str = "/usr/share/datasets/fashion-mnist"
     factory: str | None = None
-    train_size: PositiveInt | None = 4000
-    val_size: PositiveInt = 1000
-    test_size: PositiveInt | None = 2000
+    train_size: PositiveInt | None = 8000
+    val_size: PositiveInt = 5000
+    test_size: PositiveInt | None = 10000
     check_size: NonNegativeInt = 0
     seed: int = 0
     mean: list[float] | None = None
@@ -90,7 +90,7 @@ class DataConfig:
 class TeacherConfig:
     """Used only when no checkpoint is given: the pipeline then trains the teacher itself."""
 
-    epochs: PositiveInt = 3
+    epochs: PositiveInt = 4
     lr: PositiveNumber = 0.05
     batch_size: PositiveInt = 64
     weight_decay: Annotated[float, Meta(ge=0.0)] = 5e-4
@@ -150,13 +150,13 @@ class JointConfig(TrainerJointConfig):
 
 @dataclass
 class ProfileConfig:
-    envs: PositiveInt = 2
+    envs: PositiveInt = 1
     latency_batch_size: PositiveInt = 8
     latency_warmup: NonNegativeInt = 3
     latency_repeats: PositiveInt = 15
     latency_threads: PositiveInt = 1
-    additivity_n: NonNegativeInt = 6
-    calibration_k: NonNegativeInt = 8
+    additivity_n: NonNegativeInt = 4
+    calibration_k: NonNegativeInt = 6
     latency_calibration_k: NonNegativeInt = 6
     bn_recalibration_batches: NonNegativeInt = 0
     verify_top_k: NonNegativeInt = 5

@@ -46,24 +46,27 @@ def test_end_to_end_runs_every_stage_on_ray_and_tracks_lineage(clean_run, monkey
     assert table.block_names == summary["blocks"]
     descendants = sum(len(b.choices) for b in table.blocks)
     assert descendants == sum(len(c) for c in summary["choices"].values())
-    # Measured re-ranking: at each grid budget the optimizer's top k were measured, the best
-    # kept, unless the anchor (at the smallest budget it fits) was within the noise of it.
+    # Measured where it matters: the frontier holds the original, the joint stage's anchor
+    # and what the profile and the re-ranking measured; what each grid budget serves is what
+    # the table says it is told, with its standard error and source.
+    from profiling.serving import standard_error, told
+
+    frontier = table.measured_by_selection()
+    original = tuple(["0.0"] * len(table.blocks))
+    (anchor,) = even_selections(table, [0.6])
+    assert frontier[original].kind == "original" and frontier[tuple(anchor)].kind == "anchor"
+    assert all(m.n == clean_run.config["data"]["val_size"] for m in frontier.values())
+    assert table.prediction_error is not None and table.prediction_error.sd >= 0
     assert [v["fraction"] for v in table.verified] == [0.25, 0.5, 0.75]
-    (anchor,) = even_selections(table, [0.6])  # the joint stage's anchor competes where it fits
-    homes = [v["fraction"] for v in table.verified if table.predicted_latency(anchor) <= v["budget"]["latency_ms"]]
-    original = ["0.0"] * len(table.blocks)  # preferred where it fits, like an anchor
     for v in table.verified:
-        assert 1 <= len(v["candidates"]) <= 7  # the top 5, the anchor, the original
-        fits = table.predicted_latency(anchor) <= v["budget"]["latency_ms"]
-        assert (anchor in [c["selection"] for c in v["candidates"]]) == fits
-        best = max(c["measured_accuracy"] for c in v["candidates"])
-        if v["anchor"] and v["selection"] != original:
-            assert v["fraction"] == homes[0] and v["selection"] == anchor and v["measured_accuracy"] <= best
-        elif v["anchor"]:
-            assert table.predicted_latency(original) <= v["budget"]["latency_ms"] * (1 + 1e-9)
-        else:
-            assert v["measured_accuracy"] == best
+        t = told(table, v["selection"])
+        assert v["told"] == t.to_dict() and t.se > 0
+        if t.source == "measured":
+            assert t.se == standard_error(t.accuracy, frontier[tuple(v["selection"])].n)
         assert table.predicted_latency(v["selection"]) <= v["budget"]["latency_ms"] * (1 + 1e-9)
+    # The summary's points are the grid and the full budget; every one says what it was told.
+    assert [round(p["fraction"], 4) for p in summary["points"]] == [0.25, 0.5, 0.75, 1.0]
+    assert all(p["told"]["source"] in ("measured", "predicted") for p in summary["points"])
     # The table stage timed whole compositions on the host that timed the blocks.
     fit = table.latency_calibration
     assert fit is not None and fit["fingerprint"] in table.fingerprints and fit["k"] >= 3

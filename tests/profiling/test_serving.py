@@ -1,0 +1,117 @@
+"""What a user is told is what is served: the measured frontier competes in the exact solve,
+the original wins where it fits unless beaten beyond noise, and every accuracy says where it
+came from."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from optimizer import parse_problem, solve
+from profiling.serving import PREDICTED_PENALTY_SD, prediction_error, standard_error, to_problem, told
+from profiling.table import BlockProfile, ChoiceProfile, LatencyColumn, Measured, PredictionError, ProfileTable
+
+CHOICES = ("0.0", "0.4", "0.8")
+
+
+def _table(drops: dict[str, dict[str, float]], teacher: float = 0.90, measured: list[Measured] = (),
+           error: PredictionError | None = None) -> ProfileTable:
+    """A table of blocks whose latency is 1 ms at 0.0, 0.6 at 0.4, 0.3 at 0.8."""
+    cost = {"0.0": 1.0, "0.4": 0.6, "0.8": 0.3}
+    blocks = [BlockProfile(b, {"name": b, "in_shape": [1], "out_shape": [1], "params": 1, "flops": 1, "scalable": True},
+                           {c: ChoiceProfile(c, float(c), 1, 4, int(100 * cost[c]), 4, 8, d, d,
+                                             LatencyColumn(cost[c], cost[c], cost[c], 0.0, "host"))
+                            for c, d in per.items()})
+              for b, per in drops.items()]
+    return ProfileTable("zoo", "m", (1, 8, 8), teacher, blocks, {"host": {"id": "host"}}, measured=list(measured),
+                        prediction_error=error)
+
+
+def _serve(table: ProfileTable, latency_ms: float) -> list[str]:
+    return list(solve(parse_problem(to_problem(table, {"latency_ms": latency_ms}))).selection["m"])
+
+
+def test_the_original_wins_at_a_full_budget_over_noise_level_gains() -> None:
+    # Single swaps measured "better" than the original (negative raw drops) are clipped to 0
+    # by the profile; here they are 0, and a pruned composition measured 0.3 points above the
+    # teacher on 1,000 images (SE ~0.95 points) is noise: the original is served.
+    drops = {b: {"0.0": 0.0, "0.4": 0.0, "0.8": 0.02} for b in ("a", "b")}
+    original = Measured(("0.0", "0.0"), 0.900, 1000, "original")
+    lucky = Measured(("0.4", "0.4"), 0.903, 1000, "measured")
+    table = _table(drops, measured=[original, lucky])
+    assert _serve(table, 2.0) == ["0.0", "0.0"]
+    assert told(table, ["0.0", "0.0"]).source == "measured" and told(table, ["0.0", "0.0"]).accuracy == 0.900
+    # Measurably better (beyond 1.5 standard errors): served, and told at its measurement.
+    clearly = Measured(("0.4", "0.4"), 0.925, 1000, "measured")
+    table = _table(drops, measured=[original, clearly])
+    assert _serve(table, 2.0) == ["0.4", "0.4"]
+    t = told(table, ["0.4", "0.4"])
+    assert (t.accuracy, t.source, t.n) == (0.925, "measured", 1000)
+    assert t.se == pytest.approx(math.sqrt(0.925 * 0.075 / 1000))
+
+
+def test_a_measured_composition_beats_the_additive_prediction_where_it_fits() -> None:
+    # The additive model predicts 0.80 for every composition at 1.2 ms; one of them measured 0.86.
+    drops = {b: {"0.0": 0.0, "0.4": 0.05, "0.8": 0.08} for b in ("a", "b")}
+    table = _table(drops, measured=[Measured(("0.0", "0.0"), 0.90, 5000, "original"),
+                                    Measured(("0.8", "0.8"), 0.86, 5000, "anchor")])
+    assert _serve(table, 1.25) == ["0.8", "0.8"]  # 0.6 ms, measured 0.86 > predicted 0.85 for (0.4, 0.4)
+    t = told(table, ["0.4", "0.4"])
+    assert t.source == "predicted" and t.accuracy == pytest.approx(0.80)
+
+
+def test_unmeasured_compositions_rank_at_their_corrected_prediction_and_are_told_it() -> None:
+    drops = {b: {"0.0": 0.0, "0.4": 0.01, "0.8": 0.05} for b in ("a", "b")}
+    error = PredictionError(bias=0.02, sd=0.01, n=12)
+    table = _table(drops, measured=[Measured(("0.0", "0.0"), 0.90, 5000, "original")], error=error)
+    problem = to_problem(table, {"latency_ms": 1.3})
+    assert problem["models"][0]["base_accuracy"] == pytest.approx(0.90 - 0.02 - PREDICTED_PENALTY_SD * 0.01)
+    assert problem["models"][0]["compositions"] == [{"selection": ["0.0", "0.0"], "accuracy": 0.90}]
+    served = _serve(table, 1.3)
+    t = told(table, served)
+    assert t.source == "predicted" and t.accuracy == pytest.approx(table.predicted_accuracy(served) - 0.02)
+    assert t.se == 0.01
+    assert to_problem(table, {"latency_ms": 1.3}, measured=False)["models"][0]["base_accuracy"] == 0.90
+
+
+def test_served_value_never_falls_as_the_budget_grows() -> None:
+    rng = random.Random(0)
+    for trial in range(10):
+        names = [f"b{i}" for i in range(4)]
+        drops = {b: {"0.0": 0.0, "0.4": rng.uniform(0, 0.02), "0.8": rng.uniform(0.02, 0.06)} for b in names}
+        measured = [Measured(tuple("0.0" for _ in names), 0.9, 2000, "original")]
+        for sel in rng.sample(list(itertools.product(CHOICES, repeat=4)), 20):
+            measured.append(Measured(sel, rng.uniform(0.75, 0.9), 2000, rng.choice(["anchor", "measured"])))
+        table = _table(drops, measured=measured, error=PredictionError(0.005, 0.004, 20))
+        values = []
+        for budget in [1.2 + 0.2 * i for i in range(15)]:
+            problem = parse_problem(to_problem(table, {"latency_ms": budget}))
+            values.append(solve(problem).objective)
+        assert all(b >= a - 1e-12 for a, b in zip(values, values[1:])), (trial, values)
+
+
+def test_prediction_error_is_the_bias_and_spread_of_the_picks() -> None:
+    err = prediction_error([(0.90, 0.88), (0.85, 0.84), (0.80, 0.80), (0.70, 0.67)])
+    assert err.n == 4 and err.bias == pytest.approx(0.015)
+    assert err.sd == pytest.approx(math.sqrt(((0.02 - 0.015) ** 2 + (0.01 - 0.015) ** 2 + 0.015 ** 2 + 0.015 ** 2) / 3))
+    few = prediction_error([(0.9, 0.8)], fallback_sd=0.007)
+    assert (few.bias, few.sd, few.n) == (0.0, 0.007, 1)
+    assert standard_error(0.5, 100) == pytest.approx(0.05)
+
+
+def test_the_frontier_round_trips_and_bad_selections_are_named(tmp_path) -> None:
+    from profiling.table import TableError, load, save
+
+    drops = {b: {"0.0": 0.0, "0.4": 0.01, "0.8": 0.05} for b in ("a", "b")}
+    table = _table(drops, measured=[Measured(("0.0", "0.0"), 0.9, 100, "original"),
+                                    Measured(("0.4", "0.8"), 0.8, 100)], error=PredictionError(0.01, 0.02, 5))
+    again = load(save(table, tmp_path / "t.json"))
+    assert again.measured == table.measured and again.prediction_error == table.prediction_error
+    data = table.to_dict()
+    data["measured"][1]["selection"] = ["0.4", "0.9"]
+    (tmp_path / "bad.json").write_text(__import__("json").dumps(data))
+    with pytest.raises(TableError, match=r"measured\[1\]\.selection: .*block 'b' has no choice '0.9'"):
+        load(tmp_path / "bad.json")
