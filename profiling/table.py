@@ -171,11 +171,14 @@ class ProfileTable:
         raise KeyError(f"block {name!r} is not in table {self.model_name!r}; blocks: {self.block_names}")
 
     def measured_by_selection(self) -> dict[tuple[str, ...], Measured]:
-        """The measured frontier by selection; a composition measured twice keeps its larger `n`,
-        and a trained kind (original, anchor) wins over "measured"."""
+        """The measured frontier by selection, among the choices the table offers; a composition
+        measured twice keeps its larger `n`, and a trained kind (original, anchor) wins over
+        "measured"."""
         rank = {"original": 2, "anchor": 1, "measured": 0}
         out: dict[tuple[str, ...], Measured] = {}
         for m in self.measured:
+            if not all(c in b.choices for b, c in zip(self.blocks, m.selection)):
+                continue  # a table restricted to some choices (a device offline) offers only what it has
             old = out.get(m.selection)
             if old is None or (rank[m.kind], m.n) > (rank[old.kind], old.n):
                 out[m.selection] = m
