@@ -1,4 +1,4 @@
-"""`legodnn run` on your own data: peak RSS and wall time on 10k and 60k images, and the image-folder
+"""`legodnn run` on your own data: peak memory and wall time on 10k and 60k images, and the image-folder
 path against the IDX path on the same images.
 
     .venv/bin/python bench/data.py                  # writes docs/results/data.json and prints a table
@@ -7,8 +7,9 @@ path against the IDX path on the same images.
 Fashion-MNIST is exported as 64x64 RGB PNG folders (`pipelines.data.export_fashion_mnist`) of
 `--sizes` training images (+ 2,000 test images), and `legodnn run --executor local` runs on
 each with the embedded defaults except the data (all training images, one teacher epoch).
-Peak RSS is polled from /proc over the whole process tree (the run and its DataLoader
-workers) every 0.2 s. The same recipe then runs on the IDX files at 64x64 RGB (same pixels,
+Peak memory is the proportional set size (PSS) of the whole process tree (the run and its
+DataLoader workers), polled from /proc every 0.2 s: pages a forked worker shares with its
+parent count once. The same recipe then runs on the IDX files at 64x64 RGB (same pixels,
 same normalization, no augmentation on either side), and the teachers' test accuracies are
 compared: the two paths must agree within the test set's noise.
 """
@@ -35,8 +36,9 @@ QUICK = ["--set", "model.options.width=4", "--set", "data.val_size=50", "--set",
          "--set", "profile.latency_calibration_k=0", "--set", "data.test_size=200"]
 
 
-def tree_rss_kb(pid: int) -> int:
-    """Resident memory of a process and all its descendants (kB), from /proc."""
+def tree_pss_kb(pid: int) -> int:
+    """Proportional set size of a process and all its descendants (kB), from /proc: memory a
+    forked DataLoader worker shares with its parent counts once, not once per process."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -50,8 +52,8 @@ def tree_rss_kb(pid: int) -> int:
         p = todo.pop()
         todo += children.get(p, [])
         try:
-            total += int(next(line.split()[1] for line in Path(f"/proc/{p}/status").read_text().splitlines()
-                              if line.startswith("VmRSS:")))
+            total += int(next(line.split()[1] for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+                              if line.startswith("Pss:")))
         except (OSError, StopIteration):
             pass
     return total
@@ -64,13 +66,13 @@ def measured_run(args: list[str], workdir: Path) -> dict:
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, tree_rss_kb(proc.pid))
+        peak = max(peak, tree_pss_kb(proc.pid))
         time.sleep(0.2)
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"legodnn run failed ({proc.returncode}): {err[-3000:]}")
     summary = json.loads(out[out.index("{"):])
-    return {"wall_s": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak / 1024, 1),
+    return {"wall_s": round(time.perf_counter() - started, 1), "peak_pss_mb": round(peak / 1024, 1),
             "teacher_test_accuracy": summary["teacher"]["test_accuracy"], "units": summary["executed"]}
 
 

@@ -16,5 +16,5 @@ def test_quick_measures_rss_wall_time_and_both_paths(bench_script, tmp_path: Pat
     assert [(r["source"], r["train_images"]) for r in rows] == [("imagefolder", 200), ("imagefolder", 400),
                                                                 ("fashion-mnist", 400)]
     for r in rows:
-        assert r["peak_rss_mb"] > 50 and r["wall_s"] > 0 and 0.0 <= r["teacher_test_accuracy"] <= 1.0
+        assert r["peak_pss_mb"] > 50 and r["wall_s"] > 0 and 0.0 <= r["teacher_test_accuracy"] <= 1.0
     assert len(list((tmp_path / "work" / "fmnist-400" / "train").rglob("*.png"))) == 400
