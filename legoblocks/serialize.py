@@ -161,6 +161,21 @@ def _leaf_table() -> dict[str, _Leaf]:
         _Leaf(nn.ZeroPad2d, ("padding",)),
         _Leaf(nn.PixelShuffle, ("upscale_factor",)),
         _Leaf(nn.ChannelShuffle, ("groups",)),
+        _Leaf(nn.PixelUnshuffle, ("downscale_factor",)),
+        _Leaf(nn.Conv3d, _CONV, _conv_args, _CONV_KEYS),
+        _Leaf(nn.BatchNorm3d, _BN, lambda m: _norm_features(m, "num_features"), ("num_features",)),
+        _Leaf(nn.SELU, _INPLACE),
+        _Leaf(nn.CELU, ("alpha", "inplace")),
+        _Leaf(nn.Softplus, ("beta", "threshold")),
+        _Leaf(nn.Softsign),
+        _Leaf(nn.GLU, ("dim",)),
+        _Leaf(nn.Softmax2d),
+        _Leaf(nn.Dropout1d, ("p", "inplace")),
+        _Leaf(nn.Dropout3d, ("p", "inplace")),
+        _Leaf(nn.AlphaDropout, ("p", "inplace")),
+        _Leaf(nn.ConstantPad2d, ("padding", "value")),
+        _Leaf(nn.ReflectionPad2d, ("padding",)),
+        _Leaf(nn.ReplicationPad2d, ("padding",)),
     ]
     return {leaf.cls.__name__: leaf for leaf in leaves}
 
@@ -207,6 +222,25 @@ def _function_table() -> dict[str, Callable[..., Any]]:
     for name in _OPERATORS:
         table[f"operator.{name}"] = getattr(operator, name)
     table["builtins.getattr"] = getattr
+    table.update(_aten_table(table))
+    return table
+
+
+def _aten_table(allowed: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
+    """`torch.ops.aten.<op>.<overload>` for each aten op that an allowed `torch.<op>` or
+    `torch.nn.functional.<op>` binds to, without mutable arguments: the same computation,
+    as graphs captured by torch.export spell it."""
+    table: dict[str, Callable[..., Any]] = {}
+    ops = {name.rsplit(".", 1)[1] for name in allowed if name.startswith(("torch.nn.functional.", "torch."))
+           and name.count(".") in (1, 3) and not name.startswith("torch.Tensor.")}
+    for qualified in sorted(torch._C._dispatch_get_all_op_names()):
+        namespace, _, rest = qualified.partition("::")
+        op, _, overload = rest.partition(".")
+        if namespace != "aten" or op not in ops:
+            continue
+        fn = getattr(getattr(torch.ops.aten, op), overload or "default")
+        if not fn._schema.is_mutable:
+            table[f"torch.ops.aten.{op}.{overload or 'default'}"] = fn
     return table
 
 
