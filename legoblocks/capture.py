@@ -34,7 +34,9 @@ the model's own module hierarchy whichever capture produced them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import keyword
 import operator
 import re
@@ -187,7 +189,9 @@ def _mark_batch(gm: fx.GraphModule) -> None:
 
 def _export(model: nn.Module, shape: tuple[int, ...]) -> fx.GraphModule:
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(model, (torch.zeros(2, *shape),), dynamic_shapes=({0: batch},), strict=False)
+    # torch.export prints the partial graph of a failed export to stderr; the failure is reported in our error.
+    with contextlib.redirect_stderr(io.StringIO()):
+        program = torch.export.export(model, (torch.zeros(2, *shape),), dynamic_shapes=({0: batch},), strict=False)
     gm = program.module()
     _translate_aten(gm.graph)
     return gm

@@ -39,7 +39,7 @@ from torch import fx, nn
 
 from legoblocks import pruners
 from legoblocks.choices import ORIGINAL, choice_id, validate_ladder
-from legoblocks.reshapes import record_shapes, repair_reshapes
+from legoblocks.reshapes import record_shapes, repair_reshapes, resized_widths
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -96,6 +96,7 @@ def _prune_once(block: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[in
             unwrapped_parameters=pruners.unwrapped_parameters(guarded.model),
             customized_pruners=pruners.customized_pruners(),
         )
+        pruners.order_roots(pruner.DG)
         for group in list(pruners.prunable_groups(pruner.DG, pruner.ignored_layers)):
             if pruners.splitting_group(group) or (keep_reshaping and pruners.reshaping_group(group)):
                 pruner.ignored_layers.extend(pruners.out_channel_modules(pruner.DG, group))
@@ -154,7 +155,7 @@ def make_descendants(block: nn.Module, in_shape: Sequence[int], ladder: Iterable
             continue
         pruned = _prune_once(original, shape, out_shape, s, importance, keep_reshaping).eval()
         problem = _runs(pruned, x, tuple(reference.shape))
-        if problem is not None and shapes and repair_reshapes(pruned, x, shapes):
+        if problem is not None and shapes and repair_reshapes(pruned, x, shapes, resized_widths(original, pruned)):
             problem = _runs(pruned, x, tuple(reference.shape))
         if problem is not None and not keep_reshaping:
             keep_reshaping = True  # a reshape with constant sizes: leave such groups whole from now on

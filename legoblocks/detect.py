@@ -317,7 +317,7 @@ def detect_blocks(model: nn.Module, input_shape: Sequence[int], *, target_blocks
 
         coupling = coupling_by_windows(window, len(pieces), flops)
     head_flops = sum(flops.get(n.name, 0) for n in head.nodes) if head is not None else 0
-    chain = U.choose_blocks(pieces, coupling, other_flops=head_flops, max_blocks=U.MAX_DEFAULT_BLOCKS - (head is not None))
+    chain = U.choose_blocks(pieces, coupling, other_flops=head_flops)
     head_nodes = head.nodes if head is not None else []
     if chain[-1].kind == "tail":  # a final expansion only the classifier reads: part of the head
         head_nodes = [n for p in pieces[chain[-1].start:] for n in p.nodes] + head_nodes
@@ -334,6 +334,8 @@ def detect_blocks(model: nn.Module, input_shape: Sequence[int], *, target_blocks
             raise ValueError(f"target_blocks={target_blocks} exceeds the {natural} atomic blocks of this model "
                              f"(residual/branched units are never split); choose at most {natural}")
         chain = U.merge_balanced(chain, piece_flops, target_blocks - has_head)
+    elif natural > U.MAX_DEFAULT_BLOCKS:
+        chain = U.merge_balanced(chain, piece_flops, U.MAX_DEFAULT_BLOCKS - has_head)
 
     ordered: list[tuple[list[fx.Node], str, bool]] = []
     for b in chain:

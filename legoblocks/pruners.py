@@ -36,7 +36,7 @@ from torch import nn
 
 __all__ = ["Guarded", "guard", "guarded", "build_graph", "prunable_groups", "reshaping_group", "splitting_group",
            "reaches_output",
-           "out_channel_modules", "unwrapped_parameters", "customized_pruners"]
+           "out_channel_modules", "unwrapped_parameters", "customized_pruners", "order_roots"]
 
 _KNOWN_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
                  nn.modules.instancenorm._InstanceNorm, nn.PReLU, nn.Embedding)
@@ -107,9 +107,50 @@ def customized_pruners() -> dict[type, tp.pruner.BasePruningFunc]:
 def build_graph(g: Guarded, in_shape: tuple[int, ...]) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of a guarded model (parameters must require grad)."""
     with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(
+        graph = tp.DependencyGraph().build_dependency(
             g.model, example_inputs=(torch.randn(1, *in_shape),), unwrapped_parameters=unwrapped_parameters(g.model),
             customized_pruners=customized_pruners(), verbose=False)
+    order_roots(graph)
+    return graph
+
+
+def order_roots(graph: tp.DependencyGraph) -> None:
+    """Let Torch-Pruning root each group at a layer that produces its channels.
+
+    A group's channel count and ranking come from its root, the first of its layers that
+    Torch-Pruning visits. A depthwise conv or an SE gate's expanding conv does not produce
+    channels, it transforms or scales channels made earlier, and can see more of them than
+    their producer has: behind a Ghost module's `cat([x1, cheap(x1)])` it sees twice the
+    channels of the primary conv, and pruning by that count removes up to twice the channels
+    asked for, or nothing once the request exceeds half. Such layers are visited last; the
+    rest keep Torch-Pruning's own order (roots near the output first, which also keeps its
+    index mapping through channel shuffles fast).
+    """
+    def rank(item: tuple[Any, Any]) -> int:
+        module, node = item
+        if isinstance(module, nn.modules.conv._ConvNd) and tp.ops.module2type(module) == tp.ops.OPTYPE.DEPTHWISE_CONV:
+            return 1
+        return 2 if _is_gate(node) else 0
+
+    graph.module2node = dict(sorted(graph.module2node.items(), key=rank))
+
+
+_GATE_STEPS = ("sigmoid", "hardsigmoid", "hardtanh", "relu6", "add", "div", "clamp", "tanh", "silu", "mul")
+
+
+def _is_gate(node: Any, depth: int = 5) -> bool:
+    """True when the layer's output reaches a product through activation-like steps only (an SE gate)."""
+    frontier = [(n, 1) for n in node.outputs]
+    while frontier:
+        n, d = frontier.pop()
+        if n.type != tp.ops.OPTYPE.ELEMENTWISE or d > depth:
+            continue
+        name = str(getattr(n.module, "_grad_fn", "")).lower()
+        if "mulbackward" in name:
+            return True
+        if any(step in name for step in _GATE_STEPS):
+            frontier.extend((m, d + 1) for m in n.outputs)
+    return False
 
 
 def reshaping_group(group: Any) -> bool:

@@ -17,9 +17,9 @@ import math
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-__all__ = ["record_shapes", "repair_reshapes"]
+__all__ = ["record_shapes", "repair_reshapes", "resized_widths"]
 
 _RESHAPE_METHODS = {"view", "reshape"}
 _RESHAPE_FUNCTIONS = {torch.reshape, torch.Tensor.view, torch.Tensor.reshape}
@@ -43,6 +43,25 @@ class _Recorder(fx.Interpreter):
         return result
 
 
+def resized_widths(before: nn.Module, after: nn.Module) -> set[tuple[int, int]]:
+    """(old, new) output widths of the layers that differ between a module and its pruned copy."""
+    out = set()
+    modules = dict(after.named_modules())
+    for name, m in before.named_modules():
+        w0, w1 = _width(m), _width(modules.get(name))
+        if w0 is not None and w1 is not None and w0 != w1:
+            out.add((w0, w1))
+    return out
+
+
+def _width(m: nn.Module | None) -> int | None:
+    for attr in ("out_channels", "out_features", "num_features"):
+        if isinstance(getattr(m, attr, None), int):
+            return int(getattr(m, attr))
+    shape = getattr(m, "normalized_shape", None)
+    return int(shape[-1]) if shape else None
+
+
 def record_shapes(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, tuple[tuple[int, ...] | None, tuple[int, ...] | None]]:
     """(input shape, output shape) of every node of `gm` on `x`."""
     rec = _Recorder(gm)
@@ -63,7 +82,7 @@ def _sizes(node: fx.Node) -> tuple[list[Any], int] | None:
 
 
 def _fix(node: fx.Node, original: tuple[tuple[int, ...] | None, tuple[int, ...] | None],
-         now_in: tuple[int, ...]) -> bool:
+         now_in: tuple[int, ...], resized: set[tuple[int, int]]) -> bool:
     found = _sizes(node)
     if found is None:
         return False
@@ -76,9 +95,12 @@ def _fix(node: fx.Node, original: tuple[tuple[int, ...] | None, tuple[int, ...] 
     if numel == old:
         return False
     candidates = [j for j, d in enumerate(orig_out) if d * numel % old == 0 and d * numel // old > 0]
+    if len(candidates) > 1:  # the size that is a multiple of a channel count pruning changed in that ratio
+        widths = [(a, b) for a, b in resized if b * old == a * numel]
+        candidates = [j for j in candidates if any(orig_out[j] % a == 0 for a, _ in widths)] or candidates
     if len(candidates) > 1:
         changed = {orig_in[i] for i in range(min(len(orig_in), len(now_in))) if orig_in[i] != now_in[i]}
-        candidates = [j for j in candidates if orig_out[j] in changed] or candidates
+        candidates = [j for j in candidates if any(orig_out[j] % c == 0 for c in changed)] or candidates
     if len(candidates) != 1:
         return False
     sizes[candidates[0]] = -1
@@ -99,13 +121,16 @@ def _size_arithmetic(node: fx.Node) -> bool:
 
 
 def repair_reshapes(gm: fx.GraphModule, x: torch.Tensor,
-                    original: dict[str, tuple[tuple[int, ...] | None, tuple[int, ...] | None]]) -> bool:
+                    original: dict[str, tuple[tuple[int, ...] | None, tuple[int, ...] | None]],
+                    resized: set[tuple[int, int]] = frozenset()) -> bool:
     """Turn the channel-carrying size of each failing constant reshape into -1; True when `gm` then runs.
 
     Args:
         gm: the pruned graph (edited in place and recompiled).
         x: an input batch.
         original: `record_shapes` of the unpruned graph on a batch of the same size.
+        resized: (channels before, channels after) of the layers pruning changed; they
+            decide between sizes the new element count divides equally well.
     """
     for _ in range(sum(1 for n in gm.graph.nodes if _sizes(n) is not None) + 1):
         rec = _Recorder(gm)
@@ -119,7 +144,7 @@ def repair_reshapes(gm: fx.GraphModule, x: torch.Tensor,
             value = rec.env.get(first) if first is not None else None
             if node is None or not isinstance(value, torch.Tensor) or node.name not in original:
                 return False
-            if not _fix(node, original[node.name], tuple(value.shape)):
+            if not _fix(node, original[node.name], tuple(value.shape), set(resized)):
                 return False
             gm.recompile()
     return False

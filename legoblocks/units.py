@@ -279,11 +279,11 @@ def _exact(layers: list[LayerCost], inside: set[int]) -> float:
 
 
 def choose_blocks(pieces: list[Unit], coupling: Coupling, *, other_flops: int = 0,
-                  max_blocks: int = MAX_DEFAULT_BLOCKS, max_fraction: float = MAX_SMALLEST_FRACTION,
+                  max_fraction: float = MAX_SMALLEST_FRACTION,
                   target_fraction: float = TARGET_SMALLEST_FRACTION) -> list[Block]:
     """The partition of `pieces` into blocks (see the module docstring).
 
-    For every block count k up to `max_blocks`, a dynamic program finds the partition with
+    For every block count k, a dynamic program finds the partition with
     the fewest useless middle blocks, then the fewest FLOPs left at full pruning. The
     chain returned is the longest whose smallest composition (with `other_flops`, the
     head's, added unpruned) stays within `target_fraction` of the model's FLOPs, or the
@@ -291,7 +291,7 @@ def choose_blocks(pieces: list[Unit], coupling: Coupling, *, other_flops: int = 
     """
     pricer = _Pricer(pieces, coupling)
     n = len(pieces)
-    kmax = max(1, min(n, max_blocks))
+    kmax = max(1, n)
     # best[j][k]: (fixed blocks, FLOPs left, blocks) of the best chain of k blocks over pieces 0..j-1
     best: list[list[tuple[int, float, list[Block]] | None]] = [[None] * (kmax + 1) for _ in range(n + 1)]
     best[0][0] = (0, 0.0, [])
