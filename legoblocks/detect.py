@@ -260,7 +260,28 @@ def _extract(gm: fx.GraphModule, nodes: list[fx.Node], input_node: fx.Node) -> f
     for n in nodes:
         env[n] = graph.node_copy(n, lookup)
     graph.output(env[nodes[-1]])
-    return copy.deepcopy(fx.GraphModule(gm, graph)).eval()
+    block = copy.deepcopy(fx.GraphModule(gm, graph)).eval()
+    _keep_input_intact(block)
+    return block
+
+
+def _keep_input_intact(block: fx.GraphModule) -> None:
+    """Make the block's first layers out-of-place where they would overwrite the block's input.
+
+    The input is the previous block's output, which the pipeline keeps (recorded block I/O,
+    the joint stage's feature loss): a ReLU(inplace=True) right after a cut would change it.
+    """
+    x = next(n for n in block.graph.nodes if n.op == "placeholder")
+    for user in x.users:
+        if user.op == "call_module":
+            layer = block.get_submodule(str(user.target))
+            if getattr(layer, "inplace", False):
+                layer.inplace = False
+        elif user.op == "call_function" and user.kwargs.get("inplace"):
+            user.kwargs = {**user.kwargs, "inplace": False}
+        elif user.op == "call_method" and str(user.target).endswith("_") and user.args and user.args[0] is x:
+            user.target = str(user.target)[:-1]  # x.add_(y) -> x.add(y)
+    block.recompile()
 
 
 def _shape(node: fx.Node) -> tuple[int, ...]:

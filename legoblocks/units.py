@@ -203,15 +203,18 @@ def merge(a: Unit, b: Unit) -> Unit:
 
 
 def split_head(units: list[Unit]) -> tuple[list[Unit], Unit | None]:
-    """(body, head): the head is everything after the last unit holding a convolution."""
+    """(body, head): the head is everything after the last unit holding a convolution (units as owned)."""
     last_conv = max((i for i, u in enumerate(units) if u.convs), default=None)
     if last_conv is None:
         raise ValueError("found no convolution in the model: detect_blocks cuts CNNs into blocks "
                          "(a model without conv layers has no blocks to scale)")
+    end = last_conv + 1
+    while end < len(units) and units[end].owner is not None and units[end].owner == units[last_conv].owner:
+        end += 1  # the rest of the last unit (its activation) stays with it
     head = None
-    for u in units[last_conv + 1:]:
+    for u in units[end:]:
         head = u if head is None else merge(head, u)
-    return units[: last_conv + 1], head
+    return units[:end], head
 
 
 def atoms(body: list[Unit]) -> list[Unit]:

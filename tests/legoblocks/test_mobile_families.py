@@ -29,7 +29,9 @@ from legoblocks.detect import count_flops, detect_blocks, verify_chain
 from legoblocks.reshapes import record_shapes, repair_reshapes, resized_widths
 from legoblocks.serialize import load_module, save_module
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"),
+              pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),
+              pytest.mark.filterwarnings("ignore:The feature will be removed")]
 
 MODELS = Path(__file__).with_name("mobile_models.py")
 SHAPE = (3, 64, 64)
@@ -87,9 +89,11 @@ def test_family_detects_verifies_scales_and_ships(name: str, zoo: ModuleType, tm
         x = torch.randn(2, *spec.in_shape)
         variants = make_descendants(block, spec.in_shape, [0.0, 0.8]) if spec.scalable else {"0.0": block}
         for cid, variant in variants.items():
+            before = x.clone()
             with torch.no_grad():
                 y = variant(x)
             assert tuple(y.shape[1:]) == spec.out_shape, f"{spec.name}@{cid}"
+            assert torch.equal(x, before), f"{spec.name}@{cid} overwrote its input (the previous block's output)"
             path = tmp_path / f"{spec.name}-{cid}.safetensors"
             save_module(variant, path)
             with torch.no_grad():
@@ -244,7 +248,7 @@ def test_reshape_repair_infers_the_size_that_carries_the_channels() -> None:
 def test_whole_model_analysis_falls_back_to_windows_of_units(zoo: ModuleType) -> None:
     model = _build(zoo, "shufflenetv2")
     blocked = detect_blocks(model, SHAPE)
-    units = [(b, s.in_shape, s.out_shape) for b, s in zip(blocked.blocks[1:-1], blocked.specs[1:-1])]
+    units = [(b, s.in_shape, s.out_shape) for b, s in zip(blocked.blocks[1:6], blocked.specs[1:6])]
 
     def window(i: int, j: int):
         chain = fx.symbolic_trace(nn.Sequential(*(u[0] for u in units[i:j])))

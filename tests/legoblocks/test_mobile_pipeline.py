@@ -24,7 +24,9 @@ from legoblocks.joint import JointConfig, train_joint
 from legoblocks.retrain import RetrainConfig, collect_block_io, retrain_descendants
 from profiling.cost import measure_cost
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread"),
+              pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export"),
+              pytest.mark.filterwarnings("ignore:The feature will be removed")]
 
 MODELS = Path(__file__).with_name("mobile_models.py")
 SHAPE = (3, 64, 64)
