@@ -43,15 +43,17 @@ import re
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from legoblocks.modtree import install
+
 __all__ = ["BATCH_FIRST_KEY", "BATCH_KEY", "CapturedGraph", "InputShapeError", "UntraceableModelError", "capture_graph",
-           "node_module_path"]
+           "common_path", "node_module_path"]
 
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 
@@ -376,29 +378,12 @@ class _Paths:
         flat = base.replace(".", "_")
         candidates = [base, *(f"{base}_{i}" for i in range(1, 10)), *(f"{flat}_{i}" for i in range(1, 10_000))]
         new = next(c for c in candidates if self.free(c))
-        _install(root, new, value)
+        install(root, new, value)
         self.taken[new] = value
         parts = new.split(".")
         self.inner.update(".".join(parts[:i]) for i in range(1, len(parts)))
         self.renamed[path] = new
         return new
-
-
-def _install(root: nn.Module, path: str, value: Any) -> None:
-    *parents, last = path.split(".")
-    owner = root
-    for part in parents:
-        child = owner._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            owner.add_module(part, child)
-        owner = child
-    if isinstance(value, nn.Module):
-        owner.add_module(last, value)
-    elif isinstance(value, nn.Parameter):
-        owner.register_parameter(last, value)
-    else:
-        owner.register_buffer(last, value)
 
 
 def _bind(node: fx.Node, names: Sequence[str]) -> dict[str, Any]:
@@ -478,7 +463,8 @@ def _lift(node: fx.Node, graph: fx.Graph, gm: fx.GraphModule, original: nn.Modul
         module.running_mean, module.running_var = stats
         tracked = getattr(source, "num_batches_tracked", None)
         module.num_batches_tracked = tracked if isinstance(tracked, torch.Tensor) else torch.tensor(0)
-    prefix = _common_prefix([n.target for n in node.all_input_nodes if n.op == "get_attr"])
+    prefix = common_path([n.target.rsplit(".", 1)[0] if "." in n.target else "" for n in node.all_input_nodes
+                          if n.op == "get_attr"])
     key = f"__lifted_{len(lifted)}"
     path = f"{prefix}.{_KIND_NAME[kind]}" if prefix else _KIND_NAME[kind]
     lifted[key] = (module.eval(), path)
@@ -495,9 +481,9 @@ def _module_path(path: str, paths: _Paths) -> str:
     return owner if owner and paths.free(paths.sanitize(owner)) else path
 
 
-def _common_prefix(targets: Sequence[str]) -> str:
-    parents = [t.rsplit(".", 1)[0] if "." in t else "" for t in targets]
-    parts = [p.split(".") if p else [] for p in parents]
+def common_path(paths: Sequence[str]) -> str:
+    """The longest common dotted prefix of module paths ("" when they share none)."""
+    parts = [p.split(".") if p else [] for p in paths]
     common: list[str] = []
     for level in zip(*parts):
         if all(x == level[0] for x in level):

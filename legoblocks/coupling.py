@@ -106,7 +106,10 @@ def _add(result: Coupling, names: list[str], sides: dict[tuple[str, str], bool])
         result.sides[key] = gid
 
 
-def _groups(gm: fx.GraphModule, in_shape: tuple[int, ...], out_shape: tuple[int, ...] | None) -> list[tuple[list[str], dict[tuple[str, str], bool]]]:
+_Found = list[tuple[list[str], dict[tuple[str, str], bool]]]
+
+
+def _groups(gm: fx.GraphModule, in_shape: tuple[int, ...], out_shape: tuple[int, ...] | None) -> _Found:
     """Each prunable group of `gm` as (node names it touches, {(node, "in"/"out"): True})."""
     work = copy.deepcopy(gm).eval().requires_grad_(True)
     g = pruners.guarded(work, in_shape, out_shape)

@@ -39,11 +39,11 @@ from typing import Sequence
 
 from torch import fx, nn
 
-from legoblocks.capture import node_module_path
+from legoblocks.capture import common_path, node_module_path
 from legoblocks.coupling import POLICY_SPARSITY, Coupling, LayerCost, pruned_cost
 
 __all__ = ["Unit", "Block", "MAX_SMALLEST_FRACTION", "MAX_DEFAULT_BLOCKS", "make_units", "assign_owners",
-           "TARGET_SMALLEST_FRACTION", "split_head", "atoms", "choose_blocks", "merge_balanced", "common_path", "block_label"]
+           "TARGET_SMALLEST_FRACTION", "split_head", "atoms", "choose_blocks", "merge_balanced", "block_label"]
 
 #: A block is scalable when pruning all its inner channels at the largest sparsity leaves at most this share.
 MAX_SMALLEST_FRACTION = 0.6
@@ -79,17 +79,6 @@ class Block:
     start: int
     stop: int
     kind: str
-
-
-def common_path(paths: Sequence[str]) -> str:
-    parts = [p.split(".") if p else [] for p in paths]
-    common: list[str] = []
-    for level in zip(*parts):
-        if all(x == level[0] for x in level):
-            common.append(level[0])
-        else:
-            break
-    return ".".join(common)
 
 
 def layer_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
