@@ -11,25 +11,31 @@ segments are atomic. This module groups them in three steps:
    unit `features.1` - and a container's siblings whose children hold two or more
    conv/linear layers are containers too (EfficientNet's single-unit stages `blocks.0`,
    `blocks.6` next to `blocks.1`...). Every node under `<container>.<child>` belongs to that
-   child, so an inverted residual, MBConv, Ghost or ShuffleNet unit, a transformer block,
-   skip or not, is one *unit* however finely the graph alone would cut it. Nodes outside
-   any container form plain runs, split after each down-sampling node (pooling, strided
-   conv); everything after the last segment holding a convolution is the head.
+   child, and a composite segment outside every container owns its own path (a top-level
+   residual stem), so an inverted residual, MBConv, Ghost or ShuffleNet unit, a
+   transformer block, skip or not, is one *unit* however finely the graph alone would cut
+   it. Nodes outside any unit form plain runs, which end before the first layer after a
+   down-sampling (a VGG stage ends at its pool); a piece without layers (an activation, a
+   pooling between units) joins the one before. Everything after the last unit holding a
+   convolution is the head.
 2. **A price per candidate block.** Torch-Pruning's dependency graph of the whole model
    (`coupling`) says which channel groups a candidate block contains entirely - only those
    it can prune - and so what is left of its FLOPs with all of them pruned at the ladder's
    largest sparsity. A block is *scalable* when that leaves at most `MAX_SMALLEST_FRACTION`
-   of its FLOPs.
-3. **The chain.** A dynamic program over the units picks the partition with the most
-   useful blocks - scalable ones, plus a non-scalable stem allowed as the first block -
-   and among those the smallest total FLOPs at full pruning. Units that prune well stay
-   one block each; a unit that cannot shrink on its own (a lone conv, a depthwise conv
-   tied to its input, a RepVGG unit whose identity branch ties its output channels to its
-   input) joins the neighbours that free its channels. RepVGG shows why this must be
-   global: a stage's identity branches tie all its channels together, so they are
-   prunable only in a block spanning the whole stage plus the transitions on either side.
-   More than `MAX_DEFAULT_BLOCKS` blocks are merged FLOP-balanced (the paper's models
-   have 5-20 blocks).
+   of its FLOPs; a non-scalable block is allowed first (the stem) and last (a final
+   expansion conv only the classifier reads: it joins the head), and counts as useless
+   anywhere else.
+3. **The chain.** For every block count, a dynamic program over the units finds the
+   partition with the fewest useless blocks, then the fewest FLOPs at full pruning. The
+   chain kept is the longest without avoidable useless blocks whose smallest composition
+   (head included, unpruned) stays within `TARGET_SMALLEST_FRACTION` of the model's FLOPs,
+   or the longest when none does. So units that prune well stay one block each, and a unit
+   that cannot shrink on its own (a lone conv, a depthwise conv tied to its input, a
+   RepVGG unit whose identity branch ties its output channels to its input) joins the
+   neighbours that free its channels. RepVGG shows why this must be global: a stage's
+   identity branches tie all its channels together, so they are prunable only in a block
+   spanning the whole stage plus the transitions on either side. Default chains longer
+   than `MAX_DEFAULT_BLOCKS` are merged FLOP-balanced (the paper's models have 5-20 blocks).
 """
 
 from __future__ import annotations
@@ -283,10 +289,10 @@ def choose_blocks(pieces: list[Unit], coupling: Coupling, *, other_flops: int = 
     """
     pricer = _Pricer(pieces, coupling)
     n = len(pieces)
-    kmax = max(1, n)
-    # best[j][k]: (fixed blocks, FLOPs left, blocks) of the best chain of k blocks over pieces 0..j-1
-    best: list[list[tuple[int, float, list[Block]] | None]] = [[None] * (kmax + 1) for _ in range(n + 1)]
-    best[0][0] = (0, 0.0, [])
+    # best[j][k]: (useless blocks, FLOPs left, start of the last block, its kind) of the best
+    # chain of k blocks over pieces 0..j-1
+    best: list[list[tuple[int, float, int, str] | None]] = [[None] * (n + 1) for _ in range(n + 1)]
+    best[0][0] = (0, 0.0, 0, "")
     for j in range(1, n + 1):
         for i in range(j):
             flops, cost = pricer.price(i, j)
@@ -294,19 +300,26 @@ def choose_blocks(pieces: list[Unit], coupling: Coupling, *, other_flops: int = 
                 kind = "scalable"
             else:
                 kind, cost = ("stem" if i == 0 else "tail" if j == n else "fixed"), float(flops)
-            for k in range(1, min(kmax, i + 1) + 1):
+            for k in range(1, i + 2):
                 prev = best[i][k - 1]
                 if prev is None:
                     continue
-                cand = (prev[0] + (kind == "fixed"), round(prev[1] + cost, 3), prev[2] + [Block(i, j, kind)])
+                cand = (prev[0] + (kind == "fixed"), round(prev[1] + cost, 3), i, kind)
                 if best[j][k] is None or cand[:2] < best[j][k][:2]:
                     best[j][k] = cand
-    options = [(k, best[n][k]) for k in range(1, kmax + 1) if best[n][k] is not None]
+    options = [(k, best[n][k]) for k in range(1, n + 1) if best[n][k] is not None]
     fewest_fixed = min(o[0] for _, o in options)
     options = [(k, o) for k, o in options if o[0] == fewest_fixed]
     total = sum(pricer.flops) + other_flops
     fitting = [(k, o) for k, o in options if o[1] + other_flops <= target_fraction * total]
-    return max(fitting or options, key=lambda t: t[0])[1][2]
+    k = max(fitting or options, key=lambda t: t[0])[0]
+    chain: list[Block] = []
+    j = n
+    while k > 0:
+        _, _, i, kind = best[j][k]  # type: ignore[misc]
+        chain.append(Block(i, j, kind))
+        j, k = i, k - 1
+    return chain[::-1]
 
 
 def merge_balanced(blocks: list[Block], flops: list[int], target: int) -> list[Block]:
