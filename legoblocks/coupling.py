@@ -22,8 +22,6 @@ from typing import Callable
 
 from torch import fx, nn
 
-from legoblocks import pruners
-
 __all__ = ["Coupling", "LayerCost", "Window", "channel_coupling", "coupling_by_windows", "pruned_cost"]
 
 #: The sparsity detection prices blocks at: the largest of the default ladder.
@@ -111,6 +109,8 @@ _Found = list[tuple[list[str], dict[tuple[str, str], bool]]]
 
 def _groups(gm: fx.GraphModule, in_shape: tuple[int, ...], out_shape: tuple[int, ...] | None) -> _Found:
     """Each prunable group of `gm` as (node names it touches, {(node, "in"/"out"): True})."""
+    from legoblocks import pruners  # Torch-Pruning loads only when analysing (detect's types are on the device path)
+
     work = copy.deepcopy(gm).eval().requires_grad_(True)
     g = pruners.guarded(work, in_shape, out_shape)
     graph = pruners.build_graph(g, in_shape)

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from legoblocks import pruners
 from legoblocks.choices import ORIGINAL, choice_id, validate_ladder
 from legoblocks.reshapes import record_shapes, repair_reshapes, resized_widths
 
@@ -80,10 +79,13 @@ def _prune_once(block: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[in
     Groups split by `unbind` (attention heads) always stay whole; with `keep_reshaping`,
     so do groups whose channels pass through a reshape.
     """
+    import torch_pruning as tp
+
+    from legoblocks import pruners  # Torch-Pruning loads only when pruning (compose is on the device path)
+
     work = copy.deepcopy(block)
     work.requires_grad_(True)
     guarded = pruners.guarded(work, in_shape, out_shape)
-    import torch_pruning as tp
 
     with torch.enable_grad():
         pruner = tp.pruner.BasePruner(

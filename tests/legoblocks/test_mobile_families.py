@@ -14,6 +14,8 @@ import copy
 import importlib.util
 import io
 import math
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -269,3 +271,12 @@ def test_capture_gives_plain_module_paths_and_long_chains_are_cut_to_twenty(zoo:
 
     resnet56 = build_zoo_model("resnet56", width=4)
     assert len(detect_blocks(resnet56, (1, 28, 28)).specs) == 20
+
+
+def test_the_device_side_modules_do_not_load_torch_pruning() -> None:
+    """Loading and switching blocks (serialize, compose) must not need the pruning library."""
+    code = ("import sys, legoblocks.compose, legoblocks.serialize, legoblocks.detect\n"
+            "assert 'torch_pruning' not in sys.modules, 'torch_pruning loaded'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
