@@ -27,7 +27,7 @@ from torch import fx, nn
 from legoblocks.capture import capture_graph
 from legoblocks.coupling import coupling_by_windows
 from legoblocks.descend import make_descendants
-from legoblocks.detect import count_flops, detect_blocks, verify_chain
+from legoblocks.detect import InputShapeError, count_flops, detect_blocks, verify_chain
 from legoblocks.reshapes import record_shapes, repair_reshapes, resized_widths
 from legoblocks.serialize import load_module, save_module
 
@@ -280,3 +280,32 @@ def test_the_device_side_modules_do_not_load_torch_pruning() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr
+
+
+class _PadToPatches(nn.Module):
+    """`if x.shape[-1] % p:` on shapes, as MobileViT-style code pads to whole patches: fx cannot trace it."""
+
+    def __init__(self, channels: int = 8, patch: int = 4) -> None:
+        super().__init__()
+        self.patch = patch
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, 2, 1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(channels, 2 * channels, 1), nn.ReLU(), nn.Conv2d(2 * channels, channels, 1))
+        self.fc = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if x.shape[-1] % self.patch:
+            x = F.pad(x, (0, self.patch - x.shape[-1] % self.patch, 0, self.patch - x.shape[-2] % self.patch))
+        x = x + self.body(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_shape_dependent_if_is_captured_by_export_and_a_wrong_shape_is_named() -> None:
+    model = _PadToPatches().eval()
+    for shape in ((3, 36, 36), (3, 32, 32)):  # padded, and not
+        assert capture_graph(model, shape).method == "export"
+        blocked = detect_blocks(model, shape)
+        assert verify_chain(model, blocked) < 1e-5
+        assert len(blocked.specs) >= 3
+    with pytest.raises(InputShapeError, match=r"input_shape \(1, 36, 36\) does not fit.*'stem.0'"):
+        detect_blocks(model, (1, 36, 36))
