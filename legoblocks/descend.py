@@ -19,6 +19,9 @@ shared with block detection. The traps, all handled:
   the channels as -1. If the block still does not run, it is pruned again with such
   groups left whole. Groups split by `unbind` (an attention's q, k, v and heads) are
   always left whole.
+- A group's channel count comes from its root layer: rooted at a depthwise conv or an SE
+  gate behind a Ghost module's `cat`, it counts each channel twice and removes up to twice
+  the share asked for. `pruners.order_roots` roots groups at the layers that produce them.
 - Channel counts round down (16 channels at 0.2/0.4/0.6/0.8 keep 12/9/6/3), so a
   descendant's cost must be measured, never inferred from its sparsity.
 
