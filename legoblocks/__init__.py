@@ -18,7 +18,7 @@ _EXPORTS: dict[str, str] = {
     "train_teacher": "train", "evaluate": "train",
     # blocks and descendants
     "BlockSpec": "detect", "BlockedModel": "detect", "detect_blocks": "detect",
-    "verify_chain": "detect", "UntraceableModelError": "detect",
+    "verify_chain": "detect", "UntraceableModelError": "detect", "capture_graph": "capture",
     "DEFAULT_LADDER": "descend", "choice_id": "descend", "make_descendants": "descend",
     "BlockData": "retrain", "RetrainConfig": "retrain", "collect_block_io": "retrain",
     "retrain_descendants": "retrain",

@@ -1,20 +1,32 @@
 """Descendants of a block: the block with a fraction of its inner filters removed.
 
 DESIGN.md step 2. Torch-Pruning's dependency graph does the channel surgery (a conv's
-output channels, the BN after it, the next conv's input channels, concat offsets, ...),
-with a uniform per-layer ratio equal to the sparsity. Three traps, all handled here:
+output channels, the BN after it, the next conv's input channels, concat offsets, an SE
+gate's `x * gate(x)`, a RepVGG unit's 3x3, 1x1 and identity branches alike, an MLP's
+hidden width, ...), with a uniform per-group ratio equal to the sparsity. How it is driven
+(guards, unwrapped parameters, customized pruners, ignored layers) is `legoblocks.pruners`,
+shared with block detection. The traps, all handled:
 
 - Torch-Pruning would also prune the block's *input and output* channels, which must stay
-  fixed so the block still fits its neighbours. Guard: wrap the block as
-  `Sequential(depthwise 1x1 conv(C_in), block, depthwise 1x1 conv(C_out))` and mark both
-  guards ignored. A depthwise conv ties its input channels to its output channels, so
-  every group that touches the block's boundary contains an ignored layer and is skipped.
+  fixed so the block still fits its neighbours: the block is wrapped between two ignored
+  depthwise 1x1 guard convs, so every group that touches its boundary is skipped.
 - The dependency graph is built by running the block through autograd: under
   `torch.no_grad()` or with frozen parameters Torch-Pruning silently prunes nothing. We
   prune a deep copy with `requires_grad_(True)` inside `torch.enable_grad()`.
+- A group whose channels pass through a reshape (MobileViT's unfold of the transformer
+  width into patches) breaks the block when the reshape's sizes are constants, as in
+  graphs captured by torch.export: `legoblocks.reshapes` rewrites the size that carries
+  the channels as -1. If the block still does not run, it is pruned again with such
+  groups left whole. Groups split by `unbind` (an attention's q, k, v and heads) are
+  always left whole.
+- A group's channel count comes from its root layer: rooted at a depthwise conv or an SE
+  gate behind a Ghost module's `cat`, it counts each channel twice and removes up to twice
+  the share asked for. `pruners.order_roots` roots groups at the layers that produce them.
 - Channel counts round down (16 channels at 0.2/0.4/0.6/0.8 keep 12/9/6/3), so a
   descendant's cost must be measured, never inferred from its sparsity.
 
+Because every branch of a group loses the same channels, a pruned RepVGG-style unit keeps
+its 3x3 + 1x1 + identity structure and can still be re-parameterized into one conv.
 The graph is built in eval mode, so the example forward pass leaves the BatchNorm running
 statistics of the copy untouched.
 """
@@ -26,9 +38,10 @@ import logging
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from legoblocks.choices import ORIGINAL, choice_id, validate_ladder
+from legoblocks.reshapes import record_shapes, repair_reshapes, resized_widths
 
 if TYPE_CHECKING:
     import torch_pruning as tp
@@ -62,32 +75,50 @@ def _importance(name: str) -> tp.importance.Importance:
     raise ValueError(f"unknown importance {name!r}; choose one of {', '.join(IMPORTANCES)}")
 
 
-def _guard(channels: int, dims: int) -> nn.Module:
-    """A depthwise 1x1 conv: its input and output channels are the same channels."""
-    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-    return conv(channels, channels, 1, groups=channels, bias=False)
-
-
 def _prune_once(block: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...], sparsity: float,
-                importance: str) -> nn.Module:
-    """A pruned deep copy of `block` (input and output channels untouched)."""
+                importance: str, keep_reshaping: bool) -> nn.Module:
+    """A pruned deep copy of `block` (input and output channels untouched).
+
+    Groups split by `unbind` (attention heads) always stay whole; with `keep_reshaping`,
+    so do groups whose channels pass through a reshape.
+    """
+    import torch_pruning as tp
+
+    from legoblocks import pruners  # Torch-Pruning loads only when pruning (compose is on the device path)
+
     work = copy.deepcopy(block)
     work.requires_grad_(True)
-    guard_in, guard_out = _guard(in_shape[0], len(in_shape) - 1), _guard(out_shape[0], len(out_shape) - 1)
-    wrapped = nn.Sequential(guard_in, work, guard_out).eval()
-    import torch_pruning as tp
+    guarded = pruners.guarded(work, in_shape, out_shape)
 
     with torch.enable_grad():
         pruner = tp.pruner.BasePruner(
-            wrapped,
-            example_inputs=torch.randn(1, *in_shape),
+            guarded.model,
+            example_inputs=(torch.randn(1, *in_shape),),
             importance=_importance(importance),
             pruning_ratio=sparsity,
             global_pruning=False,
-            ignored_layers=[guard_in, guard_out],
+            ignored_layers=guarded.ignored,
+            unwrapped_parameters=pruners.unwrapped_parameters(guarded.model),
+            customized_pruners=pruners.customized_pruners(),
         )
+        pruners.order_roots(pruner.DG)
+        for group in list(pruners.prunable_groups(pruner.DG, pruner.ignored_layers)):
+            if pruners.splitting_group(group) or (keep_reshaping and pruners.reshaping_group(group)):
+                pruner.ignored_layers.extend(pruners.out_channel_modules(pruner.DG, group))
         pruner.step()
-    return wrapped[1]
+    return guarded.block
+
+
+def _runs(module: nn.Module, x: torch.Tensor, expected: tuple[int, ...]) -> str | None:
+    """None when `module` maps `x` to the expected shape, else what went wrong."""
+    with torch.no_grad():
+        try:  # GraphModule.forward directly: its __call__ prints the traceback of an expected failure
+            y = module.forward(x) if isinstance(module, fx.GraphModule) else module(x)
+        except RuntimeError as e:
+            return f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    if tuple(y.shape) != expected:
+        return f"output {tuple(y.shape[1:])} instead of {expected[1:]}"
+    return None
 
 
 def make_descendants(block: nn.Module, in_shape: Sequence[int], ladder: Iterable[float] = DEFAULT_LADDER, *,
@@ -122,21 +153,22 @@ def make_descendants(block: nn.Module, in_shape: Sequence[int], ladder: Iterable
     base_params = count_params(original)
     result: dict[str, nn.Module] = {ORIGINAL: original}
     skipped: list[str] = []
+    keep_reshaping = False
+    shapes = record_shapes(original, x) if isinstance(original, fx.GraphModule) else {}
     for s in sparsities:
         if s == 0.0:
             continue
-        pruned = _prune_once(original, shape, out_shape, s, importance).eval()
-        with torch.no_grad():
-            try:
-                y = pruned(x)
-            except RuntimeError as e:
-                raise RuntimeError(f"pruning at sparsity {s} broke the block's input side ({e}): an input "
-                                   "channel was not guarded") from e
-        if tuple(y.shape) != tuple(reference.shape):
-            raise RuntimeError(
-                f"pruning at sparsity {s} changed the block's output from {tuple(reference.shape[1:])} to "
-                f"{tuple(y.shape[1:])}: an input/output channel was not guarded"
-            )
+        pruned = _prune_once(original, shape, out_shape, s, importance, keep_reshaping).eval()
+        problem = _runs(pruned, x, tuple(reference.shape))
+        if problem is not None and shapes and repair_reshapes(pruned, x, shapes, resized_widths(original, pruned)):
+            problem = _runs(pruned, x, tuple(reference.shape))
+        if problem is not None and not keep_reshaping:
+            keep_reshaping = True  # a reshape with constant sizes: leave such groups whole from now on
+            pruned = _prune_once(original, shape, out_shape, s, importance, keep_reshaping).eval()
+            problem = _runs(pruned, x, tuple(reference.shape))
+        if problem is not None:
+            raise RuntimeError(f"pruning at sparsity {s} broke the block ({problem}): a channel group was pruned "
+                               "inconsistently; the block's input/output channels must stay fixed")
         if count_params(pruned) >= base_params:
             skipped.append(choice_id(s))
             continue

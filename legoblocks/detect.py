@@ -1,63 +1,63 @@
-"""Cut a traced CNN into a chain of blocks that reproduces it exactly.
+"""Cut a captured CNN into a chain of blocks that reproduces it exactly.
 
 Algorithm (DESIGN.md step 1):
 
-1. **Trace.** `torch.fx.symbolic_trace` on an eval-mode deep copy. A failure becomes an
-   `UntraceableModelError` naming the user's source line and the fx limitation
-   (data-dependent control flow and friends).
-2. **Shapes.** One interpreted run (like `ShapeProp`) on a dummy batch of `input_shape`; a
-   shape that does not fit becomes an `InputShapeError` naming the failing layer, what it
-   expects and what it got.
+1. **Capture.** `legoblocks.capture`: torch.fx symbolic tracing of an eval-mode deep copy,
+   or torch.export when fx cannot trace (shape-dependent control flow); functional layers
+   become modules and assertions are dropped. When both fail, `UntraceableModelError`
+   names the user's source line and both causes.
+2. **Shapes and FLOPs.** One interpreted run on a dummy batch of `input_shape` records every
+   node's output shape and FLOPs; a shape that does not fit becomes an `InputShapeError`
+   naming the failing layer, what it expects and what it got.
 3. **Cut points.** Nodes are numbered in graph order (`get_attr` constants are left out:
    they are copied into every block that reads them). A node is a cut point when it
    yields one tensor, has a user, and no edge jumps over it: every earlier value is dead
    afterwards, so exactly one tensor is live. The input placeholder is the first cut.
-4. **Units.** The nodes between two consecutive cut points form a segment. A segment of
-   several nodes that holds a parametrised layer (a residual unit, a concat branch) is an
-   atomic *composite* unit; every other segment is a *plain* node.
-5. **Head.** Everything after the last segment holding a convolution (global pooling,
-   flatten, classifier) is the head.
-6. **Ownership.** The parents of the composite units' common module paths (e.g. `layer1`
-   for `layer1.0`) are unit containers; a plain node under `<container>.<child>` belongs to
-   that child. Consecutive units with the same owner merge, so MobileNetV2's inverted
-   residuals without a skip (plain chains) stay whole, named `features.2`.
-7. **Stem.** The un-owned plain nodes before the first owned/composite unit; for a model
-   without any (a plain chain such as VGG) the nodes up to its first down-sampling.
-8. **Plain runs.** Other un-owned plain nodes are split after each down-sampling node
-   (pooling, strided conv); a group with fewer than two conv/linear layers has no inner
-   channels to prune, so it joins its next scalable neighbour (its previous one at the end).
-9. **Target count.** With `target_blocks=K` (the total block count, stem and head
+4. **Units and the chain.** `legoblocks.units`: the segments between cut points are grouped
+   by the model's own module hierarchy into units (one per residual / inverted-residual /
+   MBConv / Ghost / ShuffleNet / transformer unit, skip or not); everything after the last
+   convolution is the head; Torch-Pruning's dependency graph of the whole model
+   (`legoblocks.coupling`) prices every candidate block by the FLOPs left when all channels
+   it can prune are pruned, and a dynamic program picks the chain with the most blocks
+   that can shrink (a non-scalable stem allowed first), merging units that cannot shrink
+   alone with the neighbours that free their channels. Default chains longer than
+   `units.MAX_DEFAULT_BLOCKS` are merged FLOP-balanced.
+5. **Target count.** With `target_blocks=K` (the total block count, stem and head
    included) the adjacent scalable pair with the smallest combined FLOPs merges until K
    blocks remain.
-10. **Extract.** Each group becomes its own `torch.fx.GraphModule` (one input, one
-    output, deep-copied so blocks share no parameters with the model or each other),
-    named by its owner or the common module path of its layers (`layer1.0`, `cat2`), else
-    `block<i>` (its chain index) when that path is empty or shared with another block;
-    stem and head are `"stem"`/`"head"` and are not scalable. Params and FLOPs
-    (`FlopCounterMode`, batch 1) are measured on each block alone, so the blocks' FLOPs sum
-    to the model's.
+6. **Extract.** Each group becomes its own `torch.fx.GraphModule` (one input, one
+   output, deep-copied so blocks share no parameters with the model or each other),
+   named by its unit (`layer1.0`), a range of units (`features.1-2`) or the common module
+   path of its layers, else `block<i>` (its chain index) when that name is empty or taken;
+   stem and head are `"stem"`/`"head"` and are not scalable. Params and FLOPs
+   (`FlopCounterMode`, batch 1) are measured on each block alone, so the blocks' FLOPs sum
+   to the model's.
 
 Expected results: ResNet-20 -> stem + 9 residual blocks (`layer1.0` ... `layer3.2`) + head;
 VGG-11 -> stem + 3 + head (the 128-channel stage, a single conv, joins the next stage);
-MobileNetV2 -> stem + one block per inverted residual `features.0` ... `features.15` + one
-block holding the last inverted residual and the final 1x1 conv (a lone conv has nothing to
-prune, so it merges) + head = 19 blocks; pass `target_blocks` for fewer, FLOP-balanced
-blocks. A model that starts with a residual unit has no stem, one that ends in a conv
-has no head.
+MobileNetV2 -> stem + `features.0-1` (the first inverted residual is a depthwise conv tied
+to its input: alone it cannot shrink) + one block per inverted residual up to
+`features.15` + the last one merged with the lone final 1x1 conv + head = 18 blocks;
+MobileNetV3 / EfficientNet / GhostNet / ShuffleNetV2 / MobileViT: one block per unit;
+RepVGG-A0: stem + 2 blocks spanning whole stages + head. Pass `target_blocks` for fewer,
+FLOP-balanced blocks. A model that starts with a scalable unit has no stem, one that ends
+in a conv has no head.
 """
 
 from __future__ import annotations
 
 import copy
-import traceback
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from legoblocks import units as U
+from legoblocks.capture import BATCH_FIRST_KEY, BATCH_KEY, InputShapeError, UntraceableModelError, capture_graph
+from legoblocks.coupling import channel_coupling, coupling_by_windows
 from legoblocks.flops import count_flops
 
 __all__ = [
@@ -71,18 +71,7 @@ __all__ = [
     "count_flops",
 ]
 
-_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV_FUNCS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
-               torch.conv1d, torch.conv2d, torch.conv3d}
-
-
-class UntraceableModelError(TypeError):
-    """torch.fx cannot trace the model symbolically (e.g. data-dependent control flow)."""
-
-
-class InputShapeError(ValueError):
-    """The dummy input of the given shape does not run through the model."""
 
 
 class ChainMismatchError(AssertionError):
@@ -137,34 +126,6 @@ class BlockedModel:
         return nn.Sequential(*self.blocks)
 
 
-# ----------------------------------------------------------------------------- tracing
-
-def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback frame outside torch: the user's line fx choked on."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not str(Path(f.filename).resolve()).startswith(_TORCH_DIR)]
-    if not frames:
-        return "an unknown location"
-    f = frames[-1]
-    code = f" `{f.line.strip()}`" if f.line else ""
-    return f"{f.filename}:{f.lineno} in {f.name}(){code}"
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    work = copy.deepcopy(model).eval()
-    try:
-        return fx.symbolic_trace(work)
-    except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ... on Proxies
-        raise UntraceableModelError(
-            f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e} "
-            f"(at {_user_frame(e)}). fx traces symbolically with placeholder tensors, so Python "
-            "control flow that depends on tensor values (if/while on a tensor, len() or "
-            "iteration over a tensor, .item(), data-dependent shapes) cannot be recorded. "
-            "Fix: rewrite that step without data-dependent control flow (e.g. torch.where), or "
-            "move it into a submodule the tracer treats as a leaf."
-        ) from e
-
-
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(input_shape)
     if not shape or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
@@ -178,17 +139,22 @@ _SHAPE = "legodnn_shape"  # node.meta key: the full output shape (batch first), 
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """Runs the graph once, records each node's output shape and the node being run.
+    """Runs the graph once, records each node's output shape and FLOPs and the node being run.
 
     (torch's ShapeProp does the same but prints a traceback to stderr on failure; we want
     one clear error naming the node instead.)
     """
 
     current: fx.Node | None = None
+    counter: FlopCounterMode | None = None
+    flops: dict[str, int]
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
+        before = self.counter.get_total_flops() if self.counter is not None else 0
         result = super().run_node(n)
+        if self.counter is not None:
+            self.flops[n.name] = int(self.counter.get_total_flops() - before)
         n.meta[_SHAPE] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
         return result
 
@@ -214,10 +180,13 @@ def _first_layer_expectation(gm: fx.GraphModule, shape: tuple[int, ...]) -> str:
     return ""
 
 
-def _propagate_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> None:
+def _propagate_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[str, int]:
+    """Record every node's output shape (batch 2) in its meta; return FLOPs per node at batch 1."""
     prop = _ShapeRecorder(gm)
+    prop.flops = {}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            prop.counter = counter
             prop.run(torch.zeros(2, *shape))
     except Exception as e:
         # fx's Interpreter appends "While executing ..." to the message; the first line is the cause.
@@ -234,6 +203,7 @@ def _propagate_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> None:
             f"running a dummy batch failed {where}: {type(e).__name__}: {cause}. "
             "Fix: pass the (C, H, W) shape the model was built for."
         ) from e
+    return {name: value // 2 for name, value in prop.flops.items()}
 
 
 # ----------------------------------------------------------------------------- cut points
@@ -242,204 +212,29 @@ def _is_tensor(node: fx.Node) -> bool:
     return node.meta.get(_SHAPE) is not None
 
 
+def _is_batch(node: fx.Node) -> bool:
+    return bool(node.meta.get(BATCH_KEY))
+
+
 def _cut_points(order: list[fx.Node], output_arg: fx.Node) -> list[int]:
-    """Indices (into `order`) of nodes after which exactly one tensor is live."""
+    """Indices (into `order`) of nodes after which exactly one tensor is live.
+
+    Batch-size arithmetic (`BATCH_KEY`) is not in `order` and does not keep values live:
+    every block recomputes it from its own input.
+    """
     index = {n: i for i, n in enumerate(order)}
     out_pos = len(order)
-    last_use = [max((index.get(u, out_pos) for u in n.users), default=-1) for n in order]
+    last_use = [max((index.get(u, out_pos) for u in n.users if not _is_batch(u)), default=-1) for n in order]
     cuts = [0]  # the placeholder
     reach = last_use[0]  # furthest use of any value produced before position i
     for i in range(1, len(order)):
         n = order[i]
-        if reach <= i and n.users and _is_tensor(n):
+        if reach <= i and n.users and _is_tensor(n) and n.meta.get(BATCH_FIRST_KEY, True):
             cuts.append(i)
         reach = max(reach, last_use[i])
     if order[cuts[-1]] is not output_arg:
         raise RuntimeError("internal error: the model output is not a cut point")
     return cuts
-
-
-# ----------------------------------------------------------------------------- grouping
-
-def _node_path(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack)) if stack else ""
-
-
-def _common_path(paths: Sequence[str]) -> str:
-    parts = [p.split(".") if p else [] for p in paths]
-    common: list[str] = []
-    for level in zip(*parts):
-        if all(x == level[0] for x in level):
-            common.append(level[0])
-        else:
-            break
-    return ".".join(common)
-
-
-@dataclass
-class _Unit:
-    """A run of graph nodes that will end up in one block."""
-
-    nodes: list[fx.Node]
-    composite: bool
-    owner: str | None = None
-    convs: int = 0        # conv layers inside
-    param_layers: int = 0  # conv + linear layers: fewer than 2 means no inner channels
-    downsamples: bool = False
-
-
-def _layer_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        m = modules[node.target]
-        if isinstance(m, _CONV_TYPES):
-            return "conv"
-        if isinstance(m, nn.Linear):
-            return "linear"
-        return "param" if any(True for _ in m.parameters()) else ""
-    if node.op == "call_function":
-        if node.target in _CONV_FUNCS:
-            return "conv"
-        if node.target in (torch.nn.functional.linear,):
-            return "linear"
-    return ""
-
-
-def _spatial(node: fx.Node) -> int | None:
-    shape = node.meta.get(_SHAPE)
-    if shape is not None and len(shape) >= 3:
-        size = 1
-        for v in shape[2:]:
-            size *= int(v)
-        return size
-    return None
-
-
-def _make_units(segments: list[list[fx.Node]], prev_outputs: list[fx.Node],
-                modules: dict[str, nn.Module]) -> list[_Unit]:
-    units = []
-    for seg, prev in zip(segments, prev_outputs):
-        kinds = [_layer_kind(n, modules) for n in seg]
-        unit = _Unit(
-            nodes=seg,
-            composite=len(seg) > 1 and any(kinds),
-            convs=sum(k == "conv" for k in kinds),
-            param_layers=sum(k in ("conv", "linear") for k in kinds),
-        )
-        before, after = _spatial(prev), _spatial(seg[-1])
-        unit.downsamples = before is not None and after is not None and after < before
-        units.append(unit)
-    return units
-
-
-def _assign_owners(units: list[_Unit]) -> None:
-    containers = set()
-    for u in units:
-        if u.composite:
-            path = _common_path([_node_path(n) for n in u.nodes])
-            if "." in path:
-                containers.add(path.rsplit(".", 1)[0])
-
-    def owner_of(path: str) -> str | None:
-        best = None
-        for c in containers:
-            if path.startswith(c + ".") and (best is None or len(c) > len(best)):
-                best = c
-        if best is None:
-            return None
-        child = path[len(best) + 1:].split(".", 1)[0]
-        return f"{best}.{child}"
-
-    for u in units:
-        path = _common_path([_node_path(n) for n in u.nodes])
-        u.owner = owner_of(path)
-
-
-def _group_path(unit: _Unit, modules: dict[str, nn.Module]) -> str:
-    """The name a group earns: its owner ("features.2"), else the common module path of its
-    layers with parameters (so a pooling node merged in does not blur "cat2"), else of all nodes."""
-    if unit.owner:
-        return unit.owner
-    layers = [n for n in unit.nodes if _layer_kind(n, modules)]
-    return _common_path([_node_path(n) for n in (layers or unit.nodes)])
-
-
-def _merge(a: _Unit, b: _Unit) -> _Unit:
-    return _Unit(nodes=a.nodes + b.nodes, composite=a.composite or b.composite,
-                 owner=a.owner if a.owner == b.owner else None, convs=a.convs + b.convs,
-                 param_layers=a.param_layers + b.param_layers, downsamples=a.downsamples or b.downsamples)
-
-
-def _group(units: list[_Unit]) -> tuple[_Unit | None, list[_Unit], _Unit | None]:
-    """Split units into (stem, scalable groups, head) by the policy in the module docstring."""
-    last_conv = max((i for i, u in enumerate(units) if u.convs), default=None)
-    if last_conv is None:
-        raise ValueError("found no convolution in the model: detect_blocks cuts CNNs into blocks "
-                         "(a model without conv layers has no blocks to scale)")
-    body, head_units = units[: last_conv + 1], units[last_conv + 1:]
-    head = None
-    for u in head_units:
-        head = u if head is None else _merge(head, u)
-
-    # Owned units (and composites) merge with their same-owner neighbours.
-    merged: list[_Unit] = []
-    for u in body:
-        if merged and u.owner is not None and merged[-1].owner == u.owner:
-            merged[-1] = _merge(merged[-1], u)
-        else:
-            merged.append(u)
-    structural = [u.composite or u.owner is not None for u in merged]
-
-    # Stem: the un-owned plain prefix, else (plain chain) the nodes up to the first down-sampling.
-    stem = None
-    start = 0
-    if any(structural):
-        while not structural[start]:
-            stem = merged[start] if stem is None else _merge(stem, merged[start])
-            start += 1
-    else:
-        while start < len(merged):
-            u = merged[start]
-            stem = u if stem is None else _merge(stem, u)
-            start += 1
-            if u.downsamples:
-                break
-        if start == len(merged):  # no down-sampling at all: keep the first layer as the stem
-            stem, start = merged[0], 1
-
-    # Plain runs split after down-sampling nodes; structural units stay as they are.
-    groups: list[_Unit] = []
-    plain_flags: list[bool] = []
-    open_plain = False
-    for u, is_structural in zip(merged[start:], structural[start:]):
-        if is_structural:
-            groups.append(u)
-            plain_flags.append(False)
-            open_plain = False
-        elif open_plain:
-            groups[-1] = _merge(groups[-1], u)
-        else:
-            groups.append(u)
-            plain_flags.append(True)
-            open_plain = True
-        if not is_structural and u.downsamples:
-            open_plain = False
-
-    # A plain group with fewer than two conv/linear layers has no inner channels: merge it.
-    i = 0
-    while i < len(groups) and len(groups) > 1:
-        if plain_flags[i] and groups[i].param_layers < 2:
-            j = i + 1 if i + 1 < len(groups) else i - 1
-            lo, hi = min(i, j), max(i, j)
-            groups[lo] = _merge(groups[lo], groups[hi])
-            plain_flags[lo] = plain_flags[lo] and plain_flags[hi]
-            del groups[hi], plain_flags[hi]
-            i = lo
-            continue
-        i += 1
-    return stem, groups, head
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -454,15 +249,39 @@ def _extract(gm: fx.GraphModule, nodes: list[fx.Node], input_node: fx.Node) -> f
 
     def lookup(n: fx.Node) -> fx.Node:
         if n not in env:
-            if n.op != "get_attr":
+            if n.op == "call_method" and n.target == "size" and _is_batch(n):
+                env[n] = graph.call_method("size", (x, 0))  # the batch size, from this block's input
+            elif n.op == "get_attr" or _is_batch(n):
+                env[n] = graph.node_copy(n, lookup)
+            else:
                 raise RuntimeError(f"internal error: node {n.name} is used across a cut point")
-            env[n] = graph.node_copy(n)
         return env[n]
 
     for n in nodes:
         env[n] = graph.node_copy(n, lookup)
     graph.output(env[nodes[-1]])
-    return copy.deepcopy(fx.GraphModule(gm, graph)).eval()
+    block = copy.deepcopy(fx.GraphModule(gm, graph)).eval()
+    _keep_input_intact(block)
+    return block
+
+
+def _keep_input_intact(block: fx.GraphModule) -> None:
+    """Make the block's first layers out-of-place where they would overwrite the block's input.
+
+    The input is the previous block's output, which the pipeline keeps (recorded block I/O,
+    the joint stage's feature loss): a ReLU(inplace=True) right after a cut would change it.
+    """
+    x = next(n for n in block.graph.nodes if n.op == "placeholder")
+    for user in x.users:
+        if user.op == "call_module":
+            layer = block.get_submodule(str(user.target))
+            if getattr(layer, "inplace", False):
+                layer.inplace = False
+        elif user.op == "call_function" and user.kwargs.get("inplace"):
+            user.kwargs = {**user.kwargs, "inplace": False}
+        elif user.op == "call_method" and str(user.target).endswith("_") and user.args and user.args[0] is x:
+            user.target = str(user.target)[:-1]  # x.add_(y) -> x.add(y)
+    block.recompile()
 
 
 def _shape(node: fx.Node) -> tuple[int, ...]:
@@ -472,67 +291,88 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
 def detect_blocks(model: nn.Module, input_shape: Sequence[int], *, target_blocks: int | None = None) -> BlockedModel:
     """Cut `model` into a chain of blocks (see the module docstring for the policy).
 
-    The model is not modified: tracing works on an eval-mode deep copy, and every block is
+    The model is not modified: capture works on an eval-mode deep copy, and every block is
     a deep copy, in eval mode.
+
+    Args:
+        model: the CNN (any nn.Module taking one tensor and returning one tensor).
+        input_shape: its input shape without the batch dimension, e.g. `(3, 64, 64)`.
+        target_blocks: the total block count wanted (stem and head included); default:
+            the model's own units (see `legoblocks.units`).
+
+    Returns:
+        The blocks, their specs and the input shape; `verify_chain` checks the equivalence.
     """
     shape = _check_input_shape(input_shape)
     if target_blocks is not None and (not isinstance(target_blocks, int) or target_blocks < 1):
         raise ValueError(f"target_blocks must be a positive integer, got {target_blocks!r}")
-    gm = _trace(model)
+    captured = capture_graph(model, shape)
+    gm = captured.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ValueError(f"detect_blocks needs a model with exactly one tensor input; "
                          f"{type(model).__name__}.forward takes {len(placeholders)}")
-    _propagate_shapes(gm, shape)
+    flops = _propagate_shapes(gm, shape)
     output = next(n for n in gm.graph.nodes if n.op == "output")
     out_arg = output.args[0]
     if not isinstance(out_arg, fx.Node) or not _is_tensor(out_arg):
         raise ValueError(f"detect_blocks needs a model that returns one tensor; "
                          f"{type(model).__name__} returns {type(out_arg).__name__}")
 
-    order = [n for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
+    order = [n for n in gm.graph.nodes if n.op not in ("get_attr", "output") and not _is_batch(n)]
     cuts = _cut_points(order, out_arg)
     segments = [order[a + 1: b + 1] for a, b in zip(cuts, cuts[1:])]
     inputs_of = [order[a] for a in cuts[:-1]]
     modules = dict(gm.named_modules())
-    units = _make_units(segments, inputs_of, modules)
-    _assign_owners(units)
-    stem, groups, head = _group(units)
-
+    found = U.make_units(segments, modules)
+    U.assign_owners(found, modules)
+    body, head = U.split_head(found)
+    pieces = U.atoms(body)
     first_input = {seg[0]: inp for seg, inp in zip(segments, inputs_of)}
+    try:
+        coupling = channel_coupling(gm, shape, flops)
+    except Exception:  # noqa: BLE001 - Torch-Pruning fails on some whole models: analyse a few units at a time
+        def window(i: int, j: int) -> tuple[fx.GraphModule, tuple[int, ...], tuple[int, ...]]:
+            nodes = [n for p in pieces[i:j] for n in p.nodes]
+            return _extract(gm, nodes, first_input[nodes[0]]), _shape(first_input[nodes[0]]), _shape(nodes[-1])
 
-    def build(unit: _Unit) -> fx.GraphModule:
-        return _extract(gm, unit.nodes, first_input[unit.nodes[0]])
-
-    fixed = (stem is not None) + (head is not None)
+        coupling = coupling_by_windows(window, len(pieces), flops)
+    head_flops = sum(flops.get(n.name, 0) for n in head.nodes) if head is not None else 0
+    chain = U.choose_blocks(pieces, coupling, other_flops=head_flops)
+    head_nodes = head.nodes if head is not None else []
+    if chain[-1].kind == "tail":  # a final expansion only the classifier reads: part of the head
+        head_nodes = [n for p in pieces[chain[-1].start:] for n in p.nodes] + head_nodes
+        chain = chain[:-1]
+    piece_flops = [sum(flops.get(n.name, 0) for n in p.nodes) for p in pieces]
+    has_head = bool(head_nodes)
+    fixed = has_head + (chain[0].kind == "stem")
+    natural = len(chain) + has_head
     if target_blocks is not None:
-        natural = fixed + len(groups)
         if target_blocks < fixed + 1:
             raise ValueError(f"target_blocks={target_blocks} leaves no scalable block: the stem and head "
                              f"already take {fixed}; choose at least {fixed + 1}")
         if target_blocks > natural:
             raise ValueError(f"target_blocks={target_blocks} exceeds the {natural} atomic blocks of this model "
                              f"(residual/branched units are never split); choose at most {natural}")
-        flops = [count_flops(build(g), _shape(first_input[g.nodes[0]])) for g in groups]
-        while fixed + len(groups) > target_blocks:
-            k = min(range(len(groups) - 1), key=lambda i: flops[i] + flops[i + 1])
-            groups[k] = _merge(groups[k], groups[k + 1])
-            flops[k] += flops.pop(k + 1)
-            del groups[k + 1]
+        chain = U.merge_balanced(chain, piece_flops, target_blocks - has_head)
+    elif natural > U.MAX_DEFAULT_BLOCKS:
+        chain = U.merge_balanced(chain, piece_flops, U.MAX_DEFAULT_BLOCKS - has_head)
 
-    ordered: list[tuple[_Unit, str | None, bool]] = []
-    if stem is not None:
-        ordered.append((stem, "stem", False))
-    ordered.extend((g, None, True) for g in groups)
-    if head is not None:
-        ordered.append((head, "head", False))
+    ordered: list[tuple[list[fx.Node], str, bool]] = []
+    for b in chain:
+        members = pieces[b.start:b.stop]
+        nodes = [n for p in members for n in p.nodes]
+        label = "stem" if b.kind == "stem" else U.block_label(members, modules)
+        ordered.append((nodes, label, b.kind != "stem"))
+    if has_head:
+        ordered.append((head_nodes, "head", False))
 
-    paths = [name or _group_path(u, modules) for u, name, _ in ordered]
+    labels = [label for _, label, _ in ordered]
     specs, blocks = [], []
-    for i, ((unit, _, scalable), path) in enumerate(zip(ordered, paths)):
-        name = path if path and paths.count(path) == 1 else f"block{i}"
-        in_shape, out_shape = _shape(first_input[unit.nodes[0]]), _shape(unit.nodes[-1])
-        block = build(unit)
+    for i, (nodes, label, scalable) in enumerate(ordered):
+        name = label if label and labels.count(label) == 1 else f"block{i}"
+        in_shape, out_shape = _shape(first_input[nodes[0]]), _shape(nodes[-1])
+        block = _extract(gm, nodes, first_input[nodes[0]])
         specs.append(BlockSpec(
             name=name, in_shape=in_shape, out_shape=out_shape,
             params=sum(p.numel() for p in block.parameters()),

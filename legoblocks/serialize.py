@@ -4,10 +4,11 @@ Descendant blocks travel from the pipeline to devices through buckets and caches
 attacker may write to. `torch.load` of a whole module unpickles code, so a block file here
 holds only data: the tensors (safetensors, which is a JSON header plus raw bytes) and,
 in the header metadata under `legodnn.spec`, a JSON description of the module as an fx
-graph. Loading rebuilds the module from allow-lists only: leaf layers from a fixed table of
-`torch.nn` classes with literal constructor arguments, functions from the `operator`,
-`torch`, `torch.nn.functional` and `torch.Tensor` namespaces, Tensor methods by name.
-Nothing named in a file is ever imported, and nothing is ever unpickled.
+graph. Loading rebuilds the module from the allow-lists of `legoblocks.allowlist` only:
+leaf layers from a fixed table of `torch.nn` classes with literal constructor arguments,
+functions from the `operator`, `torch`, `torch.nn.functional`, `torch.Tensor` and (as
+torch.export spells them) `torch.ops.aten` namespaces, Tensor methods by name. Nothing
+named in a file is ever imported, and nothing is ever unpickled.
 
 Constructor arguments are read from the live module when saving, weight shapes first,
 because Torch-Pruning edits modules in place and the weights are the ground truth of what
@@ -16,26 +17,23 @@ because Torch-Pruning edits modules in place and the weights are the ground trut
 
 from __future__ import annotations
 
-import functools
 import json
 import keyword
 import math
-import operator
 import re
-import types
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 from torch import fx, nn
 
+from legoblocks.allowlist import LEAF_TYPES, LEAVES, function_names, function_table, tensor_attributes, tensor_methods
 from legoblocks.files import write_atomic
+from legoblocks.modtree import install
 
 SPEC_KEY = "legodnn.spec"
 FORMAT = "legodnn.module"
@@ -45,204 +43,6 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 class UnsafeFileError(ValueError):
     """A module file was refused: not safetensors, or it names something outside the allow-lists."""
-
-
-# --------------------------------------------------------------------------- leaf modules
-
-
-def _conv_args(m: nn.Module) -> dict[str, Any]:
-    w = m.weight
-    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-    in_ch, out_ch = (w.shape[0], w.shape[1] * m.groups) if transposed else (w.shape[1] * m.groups, w.shape[0])
-    args = {
-        "in_channels": int(in_ch),
-        "out_channels": int(out_ch),
-        "kernel_size": tuple(int(k) for k in w.shape[2:]),
-        "bias": m.bias is not None,
-    }
-    if transposed:
-        args["output_padding"] = m.output_padding
-    return args
-
-
-def _linear_args(m: nn.Module) -> dict[str, Any]:
-    return {"in_features": int(m.weight.shape[1]), "out_features": int(m.weight.shape[0]), "bias": m.bias is not None}
-
-
-def _norm_features(m: nn.Module, attr: str) -> dict[str, Any]:
-    # Pruning shrinks the affine weights and running stats; they define the real width.
-    for name in ("weight", "running_mean"):
-        t = getattr(m, name, None)
-        if isinstance(t, torch.Tensor):
-            return {attr: int(t.shape[0])}
-    return {attr: int(getattr(m, attr))}
-
-
-def _layer_norm_args(m: nn.Module) -> dict[str, Any]:
-    shape = tuple(m.weight.shape) if m.weight is not None else tuple(m.normalized_shape)
-    return {"normalized_shape": shape, "bias": getattr(m, "bias", None) is not None}
-
-
-def _prelu_args(m: nn.Module) -> dict[str, Any]:
-    return {"num_parameters": int(m.weight.numel())}
-
-
-@dataclass(frozen=True)
-class _Leaf:
-    """How to rebuild one allowed layer: attributes copied as-is plus ones derived from weights."""
-
-    cls: type[nn.Module]
-    fields: tuple[str, ...] = ()
-    derived: Callable[[nn.Module], dict[str, Any]] | None = None
-    derived_keys: tuple[str, ...] = field(default=())
-
-    def kwargs(self, m: nn.Module) -> dict[str, Any]:
-        out = {name: getattr(m, name) for name in self.fields}
-        if self.derived is not None:
-            out.update(self.derived(m))
-        return out
-
-    def keys(self) -> set[str]:
-        return set(self.fields) | set(self.derived_keys)
-
-
-_CONV = ("stride", "padding", "dilation", "groups", "padding_mode")
-_CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "bias")
-_BN = ("eps", "momentum", "affine", "track_running_stats")
-_MAXPOOL = ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
-_INPLACE = ("inplace",)
-
-
-def _leaf_table() -> dict[str, _Leaf]:
-    leaves = [
-        _Leaf(nn.Conv1d, _CONV, _conv_args, _CONV_KEYS),
-        _Leaf(nn.Conv2d, _CONV, _conv_args, _CONV_KEYS),
-        _Leaf(nn.ConvTranspose2d, _CONV, _conv_args, _CONV_KEYS + ("output_padding",)),
-        _Leaf(nn.Linear, (), _linear_args, ("in_features", "out_features", "bias")),
-        _Leaf(nn.BatchNorm1d, _BN, lambda m: _norm_features(m, "num_features"), ("num_features",)),
-        _Leaf(nn.BatchNorm2d, _BN, lambda m: _norm_features(m, "num_features"), ("num_features",)),
-        _Leaf(nn.InstanceNorm2d, _BN, lambda m: _norm_features(m, "num_features"), ("num_features",)),
-        _Leaf(
-            nn.GroupNorm, ("num_groups", "eps", "affine"),
-            lambda m: _norm_features(m, "num_channels"), ("num_channels",),
-        ),
-        _Leaf(nn.LayerNorm, ("eps", "elementwise_affine"), _layer_norm_args, ("normalized_shape", "bias")),
-        _Leaf(nn.ReLU, _INPLACE),
-        _Leaf(nn.ReLU6, _INPLACE),
-        _Leaf(nn.LeakyReLU, ("negative_slope", "inplace")),
-        _Leaf(nn.ELU, ("alpha", "inplace")),
-        _Leaf(nn.Hardtanh, ("min_val", "max_val", "inplace")),
-        _Leaf(nn.PReLU, (), _prelu_args, ("num_parameters",)),
-        _Leaf(nn.SiLU, _INPLACE),
-        _Leaf(nn.Mish, _INPLACE),
-        _Leaf(nn.GELU, ("approximate",)),
-        _Leaf(nn.Hardswish, _INPLACE),
-        _Leaf(nn.Hardsigmoid, _INPLACE),
-        _Leaf(nn.Sigmoid),
-        _Leaf(nn.Tanh),
-        _Leaf(nn.Softmax, ("dim",)),
-        _Leaf(nn.LogSoftmax, ("dim",)),
-        _Leaf(nn.MaxPool1d, _MAXPOOL),
-        _Leaf(nn.MaxPool2d, _MAXPOOL),
-        _Leaf(nn.AvgPool1d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")),
-        _Leaf(
-            nn.AvgPool2d,
-            ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-        ),
-        _Leaf(nn.AdaptiveAvgPool1d, ("output_size",)),
-        _Leaf(nn.AdaptiveAvgPool2d, ("output_size",)),
-        _Leaf(nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
-        _Leaf(nn.Flatten, ("start_dim", "end_dim")),
-        _Leaf(nn.Unflatten, ("dim", "unflattened_size")),
-        _Leaf(nn.Dropout, ("p", "inplace")),
-        _Leaf(nn.Dropout2d, ("p", "inplace")),
-        _Leaf(nn.Identity),
-        _Leaf(nn.Upsample, ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor")),
-        _Leaf(nn.ZeroPad2d, ("padding",)),
-        _Leaf(nn.PixelShuffle, ("upscale_factor",)),
-        _Leaf(nn.ChannelShuffle, ("groups",)),
-    ]
-    return {leaf.cls.__name__: leaf for leaf in leaves}
-
-
-LEAVES: Mapping[str, _Leaf] = types.MappingProxyType(_leaf_table())
-_LEAF_TYPES = {leaf.cls: name for name, leaf in LEAVES.items()}
-
-# --------------------------------------------------------------------------- functions
-
-_OPERATORS = (
-    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg", "pos", "abs",
-    "getitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "eq", "ne", "lt", "le", "gt",
-    "ge", "and_", "or_", "xor", "invert", "not_", "lshift", "rshift", "contains", "truth",
-)
-# Tensor factories are not `__torch_function__`-overridable but appear in traced shape code.
-_TORCH_FACTORIES = (
-    "zeros", "ones", "full", "empty", "arange", "linspace", "eye", "tensor", "scalar_tensor",
-)
-# Public Tensor methods that take callables; no file needs them, so they are not offered.
-_TENSOR_METHODS_DENIED = frozenset(
-    {"register_hook", "register_post_accumulate_grad_hook", "apply_", "map_", "map2_"}
-)
-
-
-@functools.cache
-def _function_table() -> dict[str, Callable[..., Any]]:
-    """Qualified name -> callable for every function a spec may name (computed once)."""
-    overridable = torch.overrides.get_overridable_functions()
-    table: dict[str, Callable[..., Any]] = {}
-    torch_fns = set(overridable[torch])
-    for name in dir(torch):
-        obj = getattr(torch, name, None)
-        if not name.startswith("_") and (_member(obj, torch_fns) or name in _TORCH_FACTORIES):
-            table[f"torch.{name}"] = obj
-    functional = set(overridable[F]) | torch_fns
-    for name in dir(F):
-        obj = getattr(F, name, None)
-        if name.startswith("_") or not isinstance(obj, (types.FunctionType, types.BuiltinFunctionType)):
-            continue
-        if _member(obj, functional) or getattr(obj, "__module__", "") == "torch.nn.functional":
-            table[f"torch.nn.functional.{name}"] = obj
-    for name in _tensor_methods():
-        table[f"torch.Tensor.{name}"] = getattr(torch.Tensor, name)
-    for name in _OPERATORS:
-        table[f"operator.{name}"] = getattr(operator, name)
-    table["builtins.getattr"] = getattr
-    return table
-
-
-def _member(obj: Any, group: set[Any]) -> bool:
-    try:
-        return obj in group
-    except TypeError:  # unhashable attributes are data, never functions
-        return False
-
-
-@functools.cache
-def _tensor_methods() -> frozenset[str]:
-    methods = set(torch.overrides.get_overridable_functions()[torch.Tensor])
-    return frozenset(
-        name for name in dir(torch.Tensor)
-        if not name.startswith("_")
-        and name not in _TENSOR_METHODS_DENIED
-        and _member(getattr(torch.Tensor, name, None), methods)
-    )
-
-
-@functools.cache
-def _function_names() -> dict[Any, str]:
-    names: dict[Any, str] = {}
-    for name, fn in _function_table().items():
-        try:
-            names.setdefault(fn, name)
-        except TypeError:  # unhashable callables cannot be graph targets anyway
-            continue
-    return names
-
-
-@functools.cache
-def _tensor_attributes() -> frozenset[str]:
-    # `x.shape`, `x.dtype`, ... trace to getattr(x, name); only public Tensor attributes pass.
-    return frozenset(n for n in dir(torch.Tensor) if not n.startswith("_"))
 
 
 # --------------------------------------------------------------------------- value codec
@@ -338,13 +138,13 @@ class _AllowListTracer(fx.Tracer):
     """Stops at allowed layers, traces through everything else (containers, user modules)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return type(m) in _LEAF_TYPES or super().is_leaf_module(m, module_qualified_name)
+        return type(m) in LEAF_TYPES or super().is_leaf_module(m, module_qualified_name)
 
 
 def _as_graph_module(module: nn.Module) -> fx.GraphModule:
     """The module as a flat GraphModule whose call_module nodes are all allowed layers."""
     if isinstance(module, fx.GraphModule) and all(
-        type(module.get_submodule(n.target)) in _LEAF_TYPES
+        type(module.get_submodule(n.target)) in LEAF_TYPES
         for n in module.graph.nodes if n.op == "call_module"
     ):
         return module
@@ -365,12 +165,12 @@ def _spec_and_tensors(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, tor
     attrs: dict[str, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     nodes: list[dict[str, Any]] = []
-    names = _function_names()
+    names = function_names()
     for node in gm.graph.nodes:
         target: Any = node.target
         if node.op == "call_module":
             sub = gm.get_submodule(target)
-            kind = _LEAF_TYPES.get(type(sub))
+            kind = LEAF_TYPES.get(type(sub))
             if kind is None:
                 raise ValueError(
                     f"cannot save module {target!r} of type {type(sub).__module__}.{type(sub).__qualname__}: "
@@ -400,7 +200,7 @@ def _spec_and_tensors(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, tor
                     f"cannot save node {node.name!r}: function {_describe(node.target)} is not in the "
                     "allow-list (operator, torch, torch.nn.functional, torch.Tensor, builtins.getattr)"
                 )
-        elif node.op == "call_method" and node.target not in _tensor_methods():
+        elif node.op == "call_method" and node.target not in tensor_methods():
             raise ValueError(f"cannot save node {node.name!r}: {node.target!r} is not an allowed Tensor method")
         elif node.op == "placeholder" and not str(target).isidentifier():
             raise ValueError(f"cannot save input {target!r}: forward(*args/**kwargs) is not supported")
@@ -539,23 +339,6 @@ def _build_leaf(target: str, entry: Any) -> nn.Module:
         raise ValueError(f"module {target!r}: {kind}(**{kwargs}) failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _place(root: nn.Module, path: str, value: nn.Module | torch.Tensor, kind: str = "module") -> None:
-    *parents, last = path.split(".")
-    owner = root
-    for part in parents:
-        child = owner._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            owner.add_module(part, child)
-        owner = child
-    if kind == "module":
-        owner.add_module(last, value)  # type: ignore[arg-type]
-    elif kind == "parameter":
-        owner.register_parameter(last, nn.Parameter(value))  # type: ignore[arg-type]
-    else:
-        owner.register_buffer(last, value)  # type: ignore[arg-type]
-
-
 def _resolve_target(node: Mapping[str, Any], modules: Mapping[str, nn.Module], attrs: Mapping[str, str]) -> Any:
     op, target = node["op"], node["target"]
     if op == "placeholder":
@@ -573,13 +356,13 @@ def _resolve_target(node: Mapping[str, Any], modules: Mapping[str, nn.Module], a
             raise ValueError(f"node {node['name']!r} reads attribute {target!r}, which the spec does not define")
         return target
     if op == "call_method":
-        if not isinstance(target, str) or target not in _tensor_methods():
+        if not isinstance(target, str) or target not in tensor_methods():
             raise UnsafeFileError(
                 f"node {node['name']!r} calls method {target!r}, which is not an allowed Tensor method"
             )
         return target
     if op == "call_function":
-        fn = _function_table().get(target) if isinstance(target, str) else None
+        fn = function_table().get(target) if isinstance(target, str) else None
         if fn is None:
             raise UnsafeFileError(
                 f"node {node['name']!r} calls function {target!r}, which is not in the allow-list "
@@ -608,7 +391,7 @@ def _build_graph(spec: Mapping[str, Any], modules: Mapping[str, nn.Module], attr
         for key in kwargs:  # keyword names are pasted into generated code as they are
             _check_identifier(key, f"node {name!r} keyword argument")
         if target is getattr and not (
-            len(args) == 2 and isinstance(args[1], str) and args[1] in _tensor_attributes()
+            len(args) == 2 and isinstance(args[1], str) and args[1] in tensor_attributes()
         ):
             raise UnsafeFileError(
                 f"node {name!r}: getattr{args!r} reads something other than a public Tensor attribute"
@@ -652,7 +435,7 @@ def _rebuild(spec: Mapping[str, Any], tensors: dict[str, torch.Tensor], path: Pa
         modules[target] = module = _build_leaf(target, entry)
         for key, t in module.state_dict().items():
             expected[f"{target}.{key}"] = t.shape
-        _place(root, target, module)
+        install(root, target, module, "module")
     attrs: dict[str, str] = {}
     for target, kind in spec["attrs"].items():
         _check_path(target, "attribute")
@@ -679,7 +462,7 @@ def _rebuild(spec: Mapping[str, Any], tensors: dict[str, torch.Tensor], path: Pa
             raise ValueError(f"{path}: layer {target!r} has state that is not in the file")
     for target, kind in attrs.items():
         if target not in expected:  # else it is a leaf layer's own tensor, loaded above
-            _place(root, target, tensors[target], kind)
+            install(root, target, tensors[target], kind)
 
     graph = _build_graph(spec, modules, attrs)
     gm = fx.GraphModule(root, graph, class_name="LoadedModule")

@@ -1,9 +1,10 @@
 """`legodnn blocks MODEL --input-shape C,H,W`: show how a model is cut into blocks.
 
-The first thing to run on a new model: it says whether the model traces, where the cut
-points fall and what each block costs, and with `--verify` whether the chain reproduces
-the model and every default-ladder descendant keeps its block's shapes - the properties
-the whole offline pipeline relies on.
+The first thing to run on a new model: it says whether the model can be captured, where
+the cut points fall and what each block costs, and with `--verify` whether the chain
+reproduces the model, every default-ladder descendant keeps its block's shapes - the
+properties the whole offline pipeline relies on - and the FLOPs of the smallest and the
+largest composition, so the scaling range is known before anything is trained.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--verify", action="store_true",
                         help="check that the chain of blocks reproduces the model (max abs diff < 1e-5) and that "
-                             "every default-ladder descendant keeps its block's input/output shapes")
+                             "every default-ladder descendant keeps its block's input/output shapes; prints the FLOPs "
+                             "of the smallest and the largest composition (the scaling range)")
 
 
 def _fmt_int(n: int) -> str:
@@ -76,11 +78,12 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _verify(model: Any, blocked: Any) -> dict[str, Any]:
-    """Chain equivalence plus descendant shapes; failures are collected, not raised."""
+    """Chain equivalence, descendant shapes and the composition FLOPs range; failures are collected, not raised."""
     import torch
 
     from legoblocks.descend import DEFAULT_LADDER, make_descendants
     from legoblocks.detect import ChainMismatchError, verify_chain
+    from legoblocks.flops import count_flops
 
     report: dict[str, Any] = {"ok": True, "failures": [], "descendants": {}}
     try:
@@ -88,14 +91,17 @@ def _verify(model: Any, blocked: Any) -> dict[str, Any]:
     except ChainMismatchError as e:
         report["ok"] = False
         report["failures"].append(f"chain: {e}")
+    smallest = 0
     for spec, block in zip(blocked.specs, blocked.blocks):
         if not spec.scalable:
+            smallest += spec.flops
             continue
         try:
             descendants = make_descendants(block, spec.in_shape, DEFAULT_LADDER)
         except Exception as e:  # a pruning failure is a verification result, not a crash
             report["ok"] = False
             report["failures"].append(f"{spec.name}: making descendants failed: {type(e).__name__}: {e}")
+            smallest += spec.flops
             continue
         x = torch.zeros(1, *spec.in_shape)
         for cid, module in descendants.items():
@@ -105,6 +111,10 @@ def _verify(model: Any, blocked: Any) -> dict[str, Any]:
                 report["ok"] = False
                 report["failures"].append(f"{spec.name}@{cid}: output {out} != {spec.out_shape}")
         report["descendants"][spec.name] = sorted(descendants, key=float)
+        smallest += min(count_flops(module, spec.in_shape) for module in descendants.values())
+    largest = sum(spec.flops for spec in blocked.specs)
+    report["composition_flops"] = {"smallest": smallest, "largest": largest,
+                                   "smallest_fraction": smallest / largest if largest else 1.0}
     return report
 
 
@@ -147,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
                           f"{name} {len(cids)}" for name, cids in report["descendants"].items()) + ")")
             else:
                 print("verify: FAILED\n  " + "\n  ".join(report["failures"]))
+            flops = report["composition_flops"]
+            print(f"composition FLOPs: smallest {_fmt_int(flops['smallest'])} ({flops['smallest_fraction']:.1%}), "
+                  f"largest {_fmt_int(flops['largest'])} (100%): every block at its sparsest descendant vs the original")
     if report is not None and not report["ok"]:
         print("legodnn blocks: verification failed: " + "; ".join(report["failures"]), file=sys.stderr)
         return 1

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from legoblocks.flops import count_flops
+from legoblocks.modelref import load_model
 from legoblocks.zoo import build_zoo_model
 from pipelines.cli import main
 
@@ -48,6 +50,17 @@ def test_verify_passes_on_a_user_model(capsys: pytest.CaptureFixture[str]) -> No
     assert report["ok"] and report["max_abs_diff"] < 1e-5
     assert report["descendants"] == {"cat1": ["0.0", "0.2", "0.4", "0.6", "0.8"],
                                      "cat2": ["0.0", "0.2", "0.4", "0.6", "0.8"]}
+    flops = report["composition_flops"]
+    model = load_model(f"{MODELS}:concat_net")
+    assert flops["largest"] == count_flops(model, (1, 28, 28))
+    assert 0 < flops["smallest"] < flops["largest"]
+    assert flops["smallest_fraction"] == pytest.approx(flops["smallest"] / flops["largest"])
+
+
+def test_verify_prints_the_scaling_range(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["blocks", f"{MODELS}:concat_net", "--input-shape", "1,28,28", "--verify"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("composition FLOPs:"))
+    assert "smallest" in line and "largest" in line and "(100%)" in line
 
 
 def test_verify_fails_with_the_reason_when_the_chain_differs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,4 +102,4 @@ def test_console_script_runs_in_a_subprocess() -> None:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     names = [b["name"] for b in json.loads(proc.stdout)["blocks"]]
-    assert names[0] == "stem" and names[-1] == "head" and "features.3" in names
+    assert names[-1] == "head" and "features.3" in names and 4 <= len(names) <= 20

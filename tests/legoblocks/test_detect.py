@@ -78,10 +78,12 @@ def test_mobilenetv2_is_one_block_per_inverted_residual() -> None:
     model = build_zoo_model("mobilenetv2", width_mult=0.25)
     blocked = detect_blocks(model, SHAPE)
     names = blocked.names
-    # stem, features.0..15 (skip or not), features.16 merged with the lone last 1x1 conv, head.
-    assert names[0] == "stem" and names[-1] == "head"
-    assert names[1:17] == [f"features.{i}" for i in range(16)]
-    assert len(names) == 19
+    # The first inverted residual (a depthwise conv tied to its input: nothing to prune alone)
+    # joins the next; every other one is a block, skip or not; the lone last 1x1 conv, whose
+    # channels only the classifier reads, joins the head.
+    assert names == ["stem", "features.0-1"] + [f"features.{i}" for i in range(2, 17)] + ["head"]
+    head = blocked.blocks[-1]
+    assert sum(isinstance(m, nn.Conv2d) for m in head.modules()) == 1
     _check_chain_and_costs(model, blocked)
 
 
