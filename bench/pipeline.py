@@ -138,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         results[cpus] = (best, all_times, busy)
         print(f"{cpus} CPU(s): best {best:.2f} s of {[round(t, 2) for t in all_times]}, "
               f"{busy:.2f} tasks running on average", flush=True)
-    speedup = results[1][0] / results[2][0]
+    speedup = round(results[1][0] / results[2][0], 3)
     print(f"speedup 2 vs 1 CPU: {speedup:.2f}x (target >= 1.7x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": " ".join(["bench/pipeline.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d"), "load_average": os.getloadavg()[0], "capacity": round(capacity, 3),
-        "tasks": len(trainable(prefix)), "speedup": round(speedup, 3),
+        "tasks": len(trainable(prefix)), "speedup": speedup,
         "runs": {str(c): {"best_s": round(b, 2), "all_s": [round(t, 2) for t in ts], "tasks_running": round(u, 2)}
                  for c, (b, ts, u) in results.items()},
     }, indent=1) + "\n")

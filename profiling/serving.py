@@ -81,7 +81,7 @@ def prediction_error(pairs: Sequence[tuple[float, float]], fallback_sd: float = 
 
 def rank_value(m: Measured) -> float:
     """A measured composition's value for the optimizer (see the module docstring)."""
-    return m.accuracy - RANK_PENALTY_SE[m.kind] * standard_error(m.accuracy, m.n)
+    return max(0.0, m.accuracy - RANK_PENALTY_SE[m.kind] * standard_error(m.accuracy, m.n))
 
 
 def _error(table: ProfileTable) -> PredictionError:
@@ -109,7 +109,7 @@ def base_accuracy(table: ProfileTable) -> float:
     """The additive model's starting point for compositions never measured: the teacher's
     accuracy, less the prediction's bias and `PREDICTED_PENALTY_SD` spreads."""
     err = _error(table)
-    return table.teacher_accuracy - err.bias - PREDICTED_PENALTY_SD * err.sd
+    return max(0.0, table.teacher_accuracy - err.bias - PREDICTED_PENALTY_SD * err.sd)
 
 
 def even_selections(table: ProfileTable, budgets: Sequence[float]) -> list[list[str]]:

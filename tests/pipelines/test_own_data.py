@@ -176,7 +176,7 @@ def _break(case: str, root: Path, image_folder: Path, fmnist_dir: Path) -> tuple
                 "--set", "model.input_size=64", *sizes], "does not accept the configured input [1, 64, 64]"
     if case == "too-few-images":
         return ["--set", "data.source=imagefolder", "--set", f"data.dir={data}", *RGB64], \
-            "test has 100 images, fewer than the 2000 that data.test_size ask for"
+            "test has 100 images, fewer than the 10000 that data.test_size ask for"
     if case == "untraceable-model":
         (root / "gate.py").write_text(UNTRACEABLE)
         return ["--model", f"{root / 'gate.py'}:build", "--set", "data.source=imagefolder", "--set", f"data.dir={data}",

@@ -71,8 +71,8 @@ def test_ui_command_and_pareto_plot(tmp_path: Path) -> None:
     command = ui_command("sqlite:////w/mlflow.db", "file:///w/mlartifacts")
     assert "mlflow ui --backend-store-uri sqlite:////w/mlflow.db --host 127.0.0.1" in command
     points = {
-        "latency": [{"feasible": True, "latency_ms": 1.0, "memory_bytes": 10, "predicted_accuracy": 0.8},
-                    {"feasible": True, "latency_ms": 2.0, "memory_bytes": 20, "predicted_accuracy": 0.9}],
+        "latency": [{"feasible": True, "latency_ms": 1.0, "memory_bytes": 10, "told": {"accuracy": 0.8}},
+                    {"feasible": True, "latency_ms": 2.0, "memory_bytes": 20, "told": {"accuracy": 0.9}}],
         "memory": [{"feasible": False}],
         "measured": [{"feasible": True, "latency_ms": 2.0, "memory_bytes": 20, "measured_test_accuracy": 0.88}],
     }
