@@ -48,6 +48,7 @@ _FINE = np.geomspace(1 / _STEP, _STEP, 13)
 _ALONG = np.linspace(0.0, 1.0, 9)  # position on the segment (mu_1, 0) .. (0, mu_2)
 _SCALE = np.geomspace(1 / _STEP, 1.6 * _STEP, 7)
 _ZOOM = np.linspace(-1.0, 1.0, 7)
+_STABLE_GROUPS = 64  # from this many groups on, zooms evaluate only the groups that change
 _LINE = np.concatenate([[0.0], np.geomspace(0.25, 4.0, 13)])
 _POS, _SC = (a.ravel() for a in np.meshgrid(_ALONG, _SCALE, indexing="ij"))
 # Per number of constraints D <= 2: the zoom grid's offsets and a cell's corners, (n, D).
@@ -103,9 +104,9 @@ class Relaxation:
         choice is the same at every corner has it throughout the box (the set of multipliers
         under which a choice is best is convex), so it adds a linear term and only the other
         groups are evaluated per row."""
-        if len(self.comp_model):
-            return self.dual(lams)
         D, C, G = self.A.shape
+        if len(self.comp_model) or G < _STABLE_GROUPS:
+            return self.dual(lams)
         at = self.reduced(corners).argmax(axis=1)
         stable = (at == at[0]).all(axis=0)
         cols = np.flatnonzero(stable)
