@@ -42,6 +42,7 @@ __all__ = ["BEAM_ITEMS", "Bounds", "Layout", "PassResult", "StateLimit", "bounds
 BEAM_ITEMS = 6  # items per chunk a beam pass expands
 _BLOCK = 1 << 18  # candidate rows built at once (memory stays bounded whatever the limit)
 CANDIDATES = 25  # candidates a step may build per state of the limit
+_SMALL = 512  # steps with fewer pairs build them all
 _PAIRS = 1 << 16  # merges of more pairs sort one side and visit only pairs passing the first test
 
 
@@ -187,6 +188,10 @@ def _expand(
     if n * width > CANDIDATES * limit:
         raise StateLimit
     step = max(1, _BLOCK // max(width * len(rows), 1))
+    if n * width <= _SMALL:  # few pairs: build them all
+        cand = rows[:, :, None] + items
+        parent, slot = np.nonzero((cand <= th[:, :, None]).all(axis=0))
+        return parent, slot, cand[:, parent, slot]
     if n <= step:  # test the first column on every pair, build only the pairs that pass
         parent, slot = np.nonzero(rows[0][:, None] + items[0] <= th[0][:, None])
         cand = rows[:, parent]
@@ -209,6 +214,10 @@ def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> t
     that pass the first column's test: for small inputs found among all pairs, for larger
     ones as the prefix of `rows` sorted by that column, a block of parents at a time."""
     n, m = merged.shape[1], rows.shape[1]
+    if n * m <= _SMALL:  # few pairs: build them all
+        cand = merged[:, :, None] + rows[:, None, :]
+        parent, slot = np.nonzero((cand <= th[:, None, None]).all(axis=0))
+        return parent, slot, cand[:, parent, slot]
     if n * m <= _PAIRS:  # test the first column on every pair, build only the pairs that pass
         parent, slot = np.nonzero(merged[0][:, None] + rows[0][None, :] <= th[0])
         cand = merged[:, parent]
