@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,30 @@ def _partition(sizes: tuple[tuple[int, ...], ...]) -> list[list[list[int]]]:
     return best  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class _Constraints:
+    """One kind of constraints laid out: which budgets and deadlines are active and the
+    arrays that depend only on that (and on the running selection when switching counts)."""
+
+    layout: Layout
+    value: np.ndarray  # (C, G'): -w * drop - penalty * switch bytes; -inf where no choice
+    coef: np.ndarray  # (D, C, G')
+    names: list[str]  # per constraint, for messages
+    sources: list[str | int]  # per constraint: the budget's field, or the model whose deadline it is
+    owner: np.ndarray  # (D,): the model of a deadline, -1 for a shared budget
+    least: np.ndarray  # (D,): the smallest achievable total
+    spread: np.ndarray  # (D,): the largest achievable total
+    scale: np.ndarray  # (D,): `dual.natural_scale`
+    eps: float  # ties: float noise on this objective's scale
+
+    def budgets(self, problem: Problem, models: tuple[Model, ...]) -> list[float]:
+        """Each constraint's budget (or deadline) under `problem`."""
+        return [
+            models[s].latency_deadline_ms if isinstance(s, int) else getattr(problem.budgets, s)  # type: ignore[misc]
+            for s in self.sources
+        ]
+
+
 class CompiledProblem:
     """The models of a problem as arrays, ready to be solved under any budgets.
 
@@ -147,7 +171,7 @@ class CompiledProblem:
         self._index_cache: list[dict[str, int]] | None = None
         self._build_chunks(models)
         self._build_compositions(models)
-        self._layouts: dict[Any, tuple[Any, ...]] = {}
+        self._cache: dict[Any, _Constraints] = {}
 
     @property
     def _index(self) -> list[dict[str, int]]:
@@ -232,15 +256,14 @@ class CompiledProblem:
                 return out
         return parse_current(current, self.models)
 
-    def _layout(self, problem: Problem) -> tuple[Any, ...]:
-        """(layout, value (C, G'), coefficients (D, C, G'), names, budget getters, least, spread,
-        scale) for the kinds of constraints `problem` has; cached unless switching counts."""
+    def _constraints(self, problem: Problem) -> _Constraints:
+        """The arrays for the kinds of constraints `problem` has; cached unless switching counts."""
         budgets, current = problem.budgets, problem.current or {}
         switching = bool(current) and (budgets.switch_bytes is not None or problem.switch_penalty_per_byte > 0)
         key = (budgets.latency_ms is not None, budgets.memory_bytes is not None,
                tuple(sorted(current.items())) if switching else None, budgets.switch_bytes is not None)
-        if key in self._layouts:
-            return self._layouts[key]
+        if key in self._cache:
+            return self._cache[key]
         value = self._value
         switch = None
         if switching:
@@ -253,43 +276,48 @@ class CompiledProblem:
             rows = np.arange(self._width)[:, None]
             switch = np.where((running >= 0) & (rows != running) & self._valid, self._load, 0.0)
             value = value - problem.switch_penalty_per_byte * switch
-        coefs, names, limit_of = [], [], []
+        coefs, names, sources = [], [], []
         if budgets.latency_ms is not None:
             coefs.append(self._lat)
             names.append("latency budget")
-            limit_of.append(lambda p: p.budgets.latency_ms)
+            sources.append("latency_ms")
         for m, model in enumerate(self.models):
             if model.latency_deadline_ms is not None:
                 own = np.zeros_like(self._lat)
                 own[:, self._start[m] : self._start[m + 1]] = self._lat[:, self._start[m] : self._start[m + 1]]
                 coefs.append(own)
                 names.append(f"latency deadline of {model.name}")
-                limit_of.append(lambda p, d=model.latency_deadline_ms: d)
+                sources.append(m)
         if budgets.memory_bytes is not None:
             coefs.append(self._mem)
             names.append("memory budget")
-            limit_of.append(lambda p: p.budgets.memory_bytes)
+            sources.append("memory_bytes")
         if switch is not None and budgets.switch_bytes is not None:
             coefs.append(switch)
             names.append("switch budget")
-            limit_of.append(lambda p: p.budgets.switch_bytes)
+            sources.append("switch_bytes")
         coef = np.array(coefs).reshape(len(coefs), *value.shape)
         valid = self._valid
-        least = np.where(valid[None], coef, np.inf).min(axis=1).sum(axis=1)
-        spread = np.where(valid[None], coef, 0.0).max(axis=1).sum(axis=1)
         stacked = np.concatenate([np.where(valid, value, 0.0)[..., None], np.moveaxis(coef, 0, -1)], axis=-1)
         items = stacked[self._chunk_choice, self._chunk_group].sum(axis=3)  # (L, M, I, 1 + D)
         comp = stacked[self._comp_choice, self._comp_group].sum(axis=1)  # (J, 1 + D)
-        lay = layout(np.where(self._chunk_valid, items[..., 0], -np.inf), np.ascontiguousarray(np.moveaxis(items[..., 1:], -1, 0)),
-                     self._chunk_valid, comp[:, 0] + self._comp_gain, np.ascontiguousarray(comp[:, 1:].T),
-                     self._comp_model, self._comp_path)
-        scale = natural_scale(value, coef, valid)
-        eps = _EPS_REL * (abs(self.constant) + float(np.abs(np.where(valid, value, 0.0)).max(axis=0).sum()))
-        owner = np.array([next((m for m, model in enumerate(self.models) if name == f"latency deadline of {model.name}"), -1)
-                          for name in names], dtype=np.intp)
-        entry = (lay, value, coef, names, limit_of, least, spread, scale, eps, owner)
+        entry = _Constraints(
+            layout=layout(np.where(self._chunk_valid, items[..., 0], -np.inf),
+                          np.ascontiguousarray(np.moveaxis(items[..., 1:], -1, 0)), self._chunk_valid,
+                          comp[:, 0] + self._comp_gain, np.ascontiguousarray(comp[:, 1:].T),
+                          self._comp_model, self._comp_path),
+            value=value,
+            coef=coef,
+            names=names,
+            sources=sources,
+            owner=np.array([m if isinstance(m, int) else -1 for m in sources], dtype=np.intp),
+            least=np.where(valid[None], coef, np.inf).min(axis=1).sum(axis=1),
+            spread=np.where(valid[None], coef, 0.0).max(axis=1).sum(axis=1),
+            scale=natural_scale(value, coef, valid),
+            eps=_EPS_REL * (abs(self.constant) + float(np.abs(np.where(valid, value, 0.0)).max(axis=0).sum())),
+        )
         if not switching:
-            self._layouts[key] = entry
+            self._cache[key] = entry
         return entry
 
     def solve(
@@ -315,29 +343,30 @@ class CompiledProblem:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
         problem = self.problem(budgets, current)
-        lay, value, coef, names, limit_of, least, spread, scale, eps, owner = self._layout(problem)
-        budget_list = [get(problem) for get in limit_of]
+        con = self._constraints(problem)
+        lay, value, coef, least, scale = con.layout, con.value, con.coef, con.least, con.scale
+        budget_list = con.budgets(problem, self.models)
         limits = np.array([budget_limit(b) for b in budget_list])
         if (least > limits).any():
             over = [
                 f"{name} {budget:g} {_UNITS[name.split()[0]]} is below the smallest achievable {low:g} {_UNITS[name.split()[0]]}"
-                for name, budget, low, limit in zip(names, budget_list, least, limits)
+                for name, budget, low, limit in zip(con.names, budget_list, least, limits)
                 if low > limit
             ]
             return infeasible(self._minima, "; ".join(over), "bounds")
         zooms = 0 if self._n_groups <= 12 else 1 if self._n_groups <= 24 else 2
         free = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[:0], lay.comp_coef[:, :0], lay.comp_model[:0])
-        lams = multipliers(free, scale, zooms, owner)
+        lams = multipliers(free, scale, zooms, con.owner)
         first = self._first_target(value, coef, limits, lams[0], top_k)
         fits = (lay.comp_need <= limits[:, None]).all(axis=0)  # compositions that can fit at all
         if fits.any():  # the bound with compositions has its own best multipliers: prune with both sets
             rel = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[fits], lay.comp_coef[:, fits], lay.comp_model[fits])
-            both = multipliers(rel, scale, zooms, owner)
+            both = multipliers(rel, scale, zooms, con.owner)
             first = max(first, self._first_target(value, coef, limits, both[0], top_k))
             lams = np.concatenate([both, lams])
         # Summed in another order than `evaluate_indices`: a hair of slack, then the canonical verdict.
-        b = bounds(lay, lams, limits + 1e-12 * (np.abs(limits) + spread))
-        eps = max(eps, _EPS_REL * float(np.abs(b.upper).max()), 1e-300)
+        b = bounds(lay, lams, limits + 1e-12 * (np.abs(limits) + con.spread))
+        eps = max(con.eps, _EPS_REL * float(np.abs(b.upper).max()), 1e-300)
         if first == -np.inf and len(limits) and lp_infeasible(coef, self._valid, limits):
             return infeasible(self._minima, _JOINTLY_INFEASIBLE + " (not even fractionally)", METHOD)
         return self._search(problem, b, first, top_k, eps, node_limit)
@@ -502,5 +531,5 @@ def compile_problem(source: Problem | Mapping[str, Any] | str | Path) -> Compile
         current=problem.current,
         switch_penalty_per_byte=problem.switch_penalty_per_byte,
     )
-    compiled._layout(problem)  # the arrays for these kinds of constraints, before the first solve
+    compiled._constraints(problem)  # the arrays for these kinds of constraints, before the first solve
     return compiled
