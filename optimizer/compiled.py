@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.dual import Relaxation, core_selections, lp_infeasible, multipliers, natural_scale
+from optimizer.dual import Relaxation, axes_values, core_selections, lp_infeasible, multipliers, natural_scale
 from optimizer.evaluation import Solution, budget_limit, evaluate_indices, infeasible
 from optimizer.problem import Budgets, Model, Problem, parse_budgets, parse_current, parse_problem
 from optimizer.search import Bounds, Layout, PassResult, StateLimit, bounds, layout, run_pass
@@ -113,6 +113,7 @@ class _Constraints:
     least: np.ndarray  # (D,): the smallest achievable total
     spread: np.ndarray  # (D,): the largest achievable total
     scale: np.ndarray  # (D,): `dual.natural_scale`
+    axes_part: np.ndarray  # `dual.axes_values` of the relaxation without compositions
     eps: float  # ties: float noise on this objective's scale
 
     def budgets(self, problem: Problem, models: tuple[Model, ...]) -> list[float]:
@@ -172,6 +173,7 @@ class CompiledProblem:
         self._build_chunks(models)
         self._build_compositions(models)
         self._cache: dict[Any, _Constraints] = {}
+        self._no_compositions = (np.zeros(0), np.zeros((0, 0)), np.zeros(0, dtype=np.intp))
 
     @property
     def _index(self) -> list[dict[str, int]]:
@@ -301,6 +303,8 @@ class CompiledProblem:
         stacked = np.concatenate([np.where(valid, value, 0.0)[..., None], np.moveaxis(coef, 0, -1)], axis=-1)
         items = stacked[self._chunk_choice, self._chunk_group].sum(axis=3)  # (L, M, I, 1 + D)
         comp = stacked[self._comp_choice, self._comp_group].sum(axis=1)  # (J, 1 + D)
+        scale = natural_scale(value, coef, valid)
+        free = Relaxation(value, coef, np.zeros(len(coef)), self._start[:-1], *self._no_compositions)
         entry = _Constraints(
             layout=layout(np.where(self._chunk_valid, items[..., 0], -np.inf),
                           np.ascontiguousarray(np.moveaxis(items[..., 1:], -1, 0)), self._chunk_valid,
@@ -313,7 +317,8 @@ class CompiledProblem:
             owner=np.array([m if isinstance(m, int) else -1 for m in sources], dtype=np.intp),
             least=np.where(valid[None], coef, np.inf).min(axis=1).sum(axis=1),
             spread=np.where(valid[None], coef, 0.0).max(axis=1).sum(axis=1),
-            scale=natural_scale(value, coef, valid),
+            scale=scale,
+            axes_part=axes_values(free, scale) if len(coef) else np.zeros(0),
             eps=_EPS_REL * (abs(self.constant) + float(np.abs(np.where(valid, value, 0.0)).max(axis=0).sum())),
         )
         if not switching:
@@ -355,8 +360,8 @@ class CompiledProblem:
             ]
             return infeasible(self._minima, "; ".join(over), "bounds")
         zooms = 0 if self._n_groups <= 12 else 1 if self._n_groups <= 24 else 2
-        free = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[:0], lay.comp_coef[:, :0], lay.comp_model[:0])
-        lams = multipliers(free, scale, zooms, con.owner)
+        free = Relaxation(value, coef, limits, self._start[:-1], *self._no_compositions)
+        lams = multipliers(free, scale, zooms, con.owner, con.axes_part)
         first = self._first_target(value, coef, limits, lams[0], top_k)
         fits = (lay.comp_need <= limits[:, None]).all(axis=0)  # compositions that can fit at all
         if fits.any():  # the bound with compositions has its own best multipliers: prune with both sets

@@ -40,7 +40,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["Relaxation", "core_selections", "lp_infeasible", "multipliers", "natural_scale"]
+__all__ = ["Relaxation", "axes_values", "core_selections", "lp_infeasible", "multipliers", "natural_scale"]
 
 _SCAN = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 31)])  # x the constraint's natural scale
 _STEP = _SCAN[2] / _SCAN[1]
@@ -175,7 +175,16 @@ def _coordinates(rel: Relaxation, mu: np.ndarray, sweeps: int, owner: np.ndarray
     return np.array(rows)
 
 
-def multipliers(rel: Relaxation, scale: np.ndarray, zooms: int = 2, owner: np.ndarray | None = None) -> np.ndarray:
+def axes_values(rel: Relaxation, scale: np.ndarray) -> np.ndarray:
+    """The budget-independent part of f on the axes scan, sum_g max_c (V - lam . A): what a
+    re-solve under other budgets of the same kinds can reuse."""
+    axes = _axes(len(scale)) * scale
+    return rel.dual(axes) - axes @ rel.limits
+
+
+def multipliers(
+    rel: Relaxation, scale: np.ndarray, zooms: int = 2, owner: np.ndarray | None = None, axes_part: np.ndarray | None = None
+) -> np.ndarray:
     """A small set of multiplier vectors (K, D) around the Lagrangian dual's minimum; the
     first row is the best one found.
 
@@ -184,12 +193,14 @@ def multipliers(rel: Relaxation, scale: np.ndarray, zooms: int = 2, owner: np.nd
         scale: (D,) `natural_scale`.
         zooms: refinements of the best point (more for more groups).
         owner: (D,) for a constraint on one model's groups only (a deadline), that model; else -1.
+        axes_part: `axes_values(rel, scale)` if known (for a relaxation without compositions).
     """
     D = len(rel.limits)
     if D == 0:
         return np.zeros((1, 0))
     axes = _axes(D) * scale
-    mu = _SCAN[rel.dual(axes).reshape(D, len(_SCAN)).argmin(axis=1)] * scale
+    f = rel.dual(axes) if axes_part is None else axes_part + axes @ rel.limits
+    mu = _SCAN[f.reshape(D, len(_SCAN)).argmin(axis=1)] * scale
     if D <= 2:
         return _plane(rel, mu, zooms)
     return _coordinates(rel, mu, 2 + zooms, np.full(D, -1) if owner is None else owner)
