@@ -209,6 +209,8 @@ def multipliers(
 @lru_cache(maxsize=None)
 def _simplex(D: int) -> np.ndarray:
     """Points of the unit simplex in D dimensions on a grid (a few hundred at most)."""
+    if D == 1:
+        return np.ones((1, 1))
     steps = next(n for n in (12, 8, 6, 4, 3, 2, 1) if math.comb(n + D - 1, D - 1) <= 600)
     cuts = np.array(list(itertools.combinations(range(steps + D - 1), D - 1)), dtype=float).reshape(-1, D - 1)
     edges = np.concatenate([np.full((len(cuts), 1), -1.0), cuts, np.full((len(cuts), 1), steps + D - 1.0)], axis=1)
