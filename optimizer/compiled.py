@@ -363,6 +363,10 @@ class CompiledProblem:
         free = Relaxation(value, coef, limits, self._start[:-1], *self._no_compositions)
         lams = multipliers(free, scale, zooms, con.owner, con.axes_part)
         first = self._first_target(value, coef, limits, lams[0], top_k)
+        for raised in (lams[int(lams.sum(axis=1).argmax())], 2.0 * lams[0]):  # more frugal best choices
+            if first > -np.inf:
+                break
+            first = self._first_target(value, coef, limits, raised, top_k)
         fits = (lay.comp_need <= limits[:, None]).all(axis=0)  # compositions that can fit at all
         if fits.any():  # the bound with compositions has its own best multipliers: prune with both sets
             rel = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[fits], lay.comp_coef[:, fits], lay.comp_model[fits])
