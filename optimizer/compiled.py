@@ -454,12 +454,12 @@ class CompiledProblem:
                 target = upper - (upper - target) / 8
                 continue
             states += found.states
-            picked = self._pick(problem, found, top_k, eps)
+            picked = self._pick(problem, found, top_k, eps, states)
             proven = max(target, found.dropped)
             if (len(picked) >= top_k and picked[-1][0] >= proven - eps) or (target <= floor and found.dropped == -np.inf):
                 if not picked:
                     return infeasible(self._minima, _JOINTLY_INFEASIBLE, METHOD, states)
-                return self._finish([s for _, s in picked], METHOD, states)
+                return self._finish([s for _, s in picked])
             if len(picked) >= top_k:
                 known = max(known, picked[-1][0])
             if beam is not None:
@@ -481,7 +481,7 @@ class CompiledProblem:
         flat = choice.tolist()
         return [flat[self._start[m] : self._start[m + 1]] for m in range(M)]
 
-    def _pick(self, problem: Problem, found: PassResult, top_k: int, eps: float) -> list[tuple[float, Solution]]:
+    def _pick(self, problem: Problem, found: PassResult, top_k: int, eps: float, states: int) -> list[tuple[float, Solution]]:
         """The top_k best canonically feasible selections found, as (search value, solution):
         first the lexicographically smallest within eps of the best, then by value."""
         values = found.values
@@ -498,15 +498,18 @@ class CompiledProblem:
             else:
                 at = idx[np.lexsort((*keys[idx].T[::-1], -values[idx]))[0]]
             alive[at] = False
-            solution = evaluate_indices(problem, self._decode(keys[at]), self._minima, self.measured)
+            solution = evaluate_indices(problem, self._decode(keys[at]), self._minima, self.measured, METHOD, states)
             if solution.feasible:
                 out.append((float(values[at]), solution))
         return out
 
-    def _finish(self, solutions: list[Solution], method: str, nodes: int) -> Solution:
+    def _finish(self, solutions: list[Solution]) -> Solution:
+        """The first solution, with the others as its alternatives."""
         head, *rest = solutions
+        if not rest:
+            return head
         rest.sort(key=lambda s: -s.objective)  # stable: equal objectives keep lexicographic order
-        return replace(head, alternatives=[replace(s, method=method) for s in rest], method=method, nodes=nodes)
+        return replace(head, alternatives=rest)
 
     def _fallback(self, problem: Problem, top_k: int, states: int, limit: int) -> Solution:
         """Past the state limit: the MILP, or a clear error where SciPy is missing."""
@@ -522,8 +525,7 @@ class CompiledProblem:
         found = solve_milp_top_k(problem, top_k)
         if not found:
             return infeasible(self._minima, _JOINTLY_INFEASIBLE, method, states)
-        solutions = [evaluate_indices(problem, s, self._minima, self.measured) for _, s in found]
-        return self._finish(solutions, method, states)
+        return self._finish([evaluate_indices(problem, s, self._minima, self.measured, method, states) for _, s in found])
 
 
 def compile_problem(source: Problem | Mapping[str, Any] | str | Path) -> CompiledProblem:

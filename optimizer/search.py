@@ -34,6 +34,7 @@ reports the best bound it left out, above which it is still complete.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -170,6 +171,12 @@ class PassResult:
     dropped: float = -np.inf
 
 
+@lru_cache(maxsize=64)
+def _grid(L: int, M: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays (L, 1, 1) and (1, M, 1) that pick items per (level, model)."""
+    return np.arange(L)[:, None, None], np.arange(M)[None, :, None]
+
+
 def _keep_best(slack: np.ndarray, model: np.ndarray, width: int) -> np.ndarray:
     """Indices (ascending) of the `width` states with the most slack per model (model-sorted input)."""
     order = np.lexsort((-slack, model))
@@ -269,9 +276,9 @@ def _model_sets(
         np.put_along_axis(skipped, order, False, axis=2)
         if skipped.any():
             dropped = float(b.item_slack[skipped].max())
-    levels, models = np.ogrid[:L, :M]
-    Z = b.Z[:, levels[..., None], models[..., None], order]  # (cols, L, M, width)
-    Z[0] = np.where(useful[levels[..., None], models[..., None], order], Z[0], np.inf)  # padding fails
+    levels, models = _grid(L, M)
+    Z = b.Z[:, levels, models, order]  # (cols, L, M, width)
+    Z[0] = np.where(useful[levels, models, order], Z[0], np.inf)  # padding fails
     th = b.th.copy()
     th[:K] -= target
 
@@ -338,11 +345,11 @@ def run_pass(b: Bounds, target: float, limit: int, beam: int | None = None) -> P
     counts = np.bincount(model, minlength=M)
     if (counts == 0).any():
         return PassResult(np.zeros(0), np.zeros((0, M), dtype=np.intp), [], states, dropped)
-    cuts = np.cumsum(counts)[:-1]
-    sets = np.split(rows, cuts, axis=1)
-    paths = np.split(path, cuts)
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    sets = [rows[:, starts[m] : starts[m + 1]] for m in range(M)]
+    paths = [path[starts[m] : starts[m + 1]] for m in range(M)]
     # The remaining models' best and least over their sets (tighter than over all selections).
-    edge = np.array([s.min(axis=1) for s in sets])  # (M, cols): -best R, least usage
+    edge = np.minimum.reduceat(rows, starts[:-1], axis=1).T  # (M, cols): -best R, least usage
     # Smaller sets first: the partial merges stay small. After merging the first `at` sets a
     # row must leave room for the best and least of the sets still to come.
     order = np.argsort(counts, kind="stable")
