@@ -51,6 +51,23 @@ _ZOOM = np.linspace(-1.0, 1.0, 7)
 _STABLE_GROUPS = 64  # from this many groups on, zooms evaluate only the groups that change
 _LINE = np.concatenate([[0.0], np.geomspace(0.25, 4.0, 13)])
 _POS, _SC = (a.ravel() for a in np.meshgrid(_ALONG, _SCALE, indexing="ij"))
+_SEGMENT = np.column_stack([_POS * _SC, (1.0 - _POS) * _SC])  # (points, 2) in units of mu
+
+
+def _cell_halves() -> np.ndarray:
+    """Per segment grid point, the half-widths (in units of mu) of the box spanning its
+    neighbours on the grid."""
+    shape = (len(_ALONG), len(_SCALE))
+    out = np.empty_like(_SEGMENT)
+    for best in range(len(_SEGMENT)):
+        i, s = divmod(best, len(_SCALE))
+        near = [np.ravel_multi_index((min(max(i + di, 0), shape[0] - 1), min(max(s + ds, 0), shape[1] - 1)), shape)
+                for di in (-1, 1) for ds in (-1, 1)]
+        out[best] = np.abs(_SEGMENT[near] - _SEGMENT[best]).max(axis=0)
+    return out
+
+
+_SEGMENT_HALF = _cell_halves()
 # Per number of constraints D <= 2: the zoom grid's offsets and a cell's corners, (n, D).
 _OFFSETS = {d: np.stack(np.meshgrid(*([_ZOOM] * d), indexing="ij"), axis=-1).reshape(-1, d) for d in (1, 2)}
 _CORNERS = {d: np.stack(np.meshgrid(*([np.array([-1.0, 1.0])] * d), indexing="ij"), axis=-1).reshape(-1, d) for d in (1, 2)}
@@ -128,13 +145,9 @@ def _plane(rel: Relaxation, mu: np.ndarray, zooms: int) -> np.ndarray:
         best = int(rel.dual(grid).argmin())
         point, half = grid[best], np.array([mu[0] * (_STEP - 1) / 6])
     else:
-        grid = np.column_stack([_POS * _SC * mu[0], (1.0 - _POS) * _SC * mu[1]])
+        grid = _SEGMENT * mu
         best = int(rel.dual(grid).argmin())
-        i, s = divmod(best, len(_SCALE))
-        point = grid[best]
-        near = grid.reshape(len(_ALONG), len(_SCALE), 2)[
-            [max(i - 1, 0), min(i + 1, len(_ALONG) - 1)]][:, [max(s - 1, 0), min(s + 1, len(_SCALE) - 1)]]
-        half = np.abs(near.reshape(-1, 2) - point).max(axis=0)
+        point, half = grid[best], _SEGMENT_HALF[best] * mu
     for _ in range(zooms):
         grid = np.maximum(point + _OFFSETS[D] * half, 0.0)
         point = grid[int(rel.dual_in_box(grid, np.maximum(point + _CORNERS[D] * half, 0.0)).argmin())]
