@@ -430,7 +430,7 @@ class CompiledProblem:
         pass (the best partial selections by bound) looks for a start. A T far below the
         optimum makes a pass hold millions of selections; a T above it, only the few whose
         bound reaches it, among which are usually near-optimal ones. So a pass that runs
-        past a quarter of the state limit, and on many groups the first pass, *probes*
+        past a sixteenth of the state limit, and on many groups the first pass, *probes*
         instead: from just below the bound downwards, each probe's selections raising the
         known value, until the threshold meets it. A pass with fewer than top_k
         selections lowers T: to the k-th best it found, or four times as far from the bound.
@@ -444,7 +444,7 @@ class CompiledProblem:
         else:
             target, beam = (first, None) if first > floor else (floor, BEAM)
         while True:
-            budget = limit - states if probing or beam is not None else min(limit - states, max(limit // 4, 1))
+            budget = limit - states if probing or beam is not None else min(limit - states, max(limit // 16, 1))
             try:
                 found = run_pass(b, target - 2 * eps, budget, beam)
             except StateLimit:
