@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from optimizer.dual import Relaxation, core_selections, lp_infeasible, multipliers, natural_scale
+from optimizer.dual import Relaxation, axes_values, core_selections, lp_infeasible, multipliers, natural_scale
 from optimizer.evaluation import Solution, budget_limit, evaluate_indices, infeasible
 from optimizer.problem import Budgets, Model, Problem, parse_budgets, parse_current, parse_problem
 from optimizer.search import Bounds, Layout, PassResult, StateLimit, bounds, layout, run_pass
@@ -55,7 +55,7 @@ METHOD = "lagrangian-enumeration"
 BEAM = 32  # partial selections per model a beam pass keeps (when no first threshold was found)
 CORE_GROUPS = (12, 14, 16)  # contested groups whose two best choices the first threshold tries (by size)
 ITEM_BUDGET = 2048
-PROBE_GROUPS = 40  # on more groups than this the first pass probes from the bound
+PROBE_GROUPS = 90  # on more groups than this the first pass probes from the bound
 _EPS_REL = 1e-11  # ties: values closer than this times the objective's scale are float noise
 _JOINTLY_INFEASIBLE = "no selection meets all budgets and deadlines together"
 _UNITS = {"latency": "ms", "memory": "B", "switch": "B"}
@@ -97,6 +97,31 @@ def _partition(sizes: tuple[tuple[int, ...], ...]) -> list[list[list[int]]]:
             return parts
         best = parts
     return best  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class _Constraints:
+    """One kind of constraints laid out: which budgets and deadlines are active and the
+    arrays that depend only on that (and on the running selection when switching counts)."""
+
+    layout: Layout
+    value: np.ndarray  # (C, G'): -w * drop - penalty * switch bytes; -inf where no choice
+    coef: np.ndarray  # (D, C, G')
+    names: list[str]  # per constraint, for messages
+    sources: list[str | int]  # per constraint: the budget's field, or the model whose deadline it is
+    owner: np.ndarray  # (D,): the model of a deadline, -1 for a shared budget
+    least: np.ndarray  # (D,): the smallest achievable total
+    spread: np.ndarray  # (D,): the largest achievable total
+    scale: np.ndarray  # (D,): `dual.natural_scale`
+    axes_part: np.ndarray  # `dual.axes_values` of the relaxation without compositions
+    eps: float  # ties: float noise on this objective's scale
+
+    def budgets(self, problem: Problem, models: tuple[Model, ...]) -> list[float]:
+        """Each constraint's budget (or deadline) under `problem`."""
+        return [
+            models[s].latency_deadline_ms if isinstance(s, int) else getattr(problem.budgets, s)  # type: ignore[misc]
+            for s in self.sources
+        ]
 
 
 class CompiledProblem:
@@ -147,7 +172,8 @@ class CompiledProblem:
         self._index_cache: list[dict[str, int]] | None = None
         self._build_chunks(models)
         self._build_compositions(models)
-        self._layouts: dict[Any, tuple[Any, ...]] = {}
+        self._cache: dict[Any, _Constraints] = {}
+        self._no_compositions = (np.zeros(0), np.zeros((0, 0)), np.zeros(0, dtype=np.intp))
 
     @property
     def _index(self) -> list[dict[str, int]]:
@@ -232,15 +258,14 @@ class CompiledProblem:
                 return out
         return parse_current(current, self.models)
 
-    def _layout(self, problem: Problem) -> tuple[Any, ...]:
-        """(layout, value (C, G'), coefficients (D, C, G'), names, budget getters, least, spread,
-        scale) for the kinds of constraints `problem` has; cached unless switching counts."""
+    def _constraints(self, problem: Problem) -> _Constraints:
+        """The arrays for the kinds of constraints `problem` has; cached unless switching counts."""
         budgets, current = problem.budgets, problem.current or {}
         switching = bool(current) and (budgets.switch_bytes is not None or problem.switch_penalty_per_byte > 0)
         key = (budgets.latency_ms is not None, budgets.memory_bytes is not None,
                tuple(sorted(current.items())) if switching else None, budgets.switch_bytes is not None)
-        if key in self._layouts:
-            return self._layouts[key]
+        if key in self._cache:
+            return self._cache[key]
         value = self._value
         switch = None
         if switching:
@@ -253,43 +278,51 @@ class CompiledProblem:
             rows = np.arange(self._width)[:, None]
             switch = np.where((running >= 0) & (rows != running) & self._valid, self._load, 0.0)
             value = value - problem.switch_penalty_per_byte * switch
-        coefs, names, limit_of = [], [], []
+        coefs, names, sources = [], [], []
         if budgets.latency_ms is not None:
             coefs.append(self._lat)
             names.append("latency budget")
-            limit_of.append(lambda p: p.budgets.latency_ms)
+            sources.append("latency_ms")
         for m, model in enumerate(self.models):
             if model.latency_deadline_ms is not None:
                 own = np.zeros_like(self._lat)
                 own[:, self._start[m] : self._start[m + 1]] = self._lat[:, self._start[m] : self._start[m + 1]]
                 coefs.append(own)
                 names.append(f"latency deadline of {model.name}")
-                limit_of.append(lambda p, d=model.latency_deadline_ms: d)
+                sources.append(m)
         if budgets.memory_bytes is not None:
             coefs.append(self._mem)
             names.append("memory budget")
-            limit_of.append(lambda p: p.budgets.memory_bytes)
+            sources.append("memory_bytes")
         if switch is not None and budgets.switch_bytes is not None:
             coefs.append(switch)
             names.append("switch budget")
-            limit_of.append(lambda p: p.budgets.switch_bytes)
+            sources.append("switch_bytes")
         coef = np.array(coefs).reshape(len(coefs), *value.shape)
         valid = self._valid
-        least = np.where(valid[None], coef, np.inf).min(axis=1).sum(axis=1)
-        spread = np.where(valid[None], coef, 0.0).max(axis=1).sum(axis=1)
         stacked = np.concatenate([np.where(valid, value, 0.0)[..., None], np.moveaxis(coef, 0, -1)], axis=-1)
         items = stacked[self._chunk_choice, self._chunk_group].sum(axis=3)  # (L, M, I, 1 + D)
         comp = stacked[self._comp_choice, self._comp_group].sum(axis=1)  # (J, 1 + D)
-        lay = layout(np.where(self._chunk_valid, items[..., 0], -np.inf), np.ascontiguousarray(np.moveaxis(items[..., 1:], -1, 0)),
-                     self._chunk_valid, comp[:, 0] + self._comp_gain, np.ascontiguousarray(comp[:, 1:].T),
-                     self._comp_model, self._comp_path)
         scale = natural_scale(value, coef, valid)
-        eps = _EPS_REL * (abs(self.constant) + float(np.abs(np.where(valid, value, 0.0)).max(axis=0).sum()))
-        owner = np.array([next((m for m, model in enumerate(self.models) if name == f"latency deadline of {model.name}"), -1)
-                          for name in names], dtype=np.intp)
-        entry = (lay, value, coef, names, limit_of, least, spread, scale, eps, owner)
+        free = Relaxation(value, coef, np.zeros(len(coef)), self._start[:-1], *self._no_compositions)
+        entry = _Constraints(
+            layout=layout(np.where(self._chunk_valid, items[..., 0], -np.inf),
+                          np.ascontiguousarray(np.moveaxis(items[..., 1:], -1, 0)), self._chunk_valid,
+                          comp[:, 0] + self._comp_gain, np.ascontiguousarray(comp[:, 1:].T),
+                          self._comp_model, self._comp_path),
+            value=value,
+            coef=coef,
+            names=names,
+            sources=sources,
+            owner=np.array([m if isinstance(m, int) else -1 for m in sources], dtype=np.intp),
+            least=np.where(valid[None], coef, np.inf).min(axis=1).sum(axis=1),
+            spread=np.where(valid[None], coef, 0.0).max(axis=1).sum(axis=1),
+            scale=scale,
+            axes_part=axes_values(free, scale) if len(coef) else np.zeros(0),
+            eps=_EPS_REL * (abs(self.constant) + float(np.abs(np.where(valid, value, 0.0)).max(axis=0).sum())),
+        )
         if not switching:
-            self._layouts[key] = entry
+            self._cache[key] = entry
         return entry
 
     def solve(
@@ -315,29 +348,34 @@ class CompiledProblem:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
         problem = self.problem(budgets, current)
-        lay, value, coef, names, limit_of, least, spread, scale, eps, owner = self._layout(problem)
-        budget_list = [get(problem) for get in limit_of]
+        con = self._constraints(problem)
+        lay, value, coef, least, scale = con.layout, con.value, con.coef, con.least, con.scale
+        budget_list = con.budgets(problem, self.models)
         limits = np.array([budget_limit(b) for b in budget_list])
         if (least > limits).any():
             over = [
                 f"{name} {budget:g} {_UNITS[name.split()[0]]} is below the smallest achievable {low:g} {_UNITS[name.split()[0]]}"
-                for name, budget, low, limit in zip(names, budget_list, least, limits)
+                for name, budget, low, limit in zip(con.names, budget_list, least, limits)
                 if low > limit
             ]
             return infeasible(self._minima, "; ".join(over), "bounds")
         zooms = 0 if self._n_groups <= 12 else 1 if self._n_groups <= 24 else 2
-        free = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[:0], lay.comp_coef[:, :0], lay.comp_model[:0])
-        lams = multipliers(free, scale, zooms, owner)
+        free = Relaxation(value, coef, limits, self._start[:-1], *self._no_compositions)
+        lams = multipliers(free, scale, zooms, con.owner, con.axes_part)
         first = self._first_target(value, coef, limits, lams[0], top_k)
+        for raised in (lams[int(lams.sum(axis=1).argmax())], 2.0 * lams[0]):  # more frugal best choices
+            if first > -np.inf:
+                break
+            first = self._first_target(value, coef, limits, raised, top_k)
         fits = (lay.comp_need <= limits[:, None]).all(axis=0)  # compositions that can fit at all
         if fits.any():  # the bound with compositions has its own best multipliers: prune with both sets
             rel = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[fits], lay.comp_coef[:, fits], lay.comp_model[fits])
-            both = multipliers(rel, scale, zooms, owner)
+            both = multipliers(rel, scale, zooms, con.owner)
             first = max(first, self._first_target(value, coef, limits, both[0], top_k))
             lams = np.concatenate([both, lams])
         # Summed in another order than `evaluate_indices`: a hair of slack, then the canonical verdict.
-        b = bounds(lay, lams, limits + 1e-12 * (np.abs(limits) + spread))
-        eps = max(eps, _EPS_REL * float(np.abs(b.upper).max()), 1e-300)
+        b = bounds(lay, lams, limits + 1e-12 * (np.abs(limits) + con.spread))
+        eps = max(con.eps, _EPS_REL * float(np.abs(b.upper).max()), 1e-300)
         if first == -np.inf and len(limits) and lp_infeasible(coef, self._valid, limits):
             return infeasible(self._minima, _JOINTLY_INFEASIBLE + " (not even fractionally)", METHOD)
         return self._search(problem, b, first, top_k, eps, node_limit)
@@ -392,7 +430,7 @@ class CompiledProblem:
         pass (the best partial selections by bound) looks for a start. A T far below the
         optimum makes a pass hold millions of selections; a T above it, only the few whose
         bound reaches it, among which are usually near-optimal ones. So a pass that runs
-        past a quarter of the state limit, and on many groups the first pass, *probes*
+        past a sixteenth of the state limit, and on many groups the first pass, *probes*
         instead: from just below the bound downwards, each probe's selections raising the
         known value, until the threshold meets it. A pass with fewer than top_k
         selections lowers T: to the k-th best it found, or four times as far from the bound.
@@ -406,7 +444,7 @@ class CompiledProblem:
         else:
             target, beam = (first, None) if first > floor else (floor, BEAM)
         while True:
-            budget = limit - states if probing or beam is not None else min(limit - states, max(limit // 4, 1))
+            budget = limit - states if probing or beam is not None else min(limit - states, max(limit // 16, 1))
             try:
                 found = run_pass(b, target - 2 * eps, budget, beam)
             except StateLimit:
@@ -416,12 +454,12 @@ class CompiledProblem:
                 target = upper - (upper - target) / 8
                 continue
             states += found.states
-            picked = self._pick(problem, found, top_k, eps)
+            picked = self._pick(problem, found, top_k, eps, states)
             proven = max(target, found.dropped)
             if (len(picked) >= top_k and picked[-1][0] >= proven - eps) or (target <= floor and found.dropped == -np.inf):
                 if not picked:
                     return infeasible(self._minima, _JOINTLY_INFEASIBLE, METHOD, states)
-                return self._finish([s for _, s in picked], METHOD, states)
+                return self._finish([s for _, s in picked])
             if len(picked) >= top_k:
                 known = max(known, picked[-1][0])
             if beam is not None:
@@ -443,7 +481,7 @@ class CompiledProblem:
         flat = choice.tolist()
         return [flat[self._start[m] : self._start[m + 1]] for m in range(M)]
 
-    def _pick(self, problem: Problem, found: PassResult, top_k: int, eps: float) -> list[tuple[float, Solution]]:
+    def _pick(self, problem: Problem, found: PassResult, top_k: int, eps: float, states: int) -> list[tuple[float, Solution]]:
         """The top_k best canonically feasible selections found, as (search value, solution):
         first the lexicographically smallest within eps of the best, then by value."""
         values = found.values
@@ -460,15 +498,18 @@ class CompiledProblem:
             else:
                 at = idx[np.lexsort((*keys[idx].T[::-1], -values[idx]))[0]]
             alive[at] = False
-            solution = evaluate_indices(problem, self._decode(keys[at]), self._minima, self.measured)
+            solution = evaluate_indices(problem, self._decode(keys[at]), self._minima, self.measured, METHOD, states)
             if solution.feasible:
                 out.append((float(values[at]), solution))
         return out
 
-    def _finish(self, solutions: list[Solution], method: str, nodes: int) -> Solution:
+    def _finish(self, solutions: list[Solution]) -> Solution:
+        """The first solution, with the others as its alternatives."""
         head, *rest = solutions
+        if not rest:
+            return head
         rest.sort(key=lambda s: -s.objective)  # stable: equal objectives keep lexicographic order
-        return replace(head, alternatives=[replace(s, method=method) for s in rest], method=method, nodes=nodes)
+        return replace(head, alternatives=rest)
 
     def _fallback(self, problem: Problem, top_k: int, states: int, limit: int) -> Solution:
         """Past the state limit: the MILP, or a clear error where SciPy is missing."""
@@ -484,8 +525,7 @@ class CompiledProblem:
         found = solve_milp_top_k(problem, top_k)
         if not found:
             return infeasible(self._minima, _JOINTLY_INFEASIBLE, method, states)
-        solutions = [evaluate_indices(problem, s, self._minima, self.measured) for _, s in found]
-        return self._finish(solutions, method, states)
+        return self._finish([evaluate_indices(problem, s, self._minima, self.measured, method, states) for _, s in found])
 
 
 def compile_problem(source: Problem | Mapping[str, Any] | str | Path) -> CompiledProblem:
@@ -502,5 +542,5 @@ def compile_problem(source: Problem | Mapping[str, Any] | str | Path) -> Compile
         current=problem.current,
         switch_penalty_per_byte=problem.switch_penalty_per_byte,
     )
-    compiled._layout(problem)  # the arrays for these kinds of constraints, before the first solve
+    compiled._constraints(problem)  # the arrays for these kinds of constraints, before the first solve
     return compiled

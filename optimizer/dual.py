@@ -40,7 +40,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["Relaxation", "core_selections", "lp_infeasible", "multipliers", "natural_scale"]
+__all__ = ["Relaxation", "axes_values", "core_selections", "lp_infeasible", "multipliers", "natural_scale"]
 
 _SCAN = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 31)])  # x the constraint's natural scale
 _STEP = _SCAN[2] / _SCAN[1]
@@ -48,8 +48,26 @@ _FINE = np.geomspace(1 / _STEP, _STEP, 13)
 _ALONG = np.linspace(0.0, 1.0, 9)  # position on the segment (mu_1, 0) .. (0, mu_2)
 _SCALE = np.geomspace(1 / _STEP, 1.6 * _STEP, 7)
 _ZOOM = np.linspace(-1.0, 1.0, 7)
+_STABLE_GROUPS = 64  # from this many groups on, zooms evaluate only the groups that change
 _LINE = np.concatenate([[0.0], np.geomspace(0.25, 4.0, 13)])
 _POS, _SC = (a.ravel() for a in np.meshgrid(_ALONG, _SCALE, indexing="ij"))
+_SEGMENT = np.column_stack([_POS * _SC, (1.0 - _POS) * _SC])  # (points, 2) in units of mu
+
+
+def _cell_halves() -> np.ndarray:
+    """Per segment grid point, the half-widths (in units of mu) of the box spanning its
+    neighbours on the grid."""
+    shape = (len(_ALONG), len(_SCALE))
+    out = np.empty_like(_SEGMENT)
+    for best in range(len(_SEGMENT)):
+        i, s = divmod(best, len(_SCALE))
+        near = [np.ravel_multi_index((min(max(i + di, 0), shape[0] - 1), min(max(s + ds, 0), shape[1] - 1)), shape)
+                for di in (-1, 1) for ds in (-1, 1)]
+        out[best] = np.abs(_SEGMENT[near] - _SEGMENT[best]).max(axis=0)
+    return out
+
+
+_SEGMENT_HALF = _cell_halves()
 # Per number of constraints D <= 2: the zoom grid's offsets and a cell's corners, (n, D).
 _OFFSETS = {d: np.stack(np.meshgrid(*([_ZOOM] * d), indexing="ij"), axis=-1).reshape(-1, d) for d in (1, 2)}
 _CORNERS = {d: np.stack(np.meshgrid(*([np.array([-1.0, 1.0])] * d), indexing="ij"), axis=-1).reshape(-1, d) for d in (1, 2)}
@@ -103,9 +121,9 @@ class Relaxation:
         choice is the same at every corner has it throughout the box (the set of multipliers
         under which a choice is best is convex), so it adds a linear term and only the other
         groups are evaluated per row."""
-        if len(self.comp_model):
-            return self.dual(lams)
         D, C, G = self.A.shape
+        if len(self.comp_model) or G < _STABLE_GROUPS:
+            return self.dual(lams)
         at = self.reduced(corners).argmax(axis=1)
         stable = (at == at[0]).all(axis=0)
         cols = np.flatnonzero(stable)
@@ -127,13 +145,9 @@ def _plane(rel: Relaxation, mu: np.ndarray, zooms: int) -> np.ndarray:
         best = int(rel.dual(grid).argmin())
         point, half = grid[best], np.array([mu[0] * (_STEP - 1) / 6])
     else:
-        grid = np.column_stack([_POS * _SC * mu[0], (1.0 - _POS) * _SC * mu[1]])
+        grid = _SEGMENT * mu
         best = int(rel.dual(grid).argmin())
-        i, s = divmod(best, len(_SCALE))
-        point = grid[best]
-        near = grid.reshape(len(_ALONG), len(_SCALE), 2)[
-            [max(i - 1, 0), min(i + 1, len(_ALONG) - 1)]][:, [max(s - 1, 0), min(s + 1, len(_SCALE) - 1)]]
-        half = np.abs(near.reshape(-1, 2) - point).max(axis=0)
+        point, half = grid[best], _SEGMENT_HALF[best] * mu
     for _ in range(zooms):
         grid = np.maximum(point + _OFFSETS[D] * half, 0.0)
         point = grid[int(rel.dual_in_box(grid, np.maximum(point + _CORNERS[D] * half, 0.0)).argmin())]
@@ -174,7 +188,16 @@ def _coordinates(rel: Relaxation, mu: np.ndarray, sweeps: int, owner: np.ndarray
     return np.array(rows)
 
 
-def multipliers(rel: Relaxation, scale: np.ndarray, zooms: int = 2, owner: np.ndarray | None = None) -> np.ndarray:
+def axes_values(rel: Relaxation, scale: np.ndarray) -> np.ndarray:
+    """The budget-independent part of f on the axes scan, sum_g max_c (V - lam . A): what a
+    re-solve under other budgets of the same kinds can reuse."""
+    axes = _axes(len(scale)) * scale
+    return rel.dual(axes) - axes @ rel.limits
+
+
+def multipliers(
+    rel: Relaxation, scale: np.ndarray, zooms: int = 2, owner: np.ndarray | None = None, axes_part: np.ndarray | None = None
+) -> np.ndarray:
     """A small set of multiplier vectors (K, D) around the Lagrangian dual's minimum; the
     first row is the best one found.
 
@@ -183,12 +206,14 @@ def multipliers(rel: Relaxation, scale: np.ndarray, zooms: int = 2, owner: np.nd
         scale: (D,) `natural_scale`.
         zooms: refinements of the best point (more for more groups).
         owner: (D,) for a constraint on one model's groups only (a deadline), that model; else -1.
+        axes_part: `axes_values(rel, scale)` if known (for a relaxation without compositions).
     """
     D = len(rel.limits)
     if D == 0:
         return np.zeros((1, 0))
     axes = _axes(D) * scale
-    mu = _SCAN[rel.dual(axes).reshape(D, len(_SCAN)).argmin(axis=1)] * scale
+    f = rel.dual(axes) if axes_part is None else axes_part + axes @ rel.limits
+    mu = _SCAN[f.reshape(D, len(_SCAN)).argmin(axis=1)] * scale
     if D <= 2:
         return _plane(rel, mu, zooms)
     return _coordinates(rel, mu, 2 + zooms, np.full(D, -1) if owner is None else owner)
@@ -197,6 +222,8 @@ def multipliers(rel: Relaxation, scale: np.ndarray, zooms: int = 2, owner: np.nd
 @lru_cache(maxsize=None)
 def _simplex(D: int) -> np.ndarray:
     """Points of the unit simplex in D dimensions on a grid (a few hundred at most)."""
+    if D == 1:
+        return np.ones((1, 1))
     steps = next(n for n in (12, 8, 6, 4, 3, 2, 1) if math.comb(n + D - 1, D - 1) <= 600)
     combos = list(itertools.combinations(range(steps + D - 1), D - 1))
     cuts = np.array(combos, dtype=float).reshape(len(combos), D - 1)  # D == 1: one empty cut

@@ -143,6 +143,8 @@ def evaluate_indices(
     indices: Sequence[Sequence[int]],
     bounds: tuple[float, float],
     measured: Sequence[Mapping[tuple[str, ...], float]] | None = None,
+    method: str = "evaluate",
+    nodes: int = 0,
 ) -> Solution:
     """Objective, costs and feasibility of the selection given as choice indices.
 
@@ -151,6 +153,7 @@ def evaluate_indices(
         indices: choice index per block, per model in problem order.
         bounds: `minima(problem)`, reported on the solution.
         measured: per model `Model.measured()`, when the caller has it already.
+        method, nodes: what found the selection and how many states it held (reported).
     """
     budgets = problem.budgets
     current = problem.current or {}
@@ -210,7 +213,8 @@ def evaluate_indices(
         min_latency_ms=bounds[0],
         min_memory_bytes=bounds[1],
         reason="; ".join(violations),
-        method="evaluate",
+        method=method,
+        nodes=nodes,
         accuracy_source=source,
     )
 

@@ -34,6 +34,7 @@ reports the best bound it left out, above which it is still complete.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -42,6 +43,7 @@ __all__ = ["BEAM_ITEMS", "Bounds", "Layout", "PassResult", "StateLimit", "bounds
 BEAM_ITEMS = 6  # items per chunk a beam pass expands
 _BLOCK = 1 << 18  # candidate rows built at once (memory stays bounded whatever the limit)
 CANDIDATES = 25  # candidates a step may build per state of the limit
+_SMALL = 512  # steps with fewer pairs build them all
 _PAIRS = 1 << 16  # merges of more pairs sort one side and visit only pairs passing the first test
 
 
@@ -169,6 +171,12 @@ class PassResult:
     dropped: float = -np.inf
 
 
+@lru_cache(maxsize=64)
+def _grid(L: int, M: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays (L, 1, 1) and (1, M, 1) that pick items per (level, model)."""
+    return np.arange(L)[:, None, None], np.arange(M)[None, :, None]
+
+
 def _keep_best(slack: np.ndarray, model: np.ndarray, width: int) -> np.ndarray:
     """Indices (ascending) of the `width` states with the most slack per model (model-sorted input)."""
     order = np.lexsort((-slack, model))
@@ -187,6 +195,10 @@ def _expand(
     if n * width > CANDIDATES * limit:
         raise StateLimit
     step = max(1, _BLOCK // max(width * len(rows), 1))
+    if n * width <= _SMALL:  # few pairs: build them all
+        cand = rows[:, :, None] + items
+        parent, slot = np.nonzero((cand <= th[:, :, None]).all(axis=0))
+        return parent, slot, cand[:, parent, slot]
     if n <= step:  # test the first column on every pair, build only the pairs that pass
         parent, slot = np.nonzero(rows[0][:, None] + items[0] <= th[0][:, None])
         cand = rows[:, parent]
@@ -209,6 +221,10 @@ def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> t
     that pass the first column's test: for small inputs found among all pairs, for larger
     ones as the prefix of `rows` sorted by that column, a block of parents at a time."""
     n, m = merged.shape[1], rows.shape[1]
+    if n * m <= _SMALL:  # few pairs: build them all
+        cand = merged[:, :, None] + rows[:, None, :]
+        parent, slot = np.nonzero((cand <= th[:, None, None]).all(axis=0))
+        return parent, slot, cand[:, parent, slot]
     if n * m <= _PAIRS:  # test the first column on every pair, build only the pairs that pass
         parent, slot = np.nonzero(merged[0][:, None] + rows[0][None, :] <= th[0])
         cand = merged[:, parent]
@@ -260,9 +276,9 @@ def _model_sets(
         np.put_along_axis(skipped, order, False, axis=2)
         if skipped.any():
             dropped = float(b.item_slack[skipped].max())
-    levels, models = np.ogrid[:L, :M]
-    Z = b.Z[:, levels[..., None], models[..., None], order]  # (cols, L, M, width)
-    Z[0] = np.where(useful[levels[..., None], models[..., None], order], Z[0], np.inf)  # padding fails
+    levels, models = _grid(L, M)
+    Z = b.Z[:, levels, models, order]  # (cols, L, M, width)
+    Z[0] = np.where(useful[levels, models, order], Z[0], np.inf)  # padding fails
     th = b.th.copy()
     th[:K] -= target
 
@@ -329,11 +345,11 @@ def run_pass(b: Bounds, target: float, limit: int, beam: int | None = None) -> P
     counts = np.bincount(model, minlength=M)
     if (counts == 0).any():
         return PassResult(np.zeros(0), np.zeros((0, M), dtype=np.intp), [], states, dropped)
-    cuts = np.cumsum(counts)[:-1]
-    sets = np.split(rows, cuts, axis=1)
-    paths = np.split(path, cuts)
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    sets = [rows[:, starts[m] : starts[m + 1]] for m in range(M)]
+    paths = [path[starts[m] : starts[m + 1]] for m in range(M)]
     # The remaining models' best and least over their sets (tighter than over all selections).
-    edge = np.array([s.min(axis=1) for s in sets])  # (M, cols): -best R, least usage
+    edge = np.minimum.reduceat(rows, starts[:-1], axis=1).T  # (M, cols): -best R, least usage
     # Smaller sets first: the partial merges stay small. After merging the first `at` sets a
     # row must leave room for the best and least of the sets still to come.
     order = np.argsort(counts, kind="stable")

@@ -127,3 +127,23 @@ def test_past_the_state_limit_without_scipy_the_error_says_what_to_raise():
     result = _run(code)
     assert result.returncode == 0, result.stderr
     assert "node_limit=5" in result.stdout and "pass a larger node_limit" in result.stdout and "scipy" in result.stdout
+
+
+@pytest.mark.parametrize("D", [1, 2, 3])
+def test_lp_infeasibility_certificates(D):
+    import numpy as np
+
+    from optimizer.dual import lp_infeasible
+
+    # Two groups of two choices: choice 0 uses 1 of every resource, choice 1 uses 3 of the
+    # first and none of the others.
+    A = np.zeros((D, 2, 2))
+    A[:, 0, :] = 1.0
+    A[0, 1, :] = 3.0
+    valid = np.ones((2, 2), dtype=bool)
+    assert not lp_infeasible(A, valid, np.full(D, 2.0))  # choice 0 twice fits
+    assert lp_infeasible(A, valid, np.full(D, 1.5))  # the first resource's least use is 2
+    if D > 1:  # each budget alone can be met, not both: the second wants choice 1, the first cannot pay
+        limits = np.full(D, 2.0)
+        limits[:2] = 1.9, 0.5
+        assert lp_infeasible(A, valid, limits)
