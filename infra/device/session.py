@@ -91,6 +91,7 @@ class DeviceSession:
         self.fingerprint = fingerprint
         self.offline = offline
         self.switchers: dict[str, Switcher] = {}
+        self._compiled: Any = None
 
     # ------------------------------------------------------------------ solving
 
@@ -102,12 +103,18 @@ class DeviceSession:
         override = {b.model_id: b.device.choice_ms() for b in self.bundles.values()}
         return to_problem(tables, budgets.as_problem_budgets(), latency_override=override)
 
-    def solve(self, budgets: DeviceBudgets) -> Solution:
-        """optimizer.solve on the joint problem; InfeasibleBudgetError says what would fit."""
-        from optimizer.problem import parse_problem
-        from optimizer.solver import solve
+    def compiled(self, budgets: DeviceBudgets) -> Any:
+        """The joint problem compiled once per session (`optimizer.CompiledProblem`): every
+        re-solve (a budget change, a tightened latency round) reuses its arrays."""
+        from optimizer import compile_problem
 
-        solution = solve(parse_problem(self.problem(budgets)))
+        if self._compiled is None:
+            self._compiled = compile_problem(self.problem(budgets))
+        return self._compiled
+
+    def solve(self, budgets: DeviceBudgets) -> Solution:
+        """The served selection for `budgets` (exact); InfeasibleBudgetError says what would fit."""
+        solution = self.compiled(budgets).solve(budgets=budgets.as_problem_budgets())
         if not solution.feasible:
             raise InfeasibleBudgetError(
                 f"no selection of {', '.join(self.bundles)} fits latency {ms(budgets.latency_ms)} and memory "
@@ -122,10 +129,10 @@ class DeviceSession:
         budget while they run over (optimizer.solve_measured). Each round downloads and
         assembles what its selection needs; the models are left assembled with the answer."""
         from optimizer.measured import solve_measured
-        from optimizer.problem import parse_problem
 
         self.solve(budgets)  # the clear error when nothing fits even on paper
-        result = solve_measured(parse_problem(self.problem(budgets)), self.time_selection, max_rounds=max_rounds)
+        result = solve_measured(self.compiled(budgets), self.time_selection, budgets=budgets.as_problem_budgets(),
+                                max_rounds=max_rounds)
         if result.rounds[-1].selection != result.solution.selection:
             self.time_selection(result.solution.selection)  # assemble the chosen one again
         return result
@@ -144,7 +151,8 @@ class DeviceSession:
         return sum(self.runtime.time(s.model, self.bundles[m].manifest.blocks[0].in_shape).median_ms
                    for m, s in self.switchers.items())
 
-    def verify_running(self, problem: Any, max_rounds: int) -> tuple[MeasuredSolution, int]:
+    def verify_running(self, problem: Any, max_rounds: int, *, budgets: Any = None,
+                       current: Any = None) -> tuple[MeasuredSolution, int]:
         """solve_measured for models already running (the --watch loop): each round swaps only
         the blocks that differ into the running models, so they keep serving between rounds.
         Returns the answer, left running, and the bytes the extra rounds loaded."""
@@ -162,7 +170,7 @@ class DeviceSession:
             run(selection)
             return self.time_running()
 
-        result = solve_measured(problem, measure, max_rounds=max_rounds)
+        result = solve_measured(problem, measure, budgets=budgets, current=current, max_rounds=max_rounds)
         run(result.solution.selection)  # the fastest timed, when the last round did not fit either
         return result, loaded
 

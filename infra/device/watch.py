@@ -66,8 +66,8 @@ def watch(
             budgets = DeviceBudgets.from_json(json.loads(text), where=str(path))
             report = scaler.update(budgets.as_problem_budgets())
             if verify_latency_rounds > 0 and budgets.latency_ms is not None and report.kept != "infeasible":
-                measured, extra = session.verify_running(scaler.problem(budgets.as_problem_budgets()),
-                                                         verify_latency_rounds)
+                measured, extra = session.verify_running(scaler.compiled, verify_latency_rounds,
+                                                         budgets=budgets.as_problem_budgets(), current=scaler.selection)
                 changes = _net_changes(session, before, scaler.selection)
                 report = dataclasses.replace(
                     report, solution=measured.solution, changes=changes, switched=bool(changes),
