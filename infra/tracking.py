@@ -186,8 +186,12 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, *, artifact_root: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
-        for noisy in ("mlflow.store.db.utils", "alembic"):  # a new sqlite store's schema set-up lines
+        # A new sqlite store's schema set-up lines, and a line per registered model version.
+        for noisy in ("mlflow.store.db.utils", "alembic", "mlflow.store.model_registry.abstract_store"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # On a tracking server MLflow prints two links for every run it terminates (a pipeline
+        # terminates one per block variant); the run summary names the parent run instead.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = tracking_uri
         self.experiment = experiment
         self.artifact_root = artifact_root
@@ -220,11 +224,11 @@ class Tracker:
         *,
         kind: str,
         parent_id: str | None = None,
-        tags: Mapping[str, str] | None = None,
+        tags: Mapping[str, Any] | None = None,
         description: str | None = None,
     ) -> str:
         """A new RUNNING run; `description` is the markdown note the UI shows on the run page."""
-        all_tags = {TAG_KIND: kind, **(tags or {})}
+        all_tags = {TAG_KIND: kind, **{k: str(v) for k, v in (tags or {}).items()}}
         if parent_id:
             all_tags[_PARENT_TAG] = parent_id
         if description:

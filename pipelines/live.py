@@ -199,6 +199,7 @@ class LiveTracking:
         if new:
             self.tracker.log_history(self.parent, metric, new)
             self.ledger.steps[metric] = sorted(done | set(new))
+            self.ledger.save(self.ledger_path)  # a restarted driver must not log these steps again
 
     def _dir(self, record: UnitRecord) -> Path:
         return self.cache.unit_dir(record.stage, record.key)
@@ -225,6 +226,7 @@ class LiveTracking:
                             "(median, p10, p90) and accuracy drops are added as the stages finish; the weights "
                             "are the run's artifact.")
             self.ledger.children[key] = run_id
+            self.ledger.save(self.ledger_path)  # a driver killed now must not make this child twice
             self.tracker.log_metrics(run_id, {"params": record.meta.get("params", {}).get(choice)})
 
     def _log_retrain(self, record: UnitRecord, executed: bool) -> None:
