@@ -34,6 +34,15 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=100)
 
 
+def _save(fig: Any, path: str | Path, title: str) -> Path:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
 def standard_error(accuracy: float, n: int) -> float:
     """The binomial standard error of an accuracy measured on `n` images."""
     return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n) if n > 0 else 0.0
@@ -87,12 +96,7 @@ def pareto_plot(points: Mapping[str, Any], path: str | Path, *, title: str = "",
         ax.set_ylabel("accuracy (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return _save(fig, path, title)
 
 
 def block_plot(blocks: Mapping[str, Sequence[BlockPoint]], path: str | Path, *, title: str = "") -> Path:
@@ -125,9 +129,4 @@ def block_plot(blocks: Mapping[str, Sequence[BlockPoint]], path: str | Path, *, 
     for ax in (drop_ax, lat_ax):
         ax.grid(True, alpha=0.3)
     lat_ax.legend(loc="upper right", fontsize=7, ncol=2)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return _save(fig, path, title)

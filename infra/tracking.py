@@ -248,9 +248,6 @@ class Tracker:
             return None
         return None if run.info.lifecycle_stage == "deleted" else run.info.status
 
-    def run_exists(self, run_id: str) -> bool:
-        return self.run_status(run_id) is not None
-
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
