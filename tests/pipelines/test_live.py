@@ -124,3 +124,33 @@ def test_runs_and_metrics_are_live_resume_continues_the_parent_and_models_are_re
     for role in by_role:
         newest = client.get_model_version_by_alias(name, role)
         assert newest.tags["legodnn.bundle_uri"] == again["bundle_uri"] and newest.tags["legodnn.role"] == role
+
+
+def test_a_restart_continues_only_an_unfinished_parent_run_of_the_same_config(tmp_path) -> None:
+    from infra.tracking import Tracker, default_artifact_root
+    from pipelines.live import LEDGER_FILE, RunLedger, open_parent_run
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "exp", artifact_root=default_artifact_root(tmp_path))
+
+    def start(config: str) -> tuple[RunLedger, bool]:
+        return open_parent_run(tracker, tmp_path, config, name="pipeline", tags={}, description="d")
+
+    ledger, resumed = start("a")
+    assert not resumed and tracker.run_status(ledger.parent_run_id) == "RUNNING"
+    child = tracker.start_variant(ledger.parent_run_id, model="m", block="b", choice="0.4")
+    ledger.children["b/0.4"] = child
+    ledger.logged.append("teacher/m/k1")
+    ledger.save(tmp_path / LEDGER_FILE)
+    tracker.finish(child, status="FAILED")
+    tracker.finish(ledger.parent_run_id, status="FAILED")  # the driver failed
+    again, resumed = start("a")
+    assert resumed and again.parent_run_id == ledger.parent_run_id and again.resumes == 1
+    assert again.logged == ["teacher/m/k1"]  # what it logged before is not logged twice
+    assert tracker.run_status(again.parent_run_id) == "RUNNING" and tracker.run_status(child) == "RUNNING"
+    other, resumed = start("b")  # another config: another parent run
+    assert not resumed and other.parent_run_id != ledger.parent_run_id
+    other.finished = True
+    other.save(tmp_path / LEDGER_FILE)
+    assert start("b")[0].parent_run_id != other.parent_run_id  # a finished run is not continued
+    (tmp_path / LEDGER_FILE).write_text("{not json")
+    assert not start("b")[1]  # an unreadable ledger starts a new run
