@@ -118,6 +118,8 @@ def _examples(data: DataRef | None, shape: tuple[int, ...]) -> tuple[Any, int | 
 
 def lineage(ctx: UnitContext[LineageJob]) -> dict[str, Any]:
     """Log the table, points, plots and models of the run to its parent run (module docstring)."""
+    from mlflow.entities import LoggedModelOutput
+
     from infra.logged_models import CompositionExporter, log_onnx_model, register_version
     from infra.tracking import TAG_MODEL, Tracker
     from profiling.table import load as load_table
@@ -154,6 +156,7 @@ def lineage(ctx: UnitContext[LineageJob]) -> dict[str, Any]:
                                     exporter.composition(served.selection), input_example=example,
                                     outputs=math.prod(last.out_shape), tags=tags,
                                     params={"selection": selection}, metrics=served.metrics)
+            tracker.client.log_outputs(parent, models=[LoggedModelOutput(logged.model_id, step=0)])  # listed there too
             models[served.role] = logged.model_id
             for info in published:
                 version = register_version(

@@ -145,7 +145,7 @@ class LiveTracking:
                         if child is not None:
                             self.tracker.log_metrics(child, {"retrain_loss": loss}, step=int(step))
                 elif "loss" in values:
-                    metric = f"{stage}_loss" if stage in ("teacher", "joint") else f"{stage}_loss/{unit}"
+                    metric = f"loss/{stage}" if stage in ("teacher", "joint") else f"loss/{stage}.{unit}"
                     self._log_steps(metric, {int(step): values["loss"]})
             except Exception as exc:  # noqa: BLE001 - live curves are best effort
                 if not self._report_failed:
@@ -166,9 +166,7 @@ class LiveTracking:
 
     def stage_finished(self, stage: str, executed: int, skipped: int, seconds: float) -> None:
         with self._lock:
-            self._call(stage, "-", lambda: self.tracker.log_metrics(self.parent, {
-                f"stage_seconds/{stage}": seconds, f"units_executed/{stage}": executed,
-                f"units_cached/{stage}": skipped}))
+            self._call(stage, "-", lambda: self.tracker.log_metrics(self.parent, {f"seconds/{stage}": seconds}))
 
     def close(self, status: str = "FINISHED") -> None:
         """Terminate the child runs still open (a run that stopped before the table)."""
@@ -243,7 +241,7 @@ class LiveTracking:
 
     def _log_joint(self, record: UnitRecord, executed: bool) -> None:
         m = record.meta
-        self._log_steps("joint_loss", {i + 1: loss for i, loss in enumerate(m.get("losses", []))})
+        self._log_steps("loss/joint", {i + 1: loss for i, loss in enumerate(m.get("losses", []))})
         self.tracker.log_metrics(self.parent, {"joint_train_seconds": m.get("train_seconds"),
                                                "joint_resumed_from_step": m.get("resumed_from_step")})
 

@@ -1,29 +1,107 @@
 """Screenshots of the MLflow UI for docs/MLFLOW.md, taken with headless Chromium.
 
-    python docs/tools/screenshots.py --uri http://127.0.0.1:5000 --experiment legodnn --out docs/figures
+    .venv/bin/python docs/tools/screenshots.py --uri http://127.0.0.1:5000 --experiment legodnn --out docs/figures
 
-The tracking server must be running (the UI is the server). Each page is loaded in a fresh
-headless Chromium (Debian: apt-get install chromium) with a virtual-time budget, so the
-single-page app has fetched and drawn its data before the PNG is taken. Pages: the runs of the
-experiment, the parent run (overview, model metrics, system metrics, artifacts), the variants
-of one block filtered by tag, the logged models and the registered model.
+The tracking server must be running (the UI is the server). One headless Chromium (Debian:
+apt-get install chromium) is driven over the DevTools protocol on 127.0.0.1 (aiohttp, which
+Ray installs): the UI is put in its "Model training" mode with the assistant panel closed
+(its local-storage settings), then each page is loaded, given `--wait` seconds to fetch and
+draw its data, and captured. Pages: the runs of the experiment, the parent run (overview,
+model metrics, system metrics, the Pareto plot artifact), the variants of one block filtered
+by tag, the logged models and the registered model.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
+import json
 import shutil
+import socket
 import subprocess
+import tempfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
+SETTINGS = {  # the UI's local-storage keys (MLflow 3.17): "<key>_v<version>" -> a JSON value
+    "mlflow.workflowType_v1": "machine_learning",
+    "mlflow.assistant.panelOpen_v1": False,
+    "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": True,
+}
 
-def shoot(browser: str, url: str, path: Path, size: str, wait_ms: int) -> None:
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--hide-scrollbars", "--disable-dev-shm-usage", f"--window-size={size}",
-                    f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
-                   check=True, capture_output=True, timeout=120)
-    print(f"{path}  <-  {url}")
+
+def pages(uri: str, experiment: str, model: str, block: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    (parent,) = client.search_runs([exp], "tags.`legodnn.kind` = 'pipeline'", order_by=["start_time DESC"],
+                                   max_results=1)
+    run = f"{uri}/#/experiments/{exp}/runs/{parent.info.run_id}"
+    ml = "workflowType=machine_learning"
+    return {
+        "mlflow-runs": f"{uri}/#/experiments/{exp}/runs?{ml}",
+        "mlflow-run": f"{run}?{ml}",
+        "mlflow-run-metrics": f"{run}/model-metrics?{ml}",
+        "mlflow-system-metrics": f"{run}/system-metrics?{ml}",
+        "mlflow-pareto": f"{run}/artifacts/pareto.png?{ml}",
+        "mlflow-block-variants": f"{uri}/#/experiments/{exp}/runs?{ml}&searchFilter="
+                                 + quote(f"tags.`legodnn.block` = '{block}'"),
+        "mlflow-logged-models": f"{uri}/#/experiments/{exp}/models?{ml}",
+        "mlflow-registered-model": f"{uri}/#/models/{model}?{ml}",
+    }
+
+
+async def capture(browser: str, shots: dict[str, str], out: Path, size: tuple[int, int], wait_s: float) -> None:
+    import aiohttp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                                 "--disable-background-networking", "--disable-dev-shm-usage",
+                                 f"--window-size={size[0]},{size[1]}", f"--remote-debugging-port={port}",
+                                 f"--user-data-dir={profile}", "about:blank"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            async with aiohttp.ClientSession() as http:
+                for _ in range(100):
+                    try:
+                        targets = await (await http.get(f"http://127.0.0.1:{port}/json/list")).json()
+                        break
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.2)
+                page = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+                async with http.ws_connect(page, max_msg_size=0) as ws:
+                    ids = iter(range(1, 10**6))
+
+                    async def call(method: str, **params: Any) -> dict[str, Any]:
+                        n = next(ids)
+                        await ws.send_json({"id": n, "method": method, "params": params})
+                        async for msg in ws:
+                            data = json.loads(msg.data)
+                            if data.get("id") == n:
+                                return data.get("result", {})
+                        raise RuntimeError("Chromium closed the DevTools connection")
+
+                    first = next(iter(shots.values()))
+                    await call("Page.navigate", url=first)
+                    await asyncio.sleep(wait_s)
+                    for key, value in SETTINGS.items():
+                        await call("Runtime.evaluate", expression=f"localStorage.setItem({key!r}, {json.dumps(value)!r})")
+                    for name, url in shots.items():
+                        await call("Page.navigate", url=url)
+                        await call("Page.reload")
+                        await asyncio.sleep(wait_s)
+                        shot = await call("Page.captureScreenshot", format="png")
+                        (out / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
+                        print(f"{out / name}.png  <-  {url}")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def main() -> None:
@@ -33,33 +111,16 @@ def main() -> None:
     p.add_argument("--model", default="resnet20", help="the registered model (the bundle's model id)")
     p.add_argument("--block", default="layer2.1", help="the block whose variants the filtered view shows")
     p.add_argument("--out", type=Path, default=Path("docs/figures"))
-    p.add_argument("--size", default="1500,950")
-    p.add_argument("--wait-ms", type=int, default=15000, help="virtual time the page gets to load its data")
+    p.add_argument("--size", default="1500,950", help="window width,height")
+    p.add_argument("--wait", type=float, default=6.0, help="seconds each page gets to load its data")
     args = p.parse_args()
-    from mlflow import MlflowClient
-
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         raise SystemExit("no Chromium found: apt-get install chromium")
-    client = MlflowClient(args.uri)
-    exp = client.get_experiment_by_name(args.experiment).experiment_id
-    (parent,) = client.search_runs([exp], "tags.`legodnn.kind` = 'pipeline'", order_by=["start_time DESC"],
-                                   max_results=1)
-    run = f"{args.uri}/#/experiments/{exp}/runs/{parent.info.run_id}"
-    block = quote(f"tags.`legodnn.block` = '{args.block}'")
-    pages = {
-        "mlflow-runs": f"{args.uri}/#/experiments/{exp}/runs",
-        "mlflow-run": run,
-        "mlflow-run-metrics": f"{run}/model-metrics",
-        "mlflow-system-metrics": f"{run}/system-metrics",
-        "mlflow-pareto": f"{run}/artifacts/pareto.png",
-        "mlflow-block-variants": f"{args.uri}/#/experiments/{exp}/runs?searchFilter={block}",
-        "mlflow-logged-models": f"{args.uri}/#/experiments/{exp}/models",
-        "mlflow-registered-model": f"{args.uri}/#/models/{args.model}",
-    }
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, url in pages.items():
-        shoot(browser, url, args.out / f"{name}.png", args.size, args.wait_ms)
+    width, height = (int(v) for v in args.size.split(","))
+    asyncio.run(capture(browser, pages(args.uri, args.experiment, args.model, args.block), args.out,
+                        (width, height), args.wait))
 
 
 if __name__ == "__main__":

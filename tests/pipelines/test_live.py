@@ -33,8 +33,8 @@ def _watch(proc: subprocess.Popen, client, parent_of, until, timeout: float = 30
                                           f"tags.mlflow.parentRunId = '{parent}' and tags.`legodnn.kind` = 'variant'",
                                           max_results=1000)
             seen = {"parent": parent, "status": run.info.status, "children": len(children),
-                    "joint_steps": [m.step for m in client.get_metric_history(parent, "joint_loss")],
-                    "teacher_steps": [m.step for m in client.get_metric_history(parent, "teacher_loss")]}
+                    "joint_steps": [m.step for m in client.get_metric_history(parent, "loss/joint")],
+                    "teacher_steps": [m.step for m in client.get_metric_history(parent, "loss/teacher")]}
             if until(seen) and proc.poll() is None:
                 return seen
         time.sleep(0.2)
@@ -83,7 +83,7 @@ def test_runs_and_metrics_are_live_resume_continues_the_parent_and_models_are_re
     kinds = [c.data.tags["legodnn.kind"] for c in children]
     assert kinds.count("variant") == descendants  # none made twice
     assert all(c.info.status == "FINISHED" for c in children)
-    joint = [m.step for m in client.get_metric_history(parent, "joint_loss")]
+    joint = [m.step for m in client.get_metric_history(parent, "loss/joint")]
     assert sorted(joint) == list(range(1, clean_run.config["joint"]["steps"] + 1))  # every step once
     assert {"system/cpu_utilization_percentage", "teacher_val_accuracy"} <= set(run.data.metrics)
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {f"fashion-mnist/{s}" for s in ("train", "val", "test")}

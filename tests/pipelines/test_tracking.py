@@ -49,7 +49,7 @@ def test_variant_runs_are_tagged_and_found_by_search(tmp_path: Path, monkeypatch
     tracker.log_params(parent, flatten({"retrain": {"lr": 0.001, "epochs": 1}, "workdir": "w"}))
     tracker.log_inputs(parent, [DatasetSplit("fmnist/train", "f" * 64, "/data", "local", "training", 300, (1, 28, 28),
                                              {"classes": 10})])
-    tracker.log_history(parent, "joint_loss", {2: 0.5, 1: 0.7, 3: float("nan")})
+    tracker.log_history(parent, "loss/joint", {2: 0.5, 1: 0.7, 3: float("nan")})
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"not really weights")
     child = tracker.start_variant(parent, model="resnet20", block="layer1.0", choice="0.4")
@@ -77,7 +77,7 @@ def test_variant_runs_are_tagged_and_found_by_search(tmp_path: Path, monkeypatch
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40  # the tests run in a git checkout
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "fmnist/train" and '"num_rows": 300' in dataset.dataset.profile
-    assert [(m.step, m.value) for m in sorted(client.get_metric_history(parent, "joint_loss"), key=lambda m: m.step)] \
+    assert [(m.step, m.value) for m in sorted(client.get_metric_history(parent, "loss/joint"), key=lambda m: m.step)] \
         == [(1, 0.7), (2, 0.5)]
     experiment = client.get_experiment_by_name("exp")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI views
