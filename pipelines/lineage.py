@@ -165,7 +165,8 @@ def lineage(ctx: UnitContext[LineageJob]) -> dict[str, Any]:
                     description=f"{served.description} Published as bundle version {info['version']}: {info['uri']}",
                     model_description=f"LegoDNN compositions of {table.model_name}, one version per served "
                                       "composition and publish; aliases name the newest of each role "
-                                      "(teacher, latency-<percent of the latency range>).")
+                                      "(teacher; latency-N: N percent of the way from the smallest composition's latency "
+                                      "to the original's).")
                 versions[served.role] = version.version
             tracker.finish(run)
     return {"parent_run_id": parent, "models": models, "registered_model": table.model_name if versions else None,

@@ -32,16 +32,30 @@ SETTINGS = {  # the UI's local-storage keys (MLflow 3.17): "<key>_v<version>" ->
 }
 
 
-def pages(uri: str, experiment: str, model: str, block: str) -> dict[str, str]:
+COLUMNS = ["metrics.`accuracy_drop`", "metrics.`latency_ms`", "metrics.`latency_p90_ms`", "metrics.`flops`",
+           "metrics.`retrain_loss_after`", "tags.`legodnn.sparsity`", "attributes.`Models`"]
+
+
+def expand_runs(experiment_id: str, parent_id: str) -> str:
+    """JavaScript that shows the parent run's children and the variants' metric columns in the
+    runs table (the experiment page's saved view state)."""
+    key = f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment_id}"]-ReactComponentState'
+    return (f"const k = {json.dumps(key)}; const v = JSON.parse(localStorage.getItem(k) || '{{}}');"
+            f"v.runsExpanded = {{[{json.dumps(parent_id)}]: true}}; v.selectedColumns = {json.dumps(COLUMNS)};"
+            "localStorage.setItem(k, JSON.stringify(v));")
+
+
+def pages(uri: str, experiment: str, model: str, block: str, run_id: str | None = None) -> tuple[str, dict[str, str]]:
+    """The JavaScript that prepares the runs table, and name -> URL of every page to capture."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment).experiment_id
-    (parent,) = client.search_runs([exp], "tags.`legodnn.kind` = 'pipeline'", order_by=["start_time DESC"],
-                                   max_results=1)
+    (parent,) = [client.get_run(run_id)] if run_id else client.search_runs(
+        [exp], "tags.`legodnn.kind` = 'pipeline'", order_by=["start_time DESC"], max_results=1)
     run = f"{uri}/#/experiments/{exp}/runs/{parent.info.run_id}"
     ml = "workflowType=machine_learning"
-    return {
+    return expand_runs(exp, parent.info.run_id), {
         "mlflow-runs": f"{uri}/#/experiments/{exp}/runs?{ml}",
         "mlflow-run": f"{run}?{ml}",
         "mlflow-run-metrics": f"{run}/model-metrics?{ml}",
@@ -54,7 +68,8 @@ def pages(uri: str, experiment: str, model: str, block: str) -> dict[str, str]:
     }
 
 
-async def capture(browser: str, shots: dict[str, str], out: Path, size: tuple[int, int], wait_s: float) -> None:
+async def capture(browser: str, prepare: str, shots: dict[str, str], out: Path, size: tuple[int, int],
+                  wait_s: float) -> None:
     import aiohttp
 
     with socket.socket() as s:
@@ -87,14 +102,15 @@ async def capture(browser: str, shots: dict[str, str], out: Path, size: tuple[in
                                 return data.get("result", {})
                         raise RuntimeError("Chromium closed the DevTools connection")
 
-                    first = next(iter(shots.values()))
-                    await call("Page.navigate", url=first)
+                    # Settings are written on a page that does not hold them (the app saves its own on leaving).
+                    await call("Page.navigate", url=next(iter(shots.values())).split("#")[0] + "#/experiments")
                     await asyncio.sleep(wait_s)
                     for key, value in SETTINGS.items():
                         await call("Runtime.evaluate", expression=f"localStorage.setItem({key!r}, {json.dumps(value)!r})")
+                    await call("Runtime.evaluate", expression=prepare)
                     for name, url in shots.items():
+                        await call("Page.navigate", url="about:blank")  # a full load, not a hash change
                         await call("Page.navigate", url=url)
-                        await call("Page.reload")
                         await asyncio.sleep(wait_s)
                         shot = await call("Page.captureScreenshot", format="png")
                         (out / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
@@ -109,18 +125,19 @@ def main() -> None:
     p.add_argument("--uri", required=True, help="the MLflow tracking server, e.g. http://127.0.0.1:5000")
     p.add_argument("--experiment", default="legodnn")
     p.add_argument("--model", default="resnet20", help="the registered model (the bundle's model id)")
+    p.add_argument("--run", help="the pipeline run to show (default: the newest)")
     p.add_argument("--block", default="layer2.1", help="the block whose variants the filtered view shows")
     p.add_argument("--out", type=Path, default=Path("docs/figures"))
     p.add_argument("--size", default="1500,950", help="window width,height")
-    p.add_argument("--wait", type=float, default=6.0, help="seconds each page gets to load its data")
+    p.add_argument("--wait", type=float, default=10.0, help="seconds each page gets to load its data")
     args = p.parse_args()
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         raise SystemExit("no Chromium found: apt-get install chromium")
     args.out.mkdir(parents=True, exist_ok=True)
     width, height = (int(v) for v in args.size.split(","))
-    asyncio.run(capture(browser, pages(args.uri, args.experiment, args.model, args.block), args.out,
-                        (width, height), args.wait))
+    prepare, shots = pages(args.uri, args.experiment, args.model, args.block, args.run)
+    asyncio.run(capture(browser, prepare, shots, args.out, (width, height), args.wait))
 
 
 if __name__ == "__main__":
