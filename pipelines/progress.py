@@ -155,7 +155,7 @@ class PipelineProgress:
                 if stage in self._tasks:
                     self._progress.advance(self._tasks[stage], n)
                 self._refresh(stage)
-            else:
+            elif state.done < state.total - state.cached:  # the last one: the stage's own line follows
                 self._heartbeat(stage)
 
     def end_stage(self, stage: str, executed: int, skipped: int) -> None:
