@@ -210,7 +210,10 @@ def run_pipeline(cfg: PipelineConfig, *, live: bool | None = None, stream: IO[st
             tracker.log_inputs(parent_id, data_inputs(facts.data, facts.classes))
         tracking = LiveTracking(tracker, ledger, workdir / LEDGER_FILE, Cache(workdir / "cache"), model=facts.model_name)
         runner_executor = make_executor(cfg, executor, checked.ray_address)
-        with tracker.system_metrics(parent_id, resume=resumed), PipelineProgress(live=live, stream=stream) as progress:
+        with tracker.system_metrics(parent_id, resume=resumed) as sampling, \
+                PipelineProgress(live=live, stream=stream) as progress:
+            if not sampling:
+                tracker.set_tags(parent_id, {"legodnn.system_metrics": "off: psutil is not installed"})
             run = run_recipe(cfg, executor=runner_executor, stages=(*STAGES, lineage_stage(parent_id, artifact_root)),
                              observers=[progress, tracking], checked=checked)
         records = run.records
