@@ -1,21 +1,30 @@
 """All MLflow code of the project: where runs go, and how a pipeline run is recorded.
 
-One parent run per pipeline invocation and one child run per block variant, tagged
-`legodnn.model`, `legodnn.block`, `legodnn.sparsity`, so the MLflow UI can filter
-"every 0.6 descendant of layer2.1" across runs. Everything goes through an explicit
+One parent run per pipeline invocation (continued when the same pipeline is restarted) and
+one child run per block variant, tagged `legodnn.model`, `legodnn.block`,
+`legodnn.sparsity`, so the MLflow UI can filter "every 0.6 descendant of layer2.1" across
+runs. The experiment is marked as a model-training experiment (`mlflow.experimentKind`), so
+the UI opens it on its runs, not on its GenAI views. Everything goes through an explicit
 `MlflowClient(tracking_uri)`: no process-wide `mlflow.set_tracking_uri`, so two pipelines
 (or a test and a pipeline) in one process never write into each other's store.
+Logged models and the Model Registry are in `infra.logged_models`, figures in `infra.plots`.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
+import logging
 import math
 import os
+import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -23,7 +32,10 @@ from urllib.parse import urlparse
 TAG_MODEL = "legodnn.model"
 TAG_BLOCK = "legodnn.block"
 TAG_SPARSITY = "legodnn.sparsity"
-TAG_KIND = "legodnn.kind"  # "pipeline", "variant", "tune", "trial"
+TAG_KIND = "legodnn.kind"  # "pipeline", "variant", "tune", "trial", "evaluation"
+TAG_NOTE = "mlflow.note.content"  # the run description the UI shows (markdown)
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" experiment type
 _PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM_LEN = 6000  # MLflow's limit on one param value
 _BATCH = 100  # MLflow's limit on params per log_batch call
@@ -137,12 +149,49 @@ def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+@dataclass(frozen=True)
+class DatasetSplit:
+    """One split of the data a run read, as an MLflow data set input.
+
+    Attributes:
+        name: shown in the UI, e.g. "fashion-mnist/train".
+        digest: identifies the content (the data fingerprint, shortened to MLflow's limit).
+        source: where the data is (a folder, an s3:// prefix, a factory).
+        source_type: MLflow's source kind: "local", "s3", "code".
+        context: what the run used it for: "training", "validation", "test".
+        rows: images in the split.
+        shape: one image's tensor shape (C, H, W) after preprocessing.
+        profile: further facts (classes, preprocessing, seed), shown as the data set's profile.
+    """
+
+    name: str
+    digest: str
+    source: str
+    source_type: str
+    context: str
+    rows: int
+    shape: tuple[int, ...]
+    profile: Mapping[str, Any]
+
+
 class Tracker:
-    """A handle on one MLflow store and experiment."""
+    """A handle on one MLflow store and experiment.
+
+    Args:
+        tracking_uri: the store (`resolve_tracking_uri`).
+        experiment: the experiment's name; created on first use, marked as model training.
+        artifact_root: where a new experiment keeps artifacts (a local store's work directory).
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, *, artifact_root: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
+        # A new sqlite store's schema set-up lines, and a line per registered model version.
+        for noisy in ("mlflow.store.db.utils", "alembic", "mlflow.store.model_registry.abstract_store"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        # On a tracking server MLflow prints two links for every run it terminates (a pipeline
+        # terminates one per block variant); the run summary names the parent run instead.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = tracking_uri
         self.experiment = experiment
         self.artifact_root = artifact_root
@@ -151,16 +200,20 @@ class Tracker:
 
     @property
     def experiment_id(self) -> str:
-        """The experiment's id, created on first use (with artifacts under the workdir)."""
+        """The experiment's id, created on first use (with artifacts under the workdir) and
+        tagged as a model-training experiment (an existing one without a kind gets the tag)."""
         if self._experiment_id is None:
             try:
                 found = self.client.get_experiment_by_name(self.experiment)
                 if found is None:
                     self._experiment_id = self.client.create_experiment(
-                        self.experiment, artifact_location=self.artifact_root
+                        self.experiment, artifact_location=self.artifact_root,
+                        tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND},
                     )
                 else:
                     self._experiment_id = found.experiment_id
+                    if TAG_EXPERIMENT_KIND not in found.tags:
+                        self.client.set_experiment_tag(found.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
             except Exception as exc:  # noqa: BLE001 - any store failure gets one clear message
                 raise TrackingError(f"MLflow store {self.uri} failed: {type(exc).__name__}: {exc}") from exc
         return self._experiment_id
@@ -171,13 +224,29 @@ class Tracker:
         *,
         kind: str,
         parent_id: str | None = None,
-        tags: Mapping[str, str] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        description: str | None = None,
     ) -> str:
-        all_tags = {TAG_KIND: kind, **(tags or {})}
+        """A new RUNNING run; `description` is the markdown note the UI shows on the run page."""
+        all_tags = {TAG_KIND: kind, **{k: str(v) for k, v in (tags or {}).items()}}
         if parent_id:
             all_tags[_PARENT_TAG] = parent_id
+        if description:
+            all_tags[TAG_NOTE] = description
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
         return run.info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        """Mark an unfinished (RUNNING, FAILED or KILLED) run RUNNING again: a resumed pipeline."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def run_status(self, run_id: str) -> str | None:
+        """"RUNNING", "FINISHED", "FAILED", "KILLED", or None for a missing (or deleted) run."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - a missing run raises a store-specific error
+            return None
+        return None if run.info.lifecycle_stage == "deleted" else run.info.status
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -187,6 +256,7 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + _BATCH])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+        """Finite numbers only: None, NaN, booleans and text are left out."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -194,10 +264,34 @@ class Tracker:
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + _BATCH])
 
+    def log_history(self, run_id: str, key: str, values: Mapping[int, Any]) -> None:
+        """One metric at many steps ({step: value}): a loss curve in one request per 100 points."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        finite = {step: _finite({key: value}).get(key) for step, value in values.items()}
+        items = [Metric(key, v, now, step) for step, v in sorted(finite.items()) if v is not None]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(run_id, metrics=items[i : i + _BATCH])
+
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:_MAX_PARAM_LEN]) for k, v in tags.items()])
+
+    def log_inputs(self, run_id: str, splits: Sequence[DatasetSplit]) -> None:
+        """The data a run read, as MLflow data set inputs (the UI's "Datasets used")."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for split in splits:
+            tensor = json.dumps([{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, *split.shape]}}])
+            schema = json.dumps({"mlflow_tensorspec": {"features": tensor, "targets": None}})
+            profile = json.dumps({"num_rows": split.rows, **split.profile}, default=str)
+            dataset = Dataset(name=split.name, digest=split.digest[:36], source_type=split.source_type,
+                              source=json.dumps({"uri": split.source}), schema=schema, profile=profile)
+            inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split.context)]))
+        self.client.log_inputs(run_id, datasets=inputs)
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
@@ -205,69 +299,75 @@ class Tracker:
     def log_dict(self, run_id: str, data: dict[str, Any], artifact_file: str) -> None:
         self.client.log_dict(run_id, data, artifact_file)
 
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as a PNG artifact (shown inline in the artifact viewer)."""
+        self.client.log_figure(run_id, figure, artifact_file)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
-    def run_exists(self, run_id: str) -> bool:
-        try:
-            self.client.get_run(run_id)
-        except Exception:  # noqa: BLE001 - a missing run raises a store-specific error
-            return False
-        return True
-
-    def log_variant(
-        self,
-        parent_id: str,
-        *,
-        model: str,
-        block: str,
-        choice: str,
-        metrics: Mapping[str, Any],
-        artifacts: Iterable[str | Path] = (),
-        params: Mapping[str, Any] | None = None,
-    ) -> str:
-        """One child run for one block variant: params, metrics, its weights file."""
+    def start_variant(self, parent_id: str, *, model: str, block: str, choice: str,
+                      params: Mapping[str, Any] | None = None, description: str | None = None) -> str:
+        """The child run of one block variant (RUNNING until its last stage logs to it)."""
         tags = {TAG_MODEL: model, TAG_BLOCK: block, TAG_SPARSITY: choice}
-        run_id = self.start_run(f"{block}@{choice}", kind="variant", parent_id=parent_id, tags=tags)
+        run_id = self.start_run(f"{block}@{choice}", kind="variant", parent_id=parent_id, tags=tags,
+                                description=description)
         self.log_params(run_id, {"model": model, "block": block, "sparsity": choice, **(params or {})})
-        self.log_metrics(run_id, metrics)
-        for path in artifacts:
-            self.log_artifact(run_id, path)
-        self.finish(run_id)
         return run_id
 
+    @contextmanager
+    def system_metrics(self, run_id: str, *, resume: bool = False, interval_s: float = 10.0) -> Iterator[bool]:
+        """Sample CPU, memory, disk, network (and GPU where present) into `system/*` metrics of
+        `run_id` while the block runs (MLflow's own monitor, every `interval_s`, or
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL). Yields False, and samples nothing, where
+        psutil is not installed."""
+        try:
+            import psutil  # noqa: F401 - MLflow's monitors need it
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError:
+            yield False
+            return
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "Started monitoring" lines
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume,
+                                       tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield True
+        finally:
+            monitor.finish()
 
-def pareto_plot(points: Mapping[str, Any], path: str | Path, *, title: str = "") -> Path:
-    """PNG of predicted accuracy vs latency and vs memory of the optimizer's choices.
 
-    `points` is the pipeline's points.json: for a grid of latency budgets and of memory
-    budgets, the composition the optimizer chose and its predicted accuracy; measured test
-    accuracies are overlaid where they exist.
+def source_tags(entry_point: str, root: str | Path | None = None) -> dict[str, str]:
+    """The tags MLflow's own fluent API sets on a run (user, source name and type, git commit,
+    branch and remote), for runs made through `MlflowClient`; git tags only in a git checkout.
+
+    Args:
+        entry_point: what ran, e.g. "legodnn run".
+        root: the source tree (default: this package's checkout).
     """
-    import matplotlib
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
 
-    matplotlib.use("Agg")  # no display on cluster nodes
-    from matplotlib.figure import Figure
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
-    fig = Figure(figsize=(10, 4), dpi=100)
-    panels = (("latency", "latency_ms", "latency (ms, summed blocks)", 1.0),
-              ("memory", "memory_bytes", "memory (KiB, weights + peak activation)", 1 / 1024))
-    for i, (group, key, label, scale) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, i + 1)
-        rows = [p for p in points.get(group, []) if p.get("feasible")]
-        ax.plot([p[key] * scale for p in rows], [100 * p["told"]["accuracy"] for p in rows],
-                "o-", label="optimizer choice (predicted)")
-        measured = [p for p in points.get("measured", []) if "measured_test_accuracy" in p]
-        if measured:
-            ax.plot([p[key] * scale for p in measured], [100 * p["measured_test_accuracy"] for p in measured],
-                    "s", label="measured (test set)")
-        ax.set_xlabel(label)
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return tags
+    tags["mlflow.source.git.commit"] = commit
+    if branch := git("rev-parse", "--abbrev-ref", "HEAD"):
+        tags["mlflow.source.git.branch"] = branch
+    if remote := git("config", "--get", "remote.origin.url"):
+        tags["mlflow.source.git.repoURL"] = remote
+    tags["legodnn.git.dirty"] = "true" if git("status", "--porcelain", "--untracked-files=no") else "false"
+    return tags
+
+

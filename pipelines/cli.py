@@ -32,10 +32,20 @@ def _top_parser() -> argparse.ArgumentParser:
         description="LegoDNN at scale: make a trained vision DNN scalable at block granularity "
         "and ship it to devices. Run `legodnn COMMAND --help` for a command's options.",
     )
+    parser.add_argument("--version", action="store_true", help="print the version and the code version, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def version_text() -> str:
+    """`legodnn 0.1.0 (code <hash>)`: the package version and the code version that keys the
+    cache and MLflow's `code_version` param."""
+    from infra.device.cli import package_version
+    from pipelines.cache import code_version
+
+    return f"legodnn {package_version()} (code {code_version()[:16]})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.print_help()
         return 0 if argv else 2
     name = argv[0]
+    if name in ("--version", "-V"):
+        print(version_text())
+        return 0
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
     module_name, help_text = COMMANDS[name]

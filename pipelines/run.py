@@ -177,28 +177,47 @@ class PipelineResult:
 
 def run_pipeline(cfg: PipelineConfig, *, live: bool | None = None, stream: IO[str] | None = None,
                  executor: str = "ray") -> PipelineResult:
-    """Run (or resume) the whole pipeline for `cfg` on Ray (or in this process), tracked in MLflow."""
-    from infra.tracking import Tracker, default_artifact_root, flatten, is_local_store, ui_command
+    """Run (or resume) the whole pipeline for `cfg` on Ray (or in this process), tracked in MLflow.
+
+    The parent run opens before the first stage (or, for a driver restarted on the same work
+    directory and config, the unfinished one continues: `pipelines.live.open_parent_run`); every
+    unit's results are logged as it finishes (`pipelines.live.LiveTracking`), system metrics are
+    sampled while it runs, and the lineage stage adds plots, logged models and registry versions.
+    """
+    from infra.tracking import Tracker, default_artifact_root, flatten, is_local_store, source_tags, ui_command
     from pipelines.lineage import lineage_stage
+    from pipelines.live import (
+        LEDGER_FILE, LiveTracking, config_digest, data_inputs, open_parent_run, pipeline_description,
+    )
 
     began = time.perf_counter()
     checked = preflight(cfg)
     workdir = Path(cfg.workdir).resolve()
     tracking_uri = checked.tracking_uri
     artifact_root = default_artifact_root(workdir) if is_local_store(tracking_uri) else None
-    tracker, parent_id, runner_executor = None, None, None
+    tracker, parent_id, runner_executor, tracking = None, None, None, None
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         Cache(workdir / "cache").sweep(older_than_s=3600)  # another driver may be mid-unit on this workdir
         code = code_version()
+        facts = checked.facts
         tracker = Tracker(tracking_uri, cfg.mlflow.experiment, artifact_root=artifact_root)
-        parent_id = tracker.start_run(f"pipeline-{checked.facts.model_name}", kind="pipeline")
-        tracker.log_params(parent_id, {**flatten(cfg.to_dict(), "config."), "code_version": code,
-                                       "dataset_fingerprint": checked.facts.data.fingerprint})
+        ledger, resumed = open_parent_run(
+            tracker, workdir, config_digest(cfg), name=f"pipeline-{facts.model_name}",
+            tags={**source_tags("legodnn run"), "legodnn.code_version": code}, description=pipeline_description(cfg, facts))
+        parent_id = ledger.parent_run_id
+        if not resumed:
+            tracker.log_params(parent_id, {**flatten(cfg.to_dict(), "config."), "code_version": code,
+                                           "dataset_fingerprint": facts.data.fingerprint})
+            tracker.log_inputs(parent_id, data_inputs(facts.data, facts.classes))
+        tracking = LiveTracking(tracker, ledger, workdir / LEDGER_FILE, Cache(workdir / "cache"), model=facts.model_name)
         runner_executor = make_executor(cfg, executor, checked.ray_address)
-        with PipelineProgress(live=live, stream=stream) as progress:
+        with tracker.system_metrics(parent_id, resume=resumed) as sampling, \
+                PipelineProgress(live=live, stream=stream) as progress:
+            if not sampling:
+                tracker.set_tags(parent_id, {"legodnn.system_metrics": "off: psutil is not installed"})
             run = run_recipe(cfg, executor=runner_executor, stages=(*STAGES, lineage_stage(parent_id, artifact_root)),
-                             observers=[progress], checked=checked)
+                             observers=[progress, tracking], checked=checked)
         records = run.records
         lineage = records["lineage"][0]
         lineage_cached = lineage.meta["parent_run_id"] != parent_id
@@ -218,9 +237,12 @@ def run_pipeline(cfg: PipelineConfig, *, live: bool | None = None, stream: IO[st
         )
         tracker.set_tags(parent_id, {"legodnn.executed_units": counter.executed,
                                      "legodnn.skipped_units": counter.skipped,
-                                     "legodnn.lineage_cached": lineage_cached})
+                                     "legodnn.lineage_cached": lineage_cached, "legodnn.stage": "done"})
         tracker.log_metrics(parent_id, {"pipeline_seconds": result.seconds})
+        tracking.close()
         tracker.finish(parent_id)
+        ledger.finished = True
+        ledger.save(workdir / LEDGER_FILE)
         summary = result.to_dict()
         write_json_atomic(workdir / SUMMARY_FILE, summary)
         write_json_atomic(workdir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{parent_id[:8]}.json", summary)
@@ -228,6 +250,8 @@ def run_pipeline(cfg: PipelineConfig, *, live: bool | None = None, stream: IO[st
     except BaseException:
         if tracker is not None and parent_id is not None:
             try:
+                if tracking is not None:
+                    tracking.close(status="FAILED")
                 tracker.finish(parent_id, status="FAILED")
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass

@@ -26,6 +26,17 @@ from infra.device.session import MIB, DeviceBudgets, FetchResult, fetch, ms
 from infra.errors import BundleError, BundleVerificationError
 
 PROG = "legodnn-fetch"
+DISTRIBUTION = "legodnn-at-scale"
+
+
+def package_version() -> str:
+    """The installed legodnn distribution's version: what both CLIs' `--version` print."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def _positive(text: str) -> float:
@@ -79,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch signed LegoDNN block bundles, time them on this device, pick the most accurate "
         "blocks that fit the budgets, and assemble the models. `legodnn-fetch predict -h` classifies images.",
     )
+    p.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     p.add_argument("uris", nargs="+", metavar="URI",
                    help="bundle URI: s3://BUCKET/PREFIX/MODEL_ID (latest version), .../MODEL_ID/vN, or file:///DIR/...")
     _common(p)

@@ -1,4 +1,5 @@
-"""infra.tracking against a real MLflow sqlite store (the server is exercised in test_dag.py)."""
+"""infra.tracking, infra.logged_models and infra.plots against a real MLflow sqlite store
+(the server is exercised in test_live.py and test_dag.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from infra.plots import BlockPoint, block_plot, pareto_plot
 from infra.tracking import (
-    TAG_BLOCK, TAG_MODEL, TAG_SPARSITY, Tracker, TrackingError, check_tracking, default_artifact_root,
-    flatten, pareto_plot, resolve_tracking_uri, ui_command,
+    TAG_BLOCK, TAG_MODEL, TAG_SPARSITY, DatasetSplit, Tracker, TrackingError, check_tracking, default_artifact_root,
+    flatten, resolve_tracking_uri, source_tags, ui_command,
 )
 
 
@@ -43,14 +45,21 @@ def test_variant_runs_are_tagged_and_found_by_search(tmp_path: Path, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what mlflow.search_runs reads
     check_tracking(uri)
     tracker = Tracker(uri, "exp", artifact_root=default_artifact_root(tmp_path))
-    parent = tracker.start_run("pipeline", kind="pipeline")
+    parent = tracker.start_run("pipeline", kind="pipeline", tags=source_tags("legodnn run"), description="**hi**")
     tracker.log_params(parent, flatten({"retrain": {"lr": 0.001, "epochs": 1}, "workdir": "w"}))
+    tracker.log_inputs(parent, [DatasetSplit("fmnist/train", "f" * 64, "/data", "local", "training", 300, (1, 28, 28),
+                                             {"classes": 10})])
+    tracker.log_history(parent, "loss/joint", {2: 0.5, 1: 0.7, 3: float("nan")})
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"not really weights")
-    child = tracker.log_variant(parent, model="resnet20", block="layer1.0", choice="0.4",
-                                metrics={"accuracy_drop": 0.01, "flops": 1000, "bad": float("nan")},
-                                artifacts=[weights])
-    tracker.finish(parent)
+    child = tracker.start_variant(parent, model="resnet20", block="layer1.0", choice="0.4")
+    tracker.log_metrics(child, {"accuracy_drop": 0.01, "flops": 1000, "bad": float("nan")})
+    tracker.log_artifact(child, weights)
+    tracker.finish(child)
+    assert tracker.run_status(parent) == "RUNNING"
+    tracker.finish(parent, status="FAILED")
+    tracker.reopen(parent)  # a resumed pipeline continues its parent run
+    assert tracker.run_status(parent) == "RUNNING" and tracker.run_status("0" * 32) is None
     runs = mlflow.search_runs(experiment_names=["exp"],
                               filter_string=f"tags.`{TAG_BLOCK}` = 'layer1.0'")
     assert list(runs["run_id"]) == [child]
@@ -61,13 +70,58 @@ def test_variant_runs_are_tagged_and_found_by_search(tmp_path: Path, monkeypatch
     assert "metrics.bad" not in runs.columns or runs["metrics.bad"].isna().all()
     artifact_dir = Path(tmp_path / "mlartifacts")
     assert list(artifact_dir.rglob("w.safetensors"))
-    parent_row = mlflow.search_runs(experiment_names=["exp"],
-                                    filter_string="tags.`legodnn.kind` = 'pipeline'").iloc[0]
-    assert parent_row["params.retrain.lr"] == "0.001"
-    assert tracker.run_exists(parent) and not tracker.run_exists("0" * 32)
+    client = mlflow.MlflowClient()
+    run = client.get_run(parent)
+    assert run.data.params["retrain.lr"] == "0.001" and run.data.tags["mlflow.note.content"] == "**hi**"
+    assert run.data.tags["mlflow.source.name"] == "legodnn run"
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40  # the tests run in a git checkout
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "fmnist/train" and '"num_rows": 300' in dataset.dataset.profile
+    assert [(m.step, m.value) for m in sorted(client.get_metric_history(parent, "loss/joint"), key=lambda m: m.step)] \
+        == [(1, 0.7), (2, 0.5)]
+    experiment = client.get_experiment_by_name("exp")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI views
 
 
-def test_ui_command_and_pareto_plot(tmp_path: Path) -> None:
+def test_onnx_model_is_logged_registered_and_served_by_pyfunc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    import mlflow
+    import numpy as np
+    import torch
+
+    from infra.logged_models import log_onnx_model, register_version
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracker = Tracker(uri, "exp", artifact_root=default_artifact_root(tmp_path))
+    run = tracker.start_run("teacher", kind="composition")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(2 * 6 * 6, 3)).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), buffer, dynamo=False, input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "n"}, "output": {0: "n"}})
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)
+    logged = log_onnx_model(tracker, run, "tiny-teacher", buffer.getvalue(), input_example=x, outputs=3,
+                            tags={"legodnn.role": "teacher"}, metrics={"test_accuracy": 0.5})
+    versions = [register_version(tracker, "tiny", logged, run, alias="teacher", tags={"legodnn.bundle_version": v})
+                for v in (1, 2)]
+    assert [v.version for v in versions] == ["1", "2"]
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("tiny", "teacher").version) == "2"  # the newest
+    (found,) = client.search_logged_models(experiment_ids=[tracker.experiment_id])
+    assert found.model_id == logged.model_id and str(found.status).endswith("READY")
+    assert [m.key for m in found.metrics] == ["test_accuracy"]
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    for model_uri in (logged.uri, versions[-1].uri):
+        got = mlflow.pyfunc.load_model(model_uri).predict(x)["output"]
+        assert np.abs(got - expected).max() < 1e-5
+    signature = mlflow.models.get_model_info(logged.uri).signature
+    assert list(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 8, 8]
+
+
+def test_ui_command_and_plots(tmp_path: Path) -> None:
     command = ui_command("sqlite:////w/mlflow.db", "file:///w/mlartifacts")
     assert "mlflow ui --backend-store-uri sqlite:////w/mlflow.db --host 127.0.0.1" in command
     points = {
@@ -76,5 +130,10 @@ def test_ui_command_and_pareto_plot(tmp_path: Path) -> None:
         "memory": [{"feasible": False}],
         "measured": [{"feasible": True, "latency_ms": 2.0, "memory_bytes": 20, "measured_test_accuracy": 0.88}],
     }
-    png = pareto_plot(points, tmp_path / "p.png", title="t")
+    png = pareto_plot(points, tmp_path / "p.png", title="t", teacher_accuracy=0.9, test_size=200,
+                      latency_spread=[(1.8, 2.3)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    blocks = {"layer1.0": [BlockPoint(0.0, 0.0, 1.0, 0.9, 1.2), BlockPoint(0.4, 0.02, 0.7, 0.6, 0.8)],
+              "head": [BlockPoint(0.0, 0.0, 0.1, 0.1, 0.1)]}
+    png = block_plot(blocks, tmp_path / "b.png", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
