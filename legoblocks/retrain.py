@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,8 +240,11 @@ def retrain_descendants(
     data: BlockData,
     cfg: RetrainConfig,
     progress: bool = True,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, RetrainReport]:
     """Distill every descendant of ONE block in place (MSE to the teacher output, Adam).
+
+    `on_epoch(epoch, {choice: mean training loss})` is called after each epoch (1-based).
 
     All descendants see the same shuffled batches; each has its own Adam optimizer and a
     cosine-decayed LR. BatchNorm runs in train mode while training and every descendant is
@@ -271,7 +274,7 @@ def retrain_descendants(
     before = {c: _mse(m, val_in, val_out, eval_batch, device) for c, m in descendants.items()}
     seconds = {c: 0.0 for c in descendants}
     if trained:
-        _train(trained, data, train_idx, cfg, device, seconds, progress)
+        _train(trained, data, train_idx, cfg, device, seconds, progress, on_epoch)
     reports = {}
     for choice, module in descendants.items():
         after = _mse(module, val_in, val_out, eval_batch, device) if choice in trained else before[choice]
@@ -288,6 +291,7 @@ def _train(
     device: torch.device,
     seconds: dict[str, float],
     progress: bool,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> None:
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -302,7 +306,9 @@ def _train(
         torch.manual_seed(cfg.seed)
         desc = f"retrain {len(modules)} descendants"
         with tqdm(total=total_steps, desc=desc, disable=not progress, unit="step") as bar:
-            for _ in range(cfg.epochs):
+            for epoch in range(cfg.epochs):
+                sums = dict.fromkeys(modules, 0.0)
+                steps = 0
                 order = train_idx[torch.randperm(len(train_idx), generator=gen)]
                 for start in range(0, len(order), cfg.batch_size):
                     batch = order[start : start + cfg.batch_size]
@@ -326,3 +332,8 @@ def _train(
                             )
                     bar.update(1)
                     bar.set_postfix(loss=f"{sum(losses.values()) / len(losses):.4f}")
+                    steps += 1
+                    for choice, value in losses.items():
+                        sums[choice] += value
+                if on_epoch is not None and steps:
+                    on_epoch(epoch + 1, {choice: total / steps for choice, total in sums.items()})

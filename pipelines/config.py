@@ -264,7 +264,7 @@ def from_dict(data: dict[str, Any]) -> PipelineConfig:
     merged = _merge(default_dict(), data)
     model = data.get("model")
     # The default model's options (e.g. width) belong to the default model only.
-    if isinstance(model, dict) and "ref" in model and "options" not in model:
+    if isinstance(model, dict) and model.get("ref", ModelConfig.ref) != ModelConfig.ref and "options" not in model:
         merged["model"]["options"] = {}
     return validate(convert(merged, PipelineConfig, error=_config_error))
 

@@ -1,4 +1,8 @@
-"""`legodnn blocks MODEL --input-shape C,H,W`: show how a model is cut into blocks.
+"""`legodnn blocks [MODEL] [--input-shape C,H,W]`: show how a model is cut into blocks.
+
+The model is built exactly as `legodnn run` builds it (the same config: embedded defaults <-
+`--config FILE` <- flags <- `--set KEY=VALUE`), so `legodnn blocks` with no argument shows the
+blocks of the model `legodnn run` would train.
 
 The first thing to run on a new model: it says whether the model can be captured, where
 the cut points fall and what each block costs, and with `--verify` whether the chain
@@ -41,13 +45,17 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL",
+    parser.add_argument("model", metavar="MODEL", nargs="?",
                         help="zoo name (resnet20, resnet32, resnet56, vgg11, vgg16, mobilenetv2), "
-                             "path/to/file.py:factory or package.module:factory")
-    parser.add_argument("--input-shape", required=True, type=parse_shape, metavar="C,H,W",
-                        help="input shape without the batch dimension, e.g. 1,28,28 (Fashion-MNIST) or 3,32,32")
-    parser.add_argument("--num-classes", type=_positive, default=10, metavar="N", help="classifier outputs (default 10)")
-    parser.add_argument("--checkpoint", metavar="FILE", help="state dict to load (torch.save(model.state_dict()))")
+                             "path/to/file.py:factory or package.module:factory (model.ref; default: the run's)")
+    parser.add_argument("--input-shape", type=parse_shape, metavar="C,H,W",
+                        help="input shape without the batch dimension, e.g. 1,28,28 or 3,64,64 (model.in_channels, "
+                             "model.input_size; default: the config's)")
+    parser.add_argument("--num-classes", type=_positive, metavar="N", help="classifier outputs (model.num_classes)")
+    parser.add_argument("--checkpoint", metavar="FILE", help="state dict to load (model.checkpoint)")
+    parser.add_argument("--config", metavar="FILE", help="a pipeline config: its model section says what to build")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set model.options.width=16")
     parser.add_argument("--target-blocks", type=_positive, metavar="K",
                         help="merge adjacent blocks (FLOP-balanced) until K blocks remain, stem and head included")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -118,15 +126,41 @@ def _verify(model: Any, blocked: Any) -> dict[str, Any]:
     return report
 
 
+def _config(args: argparse.Namespace) -> Any:
+    """The run's config with this command's flags applied (the same model a run builds)."""
+    from pipelines.commands.run import overrides_from_args
+    from pipelines.config import load_config, set_dotted
+
+    overrides = overrides_from_args(argparse.Namespace(set=args.set))
+    if args.model:
+        set_dotted(overrides, "model.ref", args.model)
+    if args.input_shape:
+        c, h, w = args.input_shape
+        if h != w:
+            raise ValueError(f"--input-shape {c},{h},{w}: the pipeline takes square inputs (model.input_size); "
+                             "give H == W")
+        set_dotted(overrides, "model.in_channels", c)
+        set_dotted(overrides, "model.input_size", h)
+    for flag, key in (("num_classes", "model.num_classes"), ("checkpoint", "model.checkpoint"),
+                      ("target_blocks", "blocks.target_blocks")):
+        if getattr(args, flag) is not None:
+            set_dotted(overrides, key, getattr(args, flag))
+    return load_config(args.config, overrides)
+
+
 def run(args: argparse.Namespace) -> int:
     from legoblocks.detect import InputShapeError, UntraceableModelError, detect_blocks
-    from legoblocks.modelref import ModelRefError, load_model
+    from legoblocks.modelref import ModelRefError
+    from pipelines.config import ConfigError
+    from pipelines.recipe.jobs import model_spec
+    from pipelines.recipe.model import build_model
 
-    c, h, _w = args.input_shape
     try:
-        model = load_model(args.model, args.checkpoint, in_channels=c, num_classes=args.num_classes, input_size=h)
-        blocked = detect_blocks(model, args.input_shape, target_blocks=args.target_blocks)
-    except (ModelRefError, UntraceableModelError, InputShapeError, ValueError) as e:
+        cfg = _config(args)
+        args.model, args.input_shape = cfg.model.ref, cfg.model.input_shape
+        model = build_model(model_spec(cfg), cfg.model.checkpoint)
+        blocked = detect_blocks(model, cfg.model.input_shape, target_blocks=cfg.blocks.target_blocks)
+    except (ConfigError, ModelRefError, UntraceableModelError, InputShapeError, ValueError) as e:
         print(f"legodnn blocks: error: {e}", file=sys.stderr)
         return 2
 

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     live.add_argument("--progress", dest="live", action="store_const", const=True,
                       help="live progress bars even when stderr is not a terminal")
     live.add_argument("--quiet", dest="live", action="store_const", const=False,
-                      help="no live bars, one line per finished stage")
+                      help="no live bars: one line per finished stage, and a progress line (loss, ETA) at most every 30 s")
     parser.add_argument("--executor", choices=("ray", "local"), default="ray",
                         help="where units run: Ray tasks (default; a local Ray or the cluster) or this process "
                         "(no Ray: a laptop, a debugger); both write identical artifacts")

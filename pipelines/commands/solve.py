@@ -1,6 +1,7 @@
 """`legodnn solve PROBLEM.json`: solve a scaling problem exactly and print the selection.
 
-Exit status: 0 feasible, 1 infeasible (no selection meets the budgets), 2 invalid problem.
+The JSON format is documented in docs/PROBLEM.md. Exit status: 0 feasible, 1 infeasible (no
+selection meets the budgets), 2 invalid problem.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Iterator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("problem", help="problem JSON file (see optimizer/problem.py for the format), or - for stdin")
+    parser.add_argument("problem", help="problem JSON file (the format: docs/PROBLEM.md), or - for stdin")
     parser.add_argument("--json", action="store_true", help="print the solution as JSON instead of a summary")
     parser.add_argument(
         "--top-k",
@@ -67,7 +68,8 @@ def _summary(problem, solution, seconds: float) -> str:  # noqa: ANN001 (types i
         deadline = "" if model.latency_deadline_ms is None else f" (deadline {model.latency_deadline_ms:g})"
         lines.append("")
         lines.append(
-            f"{model.name}: accuracy {figures['accuracy']:.6f}, latency {figures['latency_ms']:.4g} ms{deadline}, "
+            f"{model.name}: accuracy {figures['accuracy']:.6f} ({solution.accuracy_source.get(model.name, 'predicted')}), "
+            f"latency {figures['latency_ms']:.4g} ms{deadline}, "
             f"memory {figures['memory_bytes']:.0f} B, switch {figures['switch_bytes']:.0f} B"
         )
         picks = [f"{b.name}={c}" for b, c in zip(model.blocks, solution.selection[model.name])]

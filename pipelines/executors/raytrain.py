@@ -65,6 +65,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from legoblocks.compose import ScalableModel
     from legoblocks.joint import JointTrainer, load_state_file, save_state
     from pipelines.data import load_splits
+    from pipelines.recipe.train import REPORT_EVERY
 
     job = config["job"]
     torch.set_num_threads(max(1, int(job.threads)))
@@ -81,8 +82,12 @@ def train_loop(config: dict[str, Any]) -> None:
         resumed_from = trainer.step_count
     node_id = ray.get_runtime_context().get_node_id()
     queue = config.get("queue")
+    def relay(info: Any) -> None:  # a denser live loss curve than one point per checkpoint
+        if queue is not None and rank == 0 and info.step % REPORT_EVERY == 0:
+            queue.put_nowait({"step": info.step, "of": job.joint.steps, "loss": info.loss})
+
     while not trainer.done:
-        trainer.run(num_steps=job.checkpoint_every, progress=False)
+        trainer.run(num_steps=job.checkpoint_every, progress=False, on_step=relay)
         metrics = {
             "step": trainer.step_count,
             "loss": trainer.losses[-1] if trainer.losses else float("nan"),
@@ -92,7 +97,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if world > 1:
             dist.barrier()
         if rank == 0:
-            if queue is not None:
+            if queue is not None and trainer.step_count % REPORT_EVERY:
                 queue.put_nowait({"step": trainer.step_count, "of": job.joint.steps, "loss": metrics["loss"]})
             with tempfile.TemporaryDirectory() as folder:
                 save_state(trainer.get_state(), Path(folder) / STATE_FILE)

@@ -14,6 +14,7 @@ from pipelines.stage import UnitContext
 # Test hook: the first retrain unit to see this marker path creates it and exits hard,
 # like a worker killed mid-task; Ray's retry then has to produce identical outputs.
 FAIL_ONCE_ENV = "LEGODNN_TEST_FAIL_ONCE"
+REPORT_EVERY = 10  # joint steps between live loss reports
 
 
 def _fail_once_hook() -> None:
@@ -63,7 +64,12 @@ def retrain(ctx: UnitContext[RetrainJob]) -> dict[str, Any]:
     files = variant_files(ctx.inputs.by_unit("descend")[block].dir)
     descendants = {c: load_module(p) for c, p in files.items()}
     data = BlockData.load(ctx.inputs.one("blockio").dir / f"{block}.safetensors")
-    reports = retrain_descendants(descendants, data, ctx.job.retrain, progress=False)
+    epochs = ctx.job.retrain.epochs
+
+    def on_epoch(epoch: int, losses: dict[str, float]) -> None:
+        ctx.report("epoch", {"epoch": epoch, "of": epochs, "loss": sum(losses.values()) / len(losses), "losses": losses})
+
+    reports = retrain_descendants(descendants, data, ctx.job.retrain, progress=False, on_epoch=on_epoch)
     for choice, module in descendants.items():
         save_module(module, ctx.out / f"{choice}.safetensors")
     return {
@@ -96,10 +102,12 @@ def joint(ctx: UnitContext[JointJob]) -> dict[str, Any]:
     assembled = ctx.inputs.one("assemble").dir
     model = load_scalable(assembled)
     trainer = JointTrainer(model, load_splits(ctx.job.data).train, ctx.job.joint, num_workers=ctx.job.data.workers)
-    every = ctx.job.checkpoint_every
+    def report(info: Any) -> None:
+        if info.step % REPORT_EVERY == 0 or info.step == ctx.job.joint.steps:
+            ctx.report("step", {"step": info.step, "of": ctx.job.joint.steps, "loss": info.loss})
+
     while not trainer.done:
-        trainer.run(num_steps=every, progress=False)
-        ctx.report("step", {"step": trainer.step_count, "of": ctx.job.joint.steps, "loss": trainer.losses[-1]})
+        trainer.run(num_steps=ctx.job.checkpoint_every, progress=False, on_step=report)
     _save_joint(assembled, trainer.get_state(), ctx.out)
     return _joint_meta(trainer.get_state(), 0, [])
 

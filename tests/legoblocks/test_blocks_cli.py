@@ -26,7 +26,16 @@ def test_table_lists_every_block(capsys: pytest.CaptureFixture[str]) -> None:
     assert "resnet20: 11 blocks for input 1x28x28" in out
     for name in ("stem", "layer1.0", "layer3.2", "head", "total"):
         assert name in out
-    assert "16x28x28" in out and "64x7x7" in out
+    assert "8x28x28" in out and "32x7x7" in out  # the run's model: the default width 8
+
+
+def test_no_model_shows_the_runs_model_and_set_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["blocks"]) == 0
+    assert "resnet20: 11 blocks for input 1x28x28" in capsys.readouterr().out
+    assert main(["blocks", "--set", "model.options.width=16"]) == 0
+    assert "64x7x7" in capsys.readouterr().out
+    assert main(["blocks", "--input-shape", "1,28,32"]) == 2
+    assert "H == W" in capsys.readouterr().err
 
 
 def test_json_with_target_blocks_and_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
