@@ -71,32 +71,27 @@ QUICK_WIDTH = {"resnet20": {"width": 8}, "mobilenetv2": {"width_mult": 0.25}}
 log = logging.getLogger("bench.evaluate")
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options" else v
-    return out
-
-
 class Model:
     """One model's recipe run, its baselines and what the figures share."""
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         from legoblocks.compose import ScalableModel
         from pipelines.commands.run import overrides_from_args
-        from pipelines.config import load_config
+        from pipelines.config import load_config, merge_config
+        from pipelines.recipe.model import smallest_flops_fraction
         from profiling.table import load
 
         self.name, self.args = name, args
-        over = _merge(_merge(FULL, MODELS.get(name, {"model": {"ref": name}})), QUICK if args.quick else {})
+        over = merge_config(merge_config(FULL, MODELS.get(name, {"model": {"ref": name}})), QUICK if args.quick else {})
         if args.quick:
             over["model"]["options"] = QUICK_WIDTH.get(name, {})
-        over = _merge(over, {"workdir": str(args.workdir / name), "data": {"dir": args.data_dir, "seed": args.seed},
+        over = merge_config(over, {"workdir": str(args.workdir / name), "data": {"dir": args.data_dir, "seed": args.seed},
                              "publish": {"enabled": False}, "ray": {"num_cpus": args.threads}})
-        over = _merge(over, overrides_from_args(argparse.Namespace(set=args.set or [])))
+        over = merge_config(over, overrides_from_args(argparse.Namespace(set=args.set or [])))
         prefix = self._run(load_config(None, over), stages=4)  # teacher, detect, descend, blockio
-        budgets = budget_grid(smallest_fraction(prefix), args.budgets_n)
-        over = _merge(over, {"joint": {"sandwich_floor": budgets[0]}, "profile": {"verify_budgets": budgets}})
+        descend = {r.unit: prefix.dir("descend", r.unit) for r in prefix.records["descend"]}
+        budgets = budget_grid(smallest_flops_fraction(prefix.dir("detect"), descend), args.budgets_n)
+        over = merge_config(over, {"joint": {"sandwich_floor": budgets[0]}, "profile": {"verify_budgets": budgets}})
         self.cfg = load_config(None, over)
         self.budgets = budgets
         self.run = self._run(self.cfg)
@@ -148,31 +143,11 @@ class Model:
 
         return load_splits(self.run.checked.facts.data)
 
-    @property
-    def test(self):
-        return self.splits.test
-
     def latency_ms(self, module) -> float:
         from profiling.latency import measure_latency
 
         return measure_latency(module, self.cfg.model.input_shape, batch_size=1, warmup=5, repeats=30,
                                threads=1).median_ms
-
-
-def smallest_fraction(prefix) -> float:
-    """The smallest composition's FLOPs fraction, from the untrained descendants (pruning fixes
-    the architecture, so the joint stage's floor is known before training)."""
-    from legoblocks.flops import count_flops
-    from legoblocks.serialize import load_module
-    from pipelines.recipe.model import read_blocks, variant_files
-
-    specs = {s["name"]: s for s in read_blocks(prefix.dir("detect"))["specs"]}
-    small = full = 0
-    for block, spec in specs.items():
-        files = variant_files(prefix.dir("descend", block))
-        full += spec["flops"]
-        small += count_flops(load_module(list(files.values())[-1]), spec["in_shape"])
-    return small / full
 
 
 def budget_grid(smallest: float, n: int) -> list[float]:
@@ -250,7 +225,7 @@ def fig_latency(m: Model) -> dict[str, Any]:
     for method in ("uniform", "scratch"):
         for r in base[method]:
             model = load_module(Path(r["file"]))
-            rows.append({"method": method, "budget": r["budget"], "test_acc": round(100 * evaluate(model, m.test), 2)})
+            rows.append({"method": method, "budget": r["budget"], "test_acc": round(100 * evaluate(model, m.splits.test), 2)})
             modules.append(model)
     teacher = m.scalable.compose(["0.0"] * len(table.blocks))
     # Every model in each of 3 round-robin passes, the fastest kept: interference only adds time.
@@ -275,15 +250,14 @@ def fig_options(m: Model) -> dict[str, Any]:
     choice = prune_to_flops(teacher, 0.5, m.cfg.model.input_shape)
     curve, spent = [], {"eval": 0.0}
 
-    class Reached(Exception):
-        pass
+    class Reached(Exception): ...
 
     def on_step(step: int, loss: float) -> None:
         elapsed = time.perf_counter() - start - spent["eval"]
         if step % (5 if m.args.quick else 50) and elapsed < cap:
             return
         t0 = time.perf_counter()
-        acc = round(100 * evaluate(choice.model, m.test), 2)
+        acc = round(100 * evaluate(choice.model, m.splits.test), 2)
         spent["eval"] += time.perf_counter() - t0
         curve.append((round(elapsed, 2), acc))
         if acc >= target["test_acc"] or elapsed >= cap:
@@ -375,10 +349,8 @@ def fig_additivity(m: Model) -> dict[str, Any]:
     return out
 
 
-RUNNERS: dict[str, Callable[[Model], dict[str, Any]]] = {
-    "accuracy": fig_accuracy, "latency": fig_latency, "options": fig_options, "switching": fig_switching,
-    "additivity": fig_additivity,
-}
+RUNNERS: dict[str, Callable[[Model], dict[str, Any]]] = dict(zip(FIGURES, (
+    fig_accuracy, fig_latency, fig_options, fig_switching, fig_additivity)))
 
 
 # ----------------------------------------------------------------------------- plots, verdicts, page
@@ -568,8 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for figure, per_model in new["figures"].items():
         merged.setdefault(figure, {}).update(per_model)
     result = {"command": command, "machine": machine, "figures": merged}
-    served = [row for r in merged.get("accuracy", {}).values() for row in r.get("served", [])]
     if "accuracy" in new["figures"]:
+        served = [row for r in merged["accuracy"].values() for row in r.get("served", [])]
         args.served_out.parent.mkdir(parents=True, exist_ok=True)
         args.served_out.write_text(json.dumps({"command": command, "machine": machine, "rows": served}, indent=1) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)

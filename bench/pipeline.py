@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "pipeline.json",
                         help="where the results go (JSON)")
     parser.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: the config's data.dir)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny smoke setting (about a minute, meaningless timings): a width-4 model on "
-                             "256 images, --repeats 1, a short capacity probe")
+    parser.add_argument("--quick", action="store_true", help="smoke setting: about a minute, meaningless timings")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")

@@ -261,7 +261,7 @@ def from_dict(data: dict[str, Any]) -> PipelineConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"the config: expected a mapping of sections, got {type(data).__name__}")
     _check_keys(PipelineConfig, data, "")
-    merged = _merge(default_dict(), data)
+    merged = merge_config(default_dict(), data)
     model = data.get("model")
     # The default model's options (e.g. width) belong to the default model only.
     if isinstance(model, dict) and model.get("ref", ModelConfig.ref) != ModelConfig.ref and "options" not in model:
@@ -269,12 +269,12 @@ def from_dict(data: dict[str, Any]) -> PipelineConfig:
     return validate(convert(merged, PipelineConfig, error=_config_error))
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Deep merge: sections merge key by key, leaves (incl. lists and model options) replace."""
     out = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
-            out[key] = _merge(out[key], value)
+            out[key] = merge_config(out[key], value)
         else:
             out[key] = value
     return out
@@ -300,7 +300,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Defaults <- YAML file <- overrides (a nested mapping, e.g. from CLI flags)."""
     data = read_yaml(path) if path is not None else {}
     if overrides:
-        data = _merge(data, overrides)
+        data = merge_config(data, overrides)
     try:
         return from_dict(data)
     except ConfigError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -54,6 +54,28 @@ def block_file(detect_dir: Path, name: str) -> Path:
 def variant_files(folder: Path) -> dict[str, Path]:
     """choice id -> descendant file in a descend/retrain unit folder, original first."""
     return {c: folder / f"{c}.safetensors" for c in sorted_choices(p.stem for p in folder.glob("*.safetensors"))}
+
+
+def smallest_flops_fraction(detect_dir: Path, descend_dirs: Mapping[str, Path]) -> float:
+    """The smallest composition's FLOPs over the original's, from the untrained descendants:
+    pruning fixes the architecture, so the floor of a FLOPs grid is known before any training.
+
+    Args:
+        detect_dir: the detect unit's folder (the block specs).
+        descend_dirs: block name -> its descend unit's folder.
+
+    Returns:
+        A fraction in (0, 1].
+    """
+    from legoblocks.flops import count_flops
+    from legoblocks.serialize import load_module
+
+    small = full = 0
+    for spec in read_blocks(detect_dir)["specs"]:
+        smallest = list(variant_files(descend_dirs[spec["name"]]).values())[-1]
+        full += spec["flops"]
+        small += count_flops(load_module(smallest), spec["in_shape"])
+    return small / full
 
 
 def load_scalable(folder: Path):
