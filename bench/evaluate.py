@@ -492,8 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX folder")
     p.add_argument("--workdir", type=Path, default=REPO / ".legodnn" / "bench-evaluate", help="the recipe's cache")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "evaluation.json")
-    p.add_argument("--served-out", type=Path, default=REPO / "docs" / "results" / "served.json",
-                   help="the served compositions of the accuracy figure: told vs check vs test, per model and budget")
+    p.add_argument("--served-out", type=Path, help="told vs check vs test of the accuracy figure's served "
+                   "compositions, per model and budget (default: served.json beside --out)")
     p.add_argument("--md", type=Path, default=REPO / "docs" / "benchmarks" / "evaluation.md")
     p.add_argument("--figures-dir", type=Path, default=REPO / "docs" / "figures")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite "
@@ -540,11 +540,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for figure, per_model in new["figures"].items():
         merged.setdefault(figure, {}).update(per_model)
     result = {"command": command, "machine": machine, "figures": merged}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if "accuracy" in new["figures"]:
         served = [row for r in merged["accuracy"].values() for row in r.get("served", [])]
-        args.served_out.parent.mkdir(parents=True, exist_ok=True)
-        args.served_out.write_text(json.dumps({"command": command, "machine": machine, "rows": served}, indent=1) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        served_out = args.served_out or args.out.with_name("served.json")
+        served_out.write_text(json.dumps({"command": command, "machine": machine, "rows": served}, indent=1) + "\n")
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     write_page(args.md, result)
     print("\n".join(verdicts(new["figures"])))

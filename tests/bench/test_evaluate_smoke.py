@@ -39,6 +39,8 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
         assert res["config"]["joint"]["steps"] == 2  # the quick recipe, recorded with every figure
 
     accuracy = figures["accuracy"]
+    served = json.loads((tmp_path / "served.json").read_text())["rows"]  # beside --out, never in the repo's docs
+    assert [r["budget"] for r in served] == accuracy["budgets"] and all(r["check_n"] > 0 for r in served)
     assert {r["method"] for r in accuracy["rows"]} == {"legodnn", "uniform", "scratch"}
     assert len(accuracy["budgets"]) == 3 and accuracy["budgets"][-1] == 1.0
     for r in accuracy["rows"]:
