@@ -29,8 +29,9 @@ sys.path.insert(0, str(REPO))
 LEGODNN = str(Path(sys.executable).parent / "legodnn")
 FMNIST = "/usr/share/datasets/fashion-mnist"
 COMMON = ["--executor", "local", "--no-publish", "--json", "--set", "model.in_channels=3", "--set", "model.input_size=64",
-          "--set", "data.train_size=null", "--set", "data.test_size=2000", "--set", "data.augment=false",
-          "--set", "data.mean=[0.286,0.286,0.286]", "--set", "data.std=[0.353,0.353,0.353]", "--set", "teacher.epochs=1"]
+          "--set", "data.train_size=null", "--set", "data.val_size=1000", "--set", "data.test_size=2000",
+          "--set", "data.augment=false", "--set", "data.mean=[0.286,0.286,0.286]", "--set", "data.std=[0.353,0.353,0.353]",
+          "--set", "teacher.epochs=1"]
 QUICK = ["--set", "model.options.width=4", "--set", "data.val_size=50", "--set", "joint.steps=4",
          "--set", "profile.latency_repeats=3", "--set", "profile.additivity_n=2", "--set", "profile.calibration_k=0",
          "--set", "profile.latency_calibration_k=0", "--set", "data.test_size=200"]
