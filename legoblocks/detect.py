@@ -30,7 +30,7 @@ Algorithm (DESIGN.md step 1):
    named by its unit (`layer1.0`), a range of units (`features.1-2`) or the common module
    path of its layers, else `block<i>` (its chain index) when that name is empty or taken;
    stem and head are `"stem"`/`"head"` and are not scalable. Params and FLOPs
-   (`FlopCounterMode`, batch 1) are measured on each block alone, so the blocks' FLOPs sum
+   (`legoblocks.flops`, batch 1) are measured on each block alone, so the blocks' FLOPs sum
    to the model's.
 
 Expected results: ResNet-20 -> stem + 9 residual blocks (`layer1.0` ... `layer3.2`) + head;
@@ -48,17 +48,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from legoblocks import units as U
 from legoblocks.capture import BATCH_FIRST_KEY, BATCH_KEY, InputShapeError, UntraceableModelError, capture_graph
 from legoblocks.coupling import channel_coupling, coupling_by_windows
-from legoblocks.flops import count_flops
+from legoblocks.flops import count_flops, flops_counted
 
 __all__ = [
     "BlockSpec",
@@ -146,15 +145,15 @@ class _ShapeRecorder(fx.Interpreter):
     """
 
     current: fx.Node | None = None
-    counter: FlopCounterMode | None = None
+    flops_so_far: Callable[[], int] | None = None
     flops: dict[str, int]
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
-        before = self.counter.get_total_flops() if self.counter is not None else 0
+        before = self.flops_so_far() if self.flops_so_far is not None else 0
         result = super().run_node(n)
-        if self.counter is not None:
-            self.flops[n.name] = int(self.counter.get_total_flops() - before)
+        if self.flops_so_far is not None:
+            self.flops[n.name] = self.flops_so_far() - before
         n.meta[_SHAPE] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
         return result
 
@@ -185,8 +184,8 @@ def _propagate_shapes(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[str, i
     prop = _ShapeRecorder(gm)
     prop.flops = {}
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            prop.counter = counter
+        with torch.no_grad(), flops_counted() as so_far:
+            prop.flops_so_far = so_far
             prop.run(torch.zeros(2, *shape))
     except Exception as e:
         # fx's Interpreter appends "While executing ..." to the message; the first line is the cause.

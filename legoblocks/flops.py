@@ -7,13 +7,26 @@ and every submodule's are restored afterwards, so counting never changes a model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from legoblocks.devices import device_of
+
+
+@contextmanager
+def flops_counted() -> Iterator[Callable[[], int]]:
+    """Count the FLOPs of everything run inside the block.
+
+    Returns:
+        (as the context value) a function giving the running total so far, so a caller can
+        attribute FLOPs to steps (e.g. per graph node) by differences.
+    """
+    with FlopCounterMode(display=False) as counter:
+        yield lambda: int(counter.get_total_flops())
 
 
 def count_flops(module: nn.Module, in_shape: Sequence[int]) -> int:
@@ -30,9 +43,9 @@ def count_flops(module: nn.Module, in_shape: Sequence[int]) -> int:
     module.eval()
     try:
         x = torch.zeros((1, *(int(d) for d in in_shape)), device=device_of(module))
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), flops_counted() as total:
             module(x)
-        return int(counter.get_total_flops())
+        return total()
     finally:
         for m, mode in modes.items():
             m.training = mode
