@@ -9,7 +9,7 @@ Fashion-MNIST is exported as 64x64 RGB PNG folders (`pipelines.data.export_fashi
 each with the embedded defaults except the data (all training images, one teacher epoch).
 Peak memory is the proportional set size (PSS) of the whole process tree (the run and its
 DataLoader workers), polled from /proc every 0.2 s: pages a forked worker shares with its
-parent count once. The smallest size then runs again from the IDX files at 64x64 RGB (same pixels,
+parent count once. The same recipe then runs on the IDX files at 64x64 RGB (same pixels,
 same normalization, no augmentation on either side), and the teachers' test accuracies are
 compared: the two paths must agree within the test set's noise.
 """
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                            args.workdir / f"run-folder-{n}")
         rows.append({"source": "imagefolder", "train_images": n, **row})
         print(json.dumps(rows[-1]), flush=True)
-    n = sizes[0]  # the accuracy comparison needs the same images, not the largest set
+    n = sizes[-1]
     idx = measured_run([*COMMON, *extra, "--set", f"data.train_size={n - 1000 if not args.quick else n - 50}"],
                        args.workdir / f"run-idx-{n}")
     rows.append({"source": "fashion-mnist", "train_images": n, **idx})
