@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                            args.workdir / f"run-folder-{n}")
         rows.append({"source": "imagefolder", "train_images": n, **row})
         print(json.dumps(rows[-1]), flush=True)
-    n = sizes[-1]
+    n = sizes[-1]  # the whole training set: both paths draw from the same 60,000 images
     idx = measured_run([*COMMON, *extra, "--set", f"data.train_size={n - 1000 if not args.quick else n - 50}"],
                        args.workdir / f"run-idx-{n}")
     rows.append({"source": "fashion-mnist", "train_images": n, **idx})
