@@ -446,7 +446,7 @@ class CompiledProblem:
         while True:
             budget = limit - states if probing or beam is not None else min(limit - states, max(limit // 16, 1))
             try:
-                found = run_pass(b, target - 2 * eps, budget, beam)
+                found = run_pass(b, target - 2 * eps, budget, beam, top_k, eps / 4)
             except StateLimit:
                 if probing or beam is not None or not np.isfinite(upper) or target >= upper:
                     return self._fallback(problem, top_k, states, limit)
