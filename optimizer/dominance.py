@@ -20,7 +20,10 @@ predicted composition shares therefore never counts as a dominator (`can`).
 
 Counting only the survivors as dominators loses nothing (a dominated row's dominators
 dominate what it dominates), so rows are taken in lexicographic order, a block at a time,
-against the survivors so far: near-linear where ties make most rows dominated.
+against the survivors so far: near-linear where ties make most rows dominated. Where they
+do not (distinct values: the bounds prune there), the test stops early, after a first
+block that drops fewer than half its rows or once the survivors pass `_POOL`: dropping
+fewer rows is always exact, so the test costs at most N x `_POOL` comparisons.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 __all__ = ["dominated"]
 
 _ROWS = 256  # rows tested at once: (_ROWS x survivors) comparisons per array operation
+_POOL = 1024  # more survivors than this: the rows are not degenerate enough to pay for the test
 
 
 def dominated(value: np.ndarray, usage: np.ndarray, k: int, tie: float, can: np.ndarray | None = None) -> np.ndarray:
@@ -43,7 +47,7 @@ def dominated(value: np.ndarray, usage: np.ndarray, k: int, tie: float, can: np.
         can: (N,) which rows may count as dominators (default all).
 
     Returns:
-        (N,) bool: True where a row can be dropped.
+        (N,) bool: True where a row can be dropped (possibly not all such rows: see above).
     """
     n = len(value)
     out = np.zeros(n, dtype=bool)
@@ -67,4 +71,6 @@ def dominated(value: np.ndarray, usage: np.ndarray, k: int, tie: float, can: np.
         stays = ~drop if can is None else ~drop & can[at : at + _ROWS]
         pool_v = np.concatenate([pool_v, v[stays]])
         pool_u = np.concatenate([pool_u, u[:, stays]], axis=1)
+        if len(pool_v) > _POOL or (at == 0 and 2 * np.count_nonzero(drop) < len(drop)):
+            break
     return out
