@@ -443,11 +443,15 @@ class CompiledProblem:
             target, beam = upper - (upper - known) / 4, None
         else:
             target, beam = (first, None) if first > floor else (floor, BEAM)
+        wide = False  # a pass at the bound (ties) may use the whole state limit
         while True:
-            budget = limit - states if probing or beam is not None else min(limit - states, max(limit // 16, 1))
+            budget = limit - states if probing or wide or beam is not None else min(limit - states, max(limit // 16, 1))
             try:
                 found = run_pass(b, target - 2 * eps, budget, beam, top_k, eps / 4)
             except StateLimit:
+                if not (probing or wide or beam is not None) and (not np.isfinite(upper) or target >= upper):
+                    wide = True
+                    continue
                 if probing or beam is not None or not np.isfinite(upper) or target >= upper:
                     return self._fallback(problem, top_k, states, limit)
                 probing = True

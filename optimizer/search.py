@@ -47,7 +47,7 @@ _BLOCK = 1 << 18  # candidate rows built at once (memory stays bounded whatever 
 CANDIDATES = 25  # candidates a step may build per state of the limit
 _SMALL = 512  # steps with fewer pairs build them all
 _PAIRS = 1 << 16  # merges of more pairs sort one side and visit only pairs passing the first test
-COLLAPSE = 2048  # a step making more states than this drops the dominated ones (`optimizer.dominance`)
+COLLAPSE = 512  # a step making more states than this drops the dominated ones (`optimizer.dominance`)
 
 
 class StateLimit(Exception):
