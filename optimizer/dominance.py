@@ -20,7 +20,9 @@ predicted composition shares therefore never counts as a dominator (`can`).
 
 Counting only the survivors as dominators loses nothing (a dominated row's dominators
 dominate what it dominates), so rows are taken in lexicographic order, a block at a time,
-against the survivors so far: near-linear where ties make most rows dominated. Where they
+against the survivors so far, and the survivors are thinned to those that k others of
+them do not dominate (a dominated survivor adds no dominator the others do not give):
+near-linear where ties make most rows dominated. Where they
 do not (distinct values: the bounds prune there), the test stops early, after a first
 block that drops fewer than half its rows or once the survivors pass `_POOL`: dropping
 fewer rows is always exact, so the test costs at most N x `_POOL` comparisons.
@@ -32,7 +34,7 @@ import numpy as np
 
 __all__ = ["dominated"]
 
-_ROWS = 256  # rows tested at once: (_ROWS x survivors) comparisons per array operation
+_ROWS = 256  # rows tested at first (then 4x as many at once): (rows x survivors) comparisons per operation
 _POOL = 1024  # more survivors than this: the rows are not degenerate enough to pay for the test
 
 
@@ -52,25 +54,48 @@ def dominated(value: np.ndarray, usage: np.ndarray, k: int, tie: float, can: np.
     n = len(value)
     out = np.zeros(n, dtype=bool)
     pool_v, pool_u = value[:0], usage[:, :0]
-    for at in range(0, n, _ROWS):
-        v, u = value[at : at + _ROWS], usage[:, at : at + _ROWS]
+    at = 0
+    while at < n:
+        size = _ROWS if at == 0 else 4 * _ROWS
+        v, u = value[at : at + size], usage[:, at : at + size]
         # Dominators among the survivors of earlier blocks ...
         d = pool_v[None, :] >= v[:, None] - tie
         for j in range(len(u)):
             d &= pool_u[j][None, :] <= u[j][:, None]
         count = np.count_nonzero(d, axis=1)
-        # ... and among the earlier rows of this block.
-        inner = np.tri(len(v), k=-1, dtype=bool) & (v[None, :] >= v[:, None] - tie)
-        if can is not None:
-            inner &= can[at : at + _ROWS][None, :]
-        for j in range(len(u)):
-            inner &= u[j][None, :] <= u[j][:, None]
-        count += np.count_nonzero(inner, axis=1)
+        # ... and among the earlier rows of this block the survivors so far leave (a row they
+        # drop passes its dominators on to the rows it dominates).
+        rest = np.flatnonzero(count < k)
+        if len(rest) > 1:
+            rv, ru = v[rest], u[:, rest]
+            inner = np.tri(len(rest), k=-1, dtype=bool) & (rv[None, :] >= rv[:, None] - tie)
+            if can is not None:
+                inner &= can[at + rest][None, :]
+            for j in range(len(u)):
+                inner &= ru[j][None, :] <= ru[j][:, None]
+            count[rest] += np.count_nonzero(inner, axis=1)
         drop = count >= k
-        out[at : at + _ROWS] = drop
-        stays = ~drop if can is None else ~drop & can[at : at + _ROWS]
+        out[at : at + size] = drop
+        stays = ~drop if can is None else ~drop & can[at : at + size]
         pool_v = np.concatenate([pool_v, v[stays]])
         pool_u = np.concatenate([pool_u, u[:, stays]], axis=1)
+        if len(pool_v) > _ROWS:
+            pool_v, pool_u = _front(pool_v, pool_u, k, tie)
         if len(pool_v) > _POOL or (at == 0 and 2 * np.count_nonzero(drop) < len(drop)):
             break
+        at += size
     return out
+
+
+def _front(value: np.ndarray, usage: np.ndarray, k: int, tie: float) -> tuple[np.ndarray, np.ndarray]:
+    """The survivors that k others of them do not dominate: every later row is later than
+    all of them, so order no longer matters, except that of two equal rows the earlier
+    one dominates (a later one dominates only by being strictly better somewhere)."""
+    d = value[None, :] >= value[:, None] - tie  # d[i, j]: j dominates i
+    strict = value[None, :] > value[:, None] + tie
+    for j in range(len(usage)):
+        d &= usage[j][None, :] <= usage[j][:, None]
+        strict |= usage[j][None, :] < usage[j][:, None]
+    d &= np.tri(len(value), k=-1, dtype=bool) | strict
+    keep = np.count_nonzero(d, axis=1) < k
+    return value[keep], usage[:, keep]
