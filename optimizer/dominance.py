@@ -23,8 +23,9 @@ dominate what it dominates), so rows are taken in lexicographic order, a block a
 against the survivors so far, and the survivors are thinned to those that k others of
 them do not dominate (a dominated survivor adds no dominator the others do not give):
 near-linear where ties make most rows dominated. Where they
-do not (distinct values: the bounds prune there), the test stops early, after a first
-block that drops fewer than half its rows or once the survivors pass `_POOL`: dropping
+do not (distinct values: the bounds prune there), the test stops early: at once where the
+first rows' values are mostly distinct, after a first block that drops fewer than half its
+rows, or once the survivors pass `_POOL`: dropping
 fewer rows is always exact, so the test costs at most N x `_POOL` comparisons.
 """
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["dominated"]
+__all__ = ["dominated", "tied"]
 
 _ROWS = 256  # rows tested at first (then 4x as many at once): (rows x survivors) comparisons per operation
 _POOL = 1024  # more survivors than this: the rows are not degenerate enough to pay for the test
@@ -53,6 +54,8 @@ def dominated(value: np.ndarray, usage: np.ndarray, k: int, tie: float, can: np.
     """
     n = len(value)
     out = np.zeros(n, dtype=bool)
+    if not tied(value, tie):
+        return out  # mostly distinct values: not degenerate, the bounds prune these rows
     pool_v, pool_u = value[:0], usage[:, :0]
     at = 0
     while at < n:
@@ -85,6 +88,13 @@ def dominated(value: np.ndarray, usage: np.ndarray, k: int, tie: float, can: np.
             break
         at += size
     return out
+
+
+def tied(value: np.ndarray, tie: float) -> bool:
+    """Whether the first rows' values are mostly ties (at most half of them distinct): a
+    cheap sign that dropping dominated rows will pay."""
+    head = value[:_ROWS]
+    return 2 * len(np.unique(np.floor(head / tie) if tie > 0 else head)) <= len(head)
 
 
 def _front(value: np.ndarray, usage: np.ndarray, k: int, tie: float) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from optimizer.dominance import dominated
+from optimizer.dominance import dominated, tied
 
 __all__ = ["BEAM_ITEMS", "Bounds", "Layout", "PassResult", "StateLimit", "bounds", "run_pass"]
 
@@ -73,11 +73,11 @@ class Layout:
     comp_path: np.ndarray  # (J, L)
     comp_worse: np.ndarray  # (J,): worth no more than its additive prediction (breaks dominance)
     floor: float  # below every selection's value
-    item_dominated: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict)  # (level, model, k) -> (I,)
+    item_dominated: dict[tuple[int, int, int], np.ndarray | None] = field(default_factory=dict)  # (level, model, k) -> (I,)
 
-    def dominated_items(self, level: int, m: int, k: int, tie: float) -> np.ndarray:
-        """(I,) bool: the items of model m's chunk at `level` that k smaller items dominate
-        (budget-independent, so kept for every later solve of this kind of constraints)."""
+    def dominated_items(self, level: int, m: int, k: int, tie: float) -> np.ndarray | None:
+        """(I,) bool: the items of model m's chunk at `level` that k smaller items dominate,
+        None if none (budget-independent, so kept for every later solve of these constraints)."""
         key = (level, m, k)
         if key not in self.item_dominated:
             valid = self.valid[level, m]
@@ -85,7 +85,8 @@ class Layout:
             worse = self.comp_worse & (self.comp_model == m)
             can[self.comp_path[worse, level]] = False
             value = np.where(valid, self.value[level, m], -np.inf)
-            self.item_dominated[key] = dominated(value, self.coef[:, level, m], k, tie, can) & valid
+            gone = dominated(value, self.coef[:, level, m], k, tie, can) & valid
+            self.item_dominated[key] = gone if gone.any() else None
         return self.item_dominated[key]
 
 
@@ -292,6 +293,8 @@ def _dominated_states(b: Bounds, rows: np.ndarray, model: np.ndarray, k: int, ti
     states of their model dominate."""
     value, usage = _value(b, rows), rows[len(b.lams) :]
     out = np.zeros(len(model), dtype=bool)
+    if not tied(value, tie):
+        return out
     bounds_ = np.flatnonzero(np.diff(model)) + 1
     for lo, hi in zip([0, *bounds_.tolist()], [*bounds_.tolist(), len(model)]):
         if hi - lo > k:
@@ -343,8 +346,9 @@ def _model_sets(
             continue
         if collapse and len(model) * width > COLLAPSE:
             for m in np.unique(model).tolist():
-                gone = lay.dominated_items(level, m, top_k, tie)[order[level, m]]  # type: ignore[arg-type]
-                Z[0, level, m, gone] = np.inf
+                gone = lay.dominated_items(level, m, top_k, tie)  # type: ignore[arg-type]
+                if gone is not None:
+                    Z[0, level, m, gone[order[level, m]]] = np.inf
         parent, slot, rows = _expand(rows, Z[:, level], th[:, level], model, limit - states)
         model = model[parent]
         if match is not None:
@@ -424,19 +428,15 @@ def run_pass(
     merged = sets[order[0]]
     history = []
     collapse = beam is None and top_k is not None
-    if collapse:  # per merged state its row in each merged model's set; per set each row's lexicographic rank
-        parts = np.arange(merged.shape[1])[:, None]
-        ranks = [np.argsort(np.lexsort(p.T[::-1])) for p in paths]
     for at in range(1, M):
         parent, slot, merged = _join(merged, sets[order[at]], ths[at - 1], limit - states)
-        if collapse:
-            parts = np.column_stack([parts[parent], slot])
-            if len(parent) > COLLAPSE:
-                keys = [ranks[order[c]][parts[:, c]] for c in np.argsort(order[: at + 1])]  # in model order
-                lex = np.lexsort(keys[::-1])
-                keep = np.ones(len(parent), dtype=bool)
-                keep[lex[dominated(_value(b, merged)[lex], merged[K:, lex], top_k, tie)]] = False  # type: ignore[arg-type]
-                parent, slot, merged, parts = parent[keep], slot[keep], merged[:, keep], parts[keep]
+        if collapse and len(parent) > COLLAPSE and tied(value := _value(b, merged), tie):
+            parts = _choose(history + [(parent, slot)], len(parent))  # (N, at + 1): row in each merged set
+            keys = [np.argsort(np.lexsort(paths[order[c]].T[::-1]))[parts[:, c]] for c in np.argsort(order[: at + 1])]
+            lex = np.lexsort(keys[::-1])  # lexicographic order of the merged selections (models in problem order)
+            keep = np.ones(len(parent), dtype=bool)
+            keep[lex[dominated(value[lex], merged[K:, lex], top_k, tie)]] = False  # type: ignore[arg-type]
+            parent, slot, merged = parent[keep], slot[keep], merged[:, keep]
         if beam is not None and at < M - 1 and len(parent) > beam * M:
             slack = (ths[at - 1, :K, None] - merged[:K]).min(axis=0)
             kept = np.argpartition(-slack, beam * M)[: beam * M]
@@ -451,10 +451,17 @@ def run_pass(
         if not len(parent):
             return PassResult(np.zeros(0), np.zeros((0, M), dtype=np.intp), paths, states, dropped)
     choose = np.empty((merged.shape[1], M), dtype=np.intp)
-    at_row = np.arange(merged.shape[1])
-    for at in range(M - 1, 0, -1):
-        parent, slot = history[at - 1]
-        choose[:, order[at]] = slot[at_row]
-        at_row = parent[at_row]
-    choose[:, order[0]] = at_row
+    choose[:, order] = _choose(history, merged.shape[1])
     return PassResult(_value(b, merged), choose, paths, states, dropped)
+
+
+def _choose(history: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """(n, len(history) + 1): per merged state its row in each merged set, in merge order."""
+    out = np.empty((n, len(history) + 1), dtype=np.intp)
+    at_row = np.arange(n)
+    for at in range(len(history), 0, -1):
+        parent, slot = history[at - 1]
+        out[:, at] = slot[at_row]
+        at_row = parent[at_row]
+    out[:, 0] = at_row
+    return out
