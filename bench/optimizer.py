@@ -3,20 +3,18 @@
     .venv/bin/python bench/optimizer.py                      # the full table (about a minute)
     .venv/bin/python bench/optimizer.py --shapes 4x8x6 --instances 5 --out /tmp/table.md
 
-Instances are seeded and shaped like real profile tables (`optimizer.problem.synthetic_problem`:
-per block the accuracy drop grows with sparsity while latency and memory fall). Each
-instance's tables are compiled once and solved under several budget levels (10% .. 80% of
-the way from the smallest to the largest totals), as a device re-solves on every budget
-change. Per solve we time: **solve**, `CompiledProblem.solve(budgets)` on the loaded
-(compiled) problem; **parse + solve**, `compile_problem(parse_problem(json dict))` then
-solve, what a one-off `legodnn solve` pays; and **PuLP/CBC**, LegoDNN's public optimizer
-(binary x per block and descendant, one per block, latency and memory rows, built per
-re-solve and run by the bundled CBC with gapAbs=0), building included. Times are medians of
-`--repeats` runs (PuLP: one); p50/p99 are over all solves of a row.
-
-Both answers are evaluated by `optimizer.evaluate`: equal objectives (1e-9) agree; where
-ours is higher, CBC stopped short of the optimum and ours must equal HiGHS's with zero gap
-("better"); anything else is a mismatch (exit status 1). `--quick` is the smoke test's setting.
+Instances are seeded, shaped like profile tables (`optimizer.problem.synthetic_problem`),
+compiled once and solved under several budget levels, as a device re-solves on every budget
+change. Per solve we time **solve** (`CompiledProblem.solve(budgets)`), **parse + solve**
+(`compile_problem(parse_problem(json))` then solve: a one-off `legodnn solve`) and
+**PuLP/CBC** (LegoDNN's optimizer: a binary per block and descendant, latency and memory
+rows, built per re-solve, bundled CBC with gapAbs=0). Times are medians of `--repeats` runs
+(PuLP: one); p50/p99 are over all solves of a row. Both answers are evaluated by
+`optimizer.evaluate`: equal objectives (1e-9) agree; where ours is higher, it must equal
+HiGHS's zero-gap optimum ("better"); anything else is a mismatch (exit status 1). Shapes
+ending in "z" are degenerate (every drop 0, 200 tied or worse compositions: a tiny, badly
+trained model) and also fail past `GUARD_MS` p99 solve (not with `--quick`, the smoke test's
+setting), `GUARD_MB` peak allocation or any MILP fallback.
 """
 
 from __future__ import annotations
@@ -28,21 +26,20 @@ import random
 import statistics
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":
-    # Run as a script, Python puts bench/ first on sys.path, where this very file would
-    # shadow the `optimizer` package: look from the repository root instead.
+if __name__ == "__main__":  # as a script bench/ is first on sys.path, where this file would shadow `optimizer`
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from optimizer import Problem, compile_problem, evaluate, parse_problem  # noqa: E402
 from optimizer.problem import synthetic_budgets, synthetic_problem  # noqa: E402
 
-DEFAULT_SHAPES = "1x8x6,1x10x8,2x8x6,2x10x8,4x8x6,4x10x8,6x8x6,6x10x8,10x12x8,1x12x7,3x9x6,3x12x8,5x11x7,6x12x8"
+DEFAULT_SHAPES = "1x8x6,1x10x8,2x8x6,2x10x8,4x8x6,4x10x8,6x8x6,6x10x8,10x12x8,1x12x7,3x9x6,3x12x8,5x11x7,6x12x8,1x12x5z"
 DEFAULT_TIGHTNESS = "0.1,0.3,0.5,0.8"
-# --quick: two tiny shapes, two budget levels, one instance each (the smoke test's setting).
 QUICK = {"shapes": "1x3x3,2x3x4", "tightness": "0.2,0.7", "instances": 1, "repeats": 1}
+GUARD_MS, GUARD_MB = 50.0, 100.0  # --quick: the smoke test's; a "z" row fails past this p99 solve or peak
 
 
 def pulp_solve(problem: Problem) -> dict[str, list[str]] | None:
@@ -50,34 +47,18 @@ def pulp_solve(problem: Problem) -> dict[str, list[str]] | None:
     import pulp
 
     lp = pulp.LpProblem("block_selection", pulp.LpMinimize)
-    x = {
-        (m, b, d): pulp.LpVariable(f"x_{m}_{b}_{d}", cat=pulp.LpBinary)
-        for m, model in enumerate(problem.models)
-        for b, block in enumerate(model.blocks)
-        for d in range(len(block.choices))
-    }
-
-    def choice(m: int, b: int, d: int):  # noqa: ANN202
-        return problem.models[m].blocks[b].choices[d]
-
-    lp += pulp.lpSum(problem.models[m].weight * choice(m, b, d).accuracy_drop * v for (m, b, d), v in x.items())
-    for m, model in enumerate(problem.models):
-        for b, block in enumerate(model.blocks):
-            lp += pulp.lpSum(x[(m, b, d)] for d in range(len(block.choices))) == 1
-    if problem.budgets.latency_ms is not None:
-        lp += pulp.lpSum(choice(m, b, d).latency_ms * v for (m, b, d), v in x.items()) <= problem.budgets.latency_ms
-    if problem.budgets.memory_bytes is not None:
-        lp += pulp.lpSum(choice(m, b, d).memory_bytes * v for (m, b, d), v in x.items()) <= problem.budgets.memory_bytes
-    status = lp.solve(pulp.PULP_CBC_CMD(msg=False, gapAbs=0))
-    if pulp.LpStatus[status] != "Optimal":
+    x = {(m, b, d): (pulp.LpVariable(f"x_{m}_{b}_{d}", cat=pulp.LpBinary), c, model.weight)
+         for m, model in enumerate(problem.models) for b, block in enumerate(model.blocks) for d, c in enumerate(block.choices)}
+    lp += pulp.lpSum(w * c.accuracy_drop * v for v, c, w in x.values())
+    for group in dict.fromkeys((m, b) for m, b, _ in x):  # one choice per block
+        lp += pulp.lpSum(v for (m, b, _), (v, _, _) in x.items() if (m, b) == group) == 1
+    for key, budget in (("latency_ms", problem.budgets.latency_ms), ("memory_bytes", problem.budgets.memory_bytes)):
+        if budget is not None:
+            lp += pulp.lpSum(getattr(c, key) * v for v, c, _ in x.values()) <= budget
+    if pulp.LpStatus[lp.solve(pulp.PULP_CBC_CMD(msg=False, gapAbs=0))] != "Optimal":
         return None
-    return {
-        model.name: [
-            block.choices[max(range(len(block.choices)), key=lambda d: x[(m, b, d)].varValue or 0.0)].id
-            for b, block in enumerate(model.blocks)
-        ]
-        for m, model in enumerate(problem.models)
-    }
+    return {model.name: [max(((x[(m, b, d)][0].varValue or 0.0), c.id) for d, c in enumerate(block.choices))[1]
+                         for b, block in enumerate(model.blocks)] for m, model in enumerate(problem.models)}
 
 
 def _timed(fn: Any, repeats: int) -> tuple[float, Any]:
@@ -104,23 +85,38 @@ def _agreement(problem: Problem, ours: Any, theirs: dict[str, list[str]] | None)
     return "better" if better else "mismatch"
 
 
-def run_shape(shape: tuple[int, int, int], tightness: list[float], instances: int, repeats: int, seed: int,
+def _flatten(rng: random.Random, models: list[dict[str, Any]]) -> None:
+    """A tiny, badly trained model's tables ("z" shapes): drops 0, 200 compositions tied or worse."""
+    for model in models:
+        for choice in (c for block in model["blocks"] for c in block["choices"]):
+            choice["accuracy_drop"] = 0.0
+        model["compositions"] = [{"selection": [rng.choice(b["choices"])["id"] for b in model["blocks"]],
+                                  "accuracy": rng.choice([0.9, 0.85, 0.3])} for _ in range(200)]
+
+
+def run_shape(shape: tuple[int, int, int, bool], tightness: list[float], instances: int, repeats: int, seed: int,
               with_pulp: bool) -> dict[str, Any]:
-    """Time every solve of one shape: per-solve seconds, agreement and search states."""
-    rng = random.Random(f"{seed}-{shape}")
-    out: dict[str, Any] = {"shape": shape, "solve": [], "parse": [], "pulp": [], "states": [], "fallbacks": 0,
-                           "equal": 0, "better": 0, "mismatch": 0}
+    """Time every solve of one shape (models, blocks, choices, degenerate): per-solve seconds,
+    agreement, search states and (degenerate shapes) the peak allocation of a solve."""
+    rng = random.Random(f"{seed}-{shape[:3]}{'z' * shape[3]}")  # the same instances as before "z" shapes
+    out: dict[str, Any] = {"shape": shape, **{k: [] for k in ("solve", "parse", "pulp", "states")}, "peak": 0.0,
+                           **{k: 0 for k in ("fallbacks", "equal", "better", "mismatch")}}
     for _ in range(instances):
-        models = synthetic_problem(rng, *shape, 0.5)["models"]
+        models = synthetic_problem(rng, *shape[:3], 0.5)["models"]
+        _flatten(rng, models) if shape[3] else None
         compiled = compile_problem({"models": models, "budgets": synthetic_budgets(models, tightness[0])})
         for t in tightness:
             raw = {"models": models, "budgets": synthetic_budgets(models, t)}
-            budgets = raw["budgets"]
-            seconds, solution = _timed(lambda: compiled.solve(budgets), repeats)
+            seconds, solution = _timed(lambda: compiled.solve(raw["budgets"]), repeats)
             out["solve"].append(seconds)
             out["parse"].append(_timed(lambda: compile_problem(parse_problem(raw)).solve(), repeats)[0])
             out["states"].append(solution.nodes)
             out["fallbacks"] += solution.method.startswith("milp")
+            if shape[3]:  # untimed: numpy reports its allocations to tracemalloc
+                tracemalloc.start()
+                compile_problem(parse_problem(raw)).solve()
+                out["peak"] = max(out["peak"], tracemalloc.get_traced_memory()[1] / 1e6)
+                tracemalloc.stop()
             if with_pulp:
                 problem = parse_problem(raw)
                 seconds, selection = _timed(lambda: pulp_solve(problem), 1)
@@ -143,15 +139,15 @@ def machine() -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ("| shape (models x blocks x choices) | solves | solve p50 ms | solve p99 ms | PuLP/CBC p50 ms "
-            "| PuLP/CBC p99 ms | solve vs CBC (p50) | parse+solve p50 ms | parse+solve p99 ms "
-            "| parse+solve vs CBC (p50) | objective mismatches | better than CBC (= HiGHS) | median states | MILP fallbacks |")
-    rows = [head, "|" + "---|" * 14]
+    head = ("| shape (models x blocks x choices) | solves | solve p50 ms | solve p99 ms | PuLP/CBC p50 ms | PuLP/CBC p99 ms "
+            "| solve vs CBC (p50) | parse+solve p50 ms | parse+solve p99 ms | parse+solve vs CBC (p50) | objective mismatches "
+            "| better than CBC (= HiGHS) | median states | MILP fallbacks | peak MB (zero drops) |")
+    rows = [head, "|" + "---|" * 15]
     every = {"shape": None, **{k: [v for r in results for v in r[k]] for k in ("solve", "parse", "pulp", "states")},
-             **{k: sum(r[k] for r in results) for k in ("fallbacks", "mismatch", "better")}}
+             **{k: sum(r[k] for r in results) for k in ("fallbacks", "mismatch", "better")}, "peak": max(r["peak"] for r in results)}
     med = statistics.median
     for r in [*results, every]:
-        label = "all" if r["shape"] is None else " x ".join(map(str, r["shape"]))
+        label = "all" if r["shape"] is None else " x ".join(map(str, r["shape"][:3])) + "z" * r["shape"][3]
         ours = f"{med(r['solve']) * 1e3:.3f} | {_pct(r['solve'], 0.99) * 1e3:.3f}"
         parse = f"{med(r['parse']) * 1e3:.3f} | {_pct(r['parse'], 0.99) * 1e3:.3f}"
         if r["pulp"]:
@@ -161,7 +157,7 @@ def table(results: list[dict[str, Any]]) -> str:
             checks = f"{r['mismatch']} | {r['better']}"
         else:
             theirs, parse, checks = "- | - | -", parse + " | -", "- | -"
-        rows.append(f"| {label} | {len(r['solve'])} | {ours} | {theirs} | {parse} | {checks} | {med(r['states']):.0f} | {r['fallbacks']} |")
+        rows.append(f"| {label} | {len(r['solve'])} | {ours} | {theirs} | {parse} | {checks} | {med(r['states']):.0f} | {r['fallbacks']} | {r['peak']:.1f} |")
     return "\n".join(rows)
 
 
@@ -180,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         vars(args).update(QUICK)
     try:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
-        if any(len(s) != 3 or min(s) < 1 or s[2] < 2 for s in shapes):
+        shapes = [(*(int(v) for v in s.lower().rstrip("z").split("x")), s.lower().endswith("z")) for s in args.shapes.split(",")]
+        if any(len(s) != 4 or min(s[:3]) < 1 or s[2] < 2 for s in shapes):
             raise ValueError
         tightness = [float(t) for t in args.tightness.split(",")]
     except ValueError:
-        parser.error("--shapes takes e.g. 4x8x6 (models x blocks x choices, choices >= 2); --tightness e.g. 0.1,0.5")
+        parser.error("--shapes takes e.g. 4x8x6 (models x blocks x choices, choices >= 2; 4x8x6z: every drop 0); --tightness e.g. 0.1,0.5")
     if args.instances < 1 or args.repeats < 1:
         parser.error("--instances and --repeats must be >= 1")
     if not args.no_pulp:
@@ -200,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         r = run_shape(shape, tightness, args.instances, args.repeats, args.seed, not args.no_pulp)
         results.append(r)
-        print(f"{'x'.join(map(str, shape))}: solve p50 {statistics.median(r['solve']) * 1e3:.3f} ms", file=sys.stderr)
+        print(f"{'x'.join(map(str, shape[:3]))}{'z' * shape[3]}: solve p50 {statistics.median(r['solve']) * 1e3:.3f} ms", file=sys.stderr)
     text = "\n".join([
         f"command: `{command.strip()}`", "", f"machine: {machine()}", "",
         f"budget levels {args.tightness}; {args.instances} instances per shape; wall time {time.perf_counter() - started:.0f} s",
@@ -210,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-    return 1 if any(r["mismatch"] for r in results) else 0
+    slow = float("inf") if args.quick else GUARD_MS  # --quick timings are meaningless
+    over = [r for r in results if r["shape"][3] and (_pct(r["solve"], 0.99) * 1e3 > slow or r["peak"] > GUARD_MB or r["fallbacks"])]
+    for r in over:
+        print(f"guard failed: {r['shape']} p99 {_pct(r['solve'], 0.99) * 1e3:.1f} > {slow} ms, peak {r['peak']:.0f} > {GUARD_MB} MB or {r['fallbacks']} fallbacks", file=sys.stderr)
+    return 1 if over or any(r["mismatch"] for r in results) else 0
 
 
 if __name__ == "__main__":

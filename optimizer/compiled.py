@@ -443,11 +443,15 @@ class CompiledProblem:
             target, beam = upper - (upper - known) / 4, None
         else:
             target, beam = (first, None) if first > floor else (floor, BEAM)
+        wide = False  # a pass at the bound (ties) may use the whole state limit
         while True:
-            budget = limit - states if probing or beam is not None else min(limit - states, max(limit // 16, 1))
+            budget = limit - states if probing or wide or beam is not None else min(limit - states, max(limit // 16, 1))
             try:
-                found = run_pass(b, target - 2 * eps, budget, beam)
+                found = run_pass(b, target - 2 * eps, budget, beam, top_k, eps / 4)
             except StateLimit:
+                if not (probing or wide or beam is not None) and (not np.isfinite(upper) or target >= upper):
+                    wide = True
+                    continue
                 if probing or beam is not None or not np.isfinite(upper) or target >= upper:
                     return self._fallback(problem, top_k, states, limit)
                 probing = True
@@ -455,7 +459,9 @@ class CompiledProblem:
                 continue
             states += found.states
             picked = self._pick(problem, found, top_k, eps, states)
-            proven = max(target, found.dropped)
+            # Above `dropped` a beam pass is complete, but a state it left out may tie there
+            # (and be lexicographically smaller): its picks must beat that bound by more than a tie.
+            proven = target if found.dropped == -np.inf else max(target, found.dropped + 3 * eps)
             if (len(picked) >= top_k and picked[-1][0] >= proven - eps) or (target <= floor and found.dropped == -np.inf):
                 if not picked:
                     return infeasible(self._minima, _JOINTLY_INFEASIBLE, METHOD, states)
@@ -483,7 +489,8 @@ class CompiledProblem:
 
     def _pick(self, problem: Problem, found: PassResult, top_k: int, eps: float, states: int) -> list[tuple[float, Solution]]:
         """The top_k best canonically feasible selections found, as (search value, solution):
-        first the lexicographically smallest within eps of the best, then by value."""
+        each the lexicographically smallest within eps of the best of those left (values
+        summed in another order differ by float noise: ties must not depend on it)."""
         values = found.values
         if not len(values):
             return []
@@ -492,11 +499,8 @@ class CompiledProblem:
         out: list[tuple[float, Solution]] = []
         while len(out) < top_k and alive.any():
             idx = np.flatnonzero(alive)
-            if not out:
-                tied = idx[values[idx] >= values[idx].max() - eps]
-                at = tied[np.lexsort(keys[tied].T[::-1])[0]] if len(tied) > 1 else tied[0]
-            else:
-                at = idx[np.lexsort((*keys[idx].T[::-1], -values[idx]))[0]]
+            tied = idx[values[idx] >= values[idx].max() - eps]
+            at = tied[np.lexsort(keys[tied].T[::-1])[0]] if len(tied) > 1 else tied[0]
             alive[at] = False
             solution = evaluate_indices(problem, self._decode(keys[at]), self._minima, self.measured, METHOD, states)
             if solution.feasible:

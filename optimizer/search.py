@@ -33,10 +33,12 @@ reports the best bound it left out, above which it is still complete.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
+
+from optimizer.dominance import dominated, tied
 
 __all__ = ["BEAM_ITEMS", "Bounds", "Layout", "PassResult", "StateLimit", "bounds", "run_pass"]
 
@@ -45,6 +47,7 @@ _BLOCK = 1 << 18  # candidate rows built at once (memory stays bounded whatever 
 CANDIDATES = 25  # candidates a step may build per state of the limit
 _SMALL = 512  # steps with fewer pairs build them all
 _PAIRS = 1 << 16  # merges of more pairs sort one side and visit only pairs passing the first test
+COLLAPSE = 512  # a step making more states than this drops the dominated ones (`optimizer.dominance`)
 
 
 class StateLimit(Exception):
@@ -68,7 +71,23 @@ class Layout:
     comp_need: np.ndarray  # (D, J): a composition's usage plus the other models' least
     comp_model: np.ndarray  # (J,)
     comp_path: np.ndarray  # (J, L)
+    comp_worse: np.ndarray  # (J,): worth no more than its additive prediction (breaks dominance)
     floor: float  # below every selection's value
+    item_dominated: dict[tuple[int, int, int], np.ndarray | None] = field(default_factory=dict)  # (level, model, k) -> (I,)
+
+    def dominated_items(self, level: int, m: int, k: int, tie: float) -> np.ndarray | None:
+        """(I,) bool: the items of model m's chunk at `level` that k smaller items dominate,
+        None if none (budget-independent, so kept for every later solve of these constraints)."""
+        key = (level, m, k)
+        if key not in self.item_dominated:
+            valid = self.valid[level, m]
+            can = valid.copy()
+            worse = self.comp_worse & (self.comp_model == m)
+            can[self.comp_path[worse, level]] = False
+            value = np.where(valid, self.value[level, m], -np.inf)
+            gone = dominated(value, self.coef[:, level, m], k, tie, can) & valid
+            self.item_dominated[key] = gone if gone.any() else None
+        return self.item_dominated[key]
 
 
 def layout(
@@ -86,6 +105,8 @@ def layout(
         np.minimum.at(low, comp_model, comp_value)
     floor = float(low.sum())
     suffix = cum[:, -1:] - cum
+    L = value.shape[0]
+    free = value[np.arange(L)[None, :], comp_model[:, None], comp_path].sum(axis=1) if len(comp_model) else comp_value
     return Layout(
         value=value,
         coef=coef,
@@ -98,6 +119,7 @@ def layout(
         comp_need=comp_coef + others[:, comp_model],
         comp_model=comp_model,
         comp_path=comp_path,
+        comp_worse=comp_value <= free,
         floor=floor - 1.0 - abs(floor),
     )
 
@@ -185,33 +207,36 @@ def _keep_best(slack: np.ndarray, model: np.ndarray, width: int) -> np.ndarray:
 
 
 def _expand(
-    rows: np.ndarray, items: np.ndarray, th: np.ndarray, limit: int
+    rows: np.ndarray, items: np.ndarray, th: np.ndarray, model: np.ndarray, limit: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(parent, slot, rows) of every sum rows[:, p] + items[:, p, s] <= th[:, p], over all
-    parents p and slots s, built a block of parents at a time. rows (cols, N), items
-    (cols, N, width) (or (cols, 1, width) for the same items for every parent), th (cols, N)
-    (or (cols, 1)). Raises StateLimit past `CANDIDATES` x `limit` candidates."""
+    """(parent, slot, rows) of every sum rows[:, p] + items[:, model[p], s] <= th[:, model[p]],
+    over all parents p and slots s. rows (cols, N), items (cols, M, width), th (cols, M).
+
+    Built a block of parents at a time, testing the first column on every pair and building
+    only the pairs that pass it, so memory stays within a block's candidates plus `limit`
+    kept rows. Raises StateLimit past `CANDIDATES` x `limit` pairs or `limit` kept rows."""
     n, width = rows.shape[1], items.shape[2]
     if n * width > CANDIDATES * limit:
         raise StateLimit
-    step = max(1, _BLOCK // max(width * len(rows), 1))
     if n * width <= _SMALL:  # few pairs: build them all
-        cand = rows[:, :, None] + items
-        parent, slot = np.nonzero((cand <= th[:, :, None]).all(axis=0))
+        cand = rows[:, :, None] + items[:, model]
+        parent, slot = np.nonzero((cand <= th[:, model][:, :, None]).all(axis=0))
         return parent, slot, cand[:, parent, slot]
-    if n <= step:  # test the first column on every pair, build only the pairs that pass
-        parent, slot = np.nonzero(rows[0][:, None] + items[0] <= th[0][:, None])
-        cand = rows[:, parent]
-        cand += items[:, parent, slot]
-        keep = (cand <= th[:, parent]).all(axis=0)
-        return parent[keep], slot[keep], cand[:, keep]
-    out = []
+    step = max(1, _BLOCK // max(width, 1))
+    out, kept = [], 0
     for at in range(0, n, step):
-        part = items[:, at : at + step] if items.shape[1] > 1 else items
-        bound = th[:, at : at + step] if th.shape[1] > 1 else th
-        cand = rows[:, at : at + step, None] + part
-        parent, slot = np.nonzero((cand <= bound[:, :, None]).all(axis=0))
-        out.append((parent + at, slot, cand[:, parent, slot]))
+        part = model[at : at + step]
+        parent, slot = np.nonzero(rows[0, at : at + step, None] + items[0, part] <= th[0, part][:, None])
+        owner = part[parent]
+        cand = rows[:, parent + at]
+        cand += items[:, owner, slot]
+        keep = (cand <= th[:, owner]).all(axis=0)
+        out.append((parent[keep] + at, slot[keep], cand[:, keep]))
+        kept += len(out[-1][0])
+        if kept > limit:
+            raise StateLimit
+    if len(out) == 1:
+        return out[0]
     parents, slots, found = zip(*out)
     return np.concatenate(parents), np.concatenate(slots), np.concatenate(found, axis=1)
 
@@ -237,7 +262,7 @@ def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> t
     ends = np.cumsum(count)
     if ends[-1] > CANDIDATES * limit:
         raise StateLimit
-    out = []
+    out, kept = [], 0
     lo = 0
     while lo < n:  # parents [lo, hi) make at most _BLOCK candidates (or one parent)
         hi = max(lo + 1, int(np.searchsorted(ends, ends[lo] - count[lo] + _BLOCK, side="right")))
@@ -248,6 +273,9 @@ def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> t
         cand += rows[:, slot]
         keep = (cand <= th[:, None]).all(axis=0)
         out.append((parent[keep], order[slot[keep]], cand[:, keep]))
+        kept += len(out[-1][0])
+        if kept > limit:
+            raise StateLimit
         lo = hi
     if len(out) == 1:
         return out[0]
@@ -255,12 +283,33 @@ def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> t
     return np.concatenate(parents), np.concatenate(slots), np.concatenate(found, axis=1)
 
 
+def _value(b: Bounds, rows: np.ndarray) -> np.ndarray:
+    """The values of states given as rows [-R_1 .. -R_K, U_1 .. U_D]: R_1 + lam_1 . U."""
+    return b.lams[0] @ rows[len(b.lams) :] - rows[0]
+
+
+def _dominated_states(b: Bounds, rows: np.ndarray, model: np.ndarray, k: int, tie: float, can: np.ndarray | None) -> np.ndarray:
+    """(N,) bool: the states (sorted by model, lexicographic within one) that k smaller
+    states of their model dominate."""
+    value, usage = _value(b, rows), rows[len(b.lams) :]
+    out = np.zeros(len(model), dtype=bool)
+    if not tied(value, tie):
+        return out
+    bounds_ = np.flatnonzero(np.diff(model)) + 1
+    for lo, hi in zip([0, *bounds_.tolist()], [*bounds_.tolist(), len(model)]):
+        if hi - lo > k:
+            out[lo:hi] = dominated(value[lo:hi], usage[:, lo:hi], k, tie, None if can is None else can[lo:hi])
+    return out
+
+
 def _model_sets(
-    b: Bounds, target: float, limit: int, beam: int | None
+    b: Bounds, target: float, limit: int, beam: int | None, top_k: int | None = None, tie: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, float]:
     """Every model's partial selections that pass, level by level; then its compositions.
-    Returns (rows (cols, N), model (N,), path (N, L)) sorted by model, the state count and
-    the best bound among the states a beam pass left out."""
+    With `top_k` (not in a beam pass), a level making more than `COLLAPSE` states drops the
+    items and states that top_k others dominate. Returns (rows (cols, N), model (N,),
+    path (N, L)) sorted by model, the state count and the best bound among the states a
+    beam pass left out."""
     K = len(b.lams)
     lay = b.lay
     L, M, _ = lay.valid.shape
@@ -286,13 +335,28 @@ def _model_sets(
     model = np.arange(M)
     history: list[tuple[np.ndarray, np.ndarray]] = []
     states = M
+    collapse = beam is None and top_k is not None
+    worse = np.flatnonzero(lay.comp_worse) if collapse else np.zeros(0, dtype=np.intp)
+    # Per state, which worse-than-predicted compositions share its prefix (it cannot dominate).
+    match = model[:, None] == lay.comp_model[worse][None] if len(worse) else None
     for level in range(L):
         if width == 0:
             rows, model = rows[:, :0], model[:0]
             history.append((model, model))
             continue
-        parent, slot, rows = _expand(rows, Z[:, level, model], th[:, level, model], limit)
+        if collapse and len(model) * width > COLLAPSE:
+            for m in np.unique(model).tolist():
+                gone = lay.dominated_items(level, m, top_k, tie)  # type: ignore[arg-type]
+                if gone is not None:
+                    Z[0, level, m, gone[order[level, m]]] = np.inf
+        parent, slot, rows = _expand(rows, Z[:, level], th[:, level], model, limit - states)
         model = model[parent]
+        if match is not None:
+            match = match[parent] & (order[level, model, slot][:, None] == lay.comp_path[worse, level][None])
+        if collapse and len(model) > COLLAPSE:
+            keep = ~_dominated_states(b, rows, model, top_k, tie, None if match is None else ~match.any(axis=1))  # type: ignore[arg-type]
+            parent, slot, rows, model = parent[keep], slot[keep], rows[:, keep], model[keep]
+            match = None if match is None else match[keep]
         if beam is not None and len(model) > beam and np.bincount(model).max() > beam:
             slack = (th[:K, level, model] - rows[:K]).min(axis=0)
             kept = _keep_best(slack, model, beam)
@@ -326,22 +390,27 @@ def _model_sets(
     return rows, model, path, states, dropped
 
 
-def run_pass(b: Bounds, target: float, limit: int, beam: int | None = None) -> PassResult:
+def run_pass(
+    b: Bounds, target: float, limit: int, beam: int | None = None, top_k: int | None = None, tie: float = 0.0
+) -> PassResult:
     """Every feasible selection whose Lagrangian value reaches `target` for every multiplier
     vector (so every feasible selection with value >= target), merged across models.
 
     With `beam`, at most that many partial selections per model (and `beam` x models in
     the merge) are kept, those with the best bounds: a heuristic pass, still complete
-    above `PassResult.dropped`. Values are recovered as R_1 + lam_1 . U.
+    above `PassResult.dropped`. With `top_k`, a step that makes more than `COLLAPSE`
+    states drops those that top_k lexicographically smaller ones dominate (values equal
+    to `tie`; `optimizer.dominance`): the pass still holds the top_k best above `target`,
+    ties resolved to the smallest. Values are recovered as R_1 + lam_1 . U.
 
     Raises:
         StateLimit: when more than `limit` states would be held.
     """
     K = len(b.lams)
     L, M, _ = b.lay.valid.shape
-    rows, model, path, states, dropped = _model_sets(b, target, limit, beam)
+    rows, model, path, states, dropped = _model_sets(b, target, limit, beam, top_k, tie)
     if M == 1:  # the last level's test was the whole problem's
-        return PassResult(b.lams[0] @ rows[K:] - rows[0], np.arange(rows.shape[1])[:, None], [path], states, dropped)
+        return PassResult(_value(b, rows), np.arange(rows.shape[1])[:, None], [path], states, dropped)
     counts = np.bincount(model, minlength=M)
     if (counts == 0).any():
         return PassResult(np.zeros(0), np.zeros((0, M), dtype=np.intp), [], states, dropped)
@@ -358,8 +427,16 @@ def run_pass(b: Bounds, target: float, limit: int, beam: int | None = None) -> P
     ths = np.concatenate([(b.need - target) - rest[:, :K], b.limits - rest[:, K:]], axis=1)  # (M - 1, cols)
     merged = sets[order[0]]
     history = []
+    collapse = beam is None and top_k is not None
     for at in range(1, M):
-        parent, slot, merged = _join(merged, sets[order[at]], ths[at - 1], limit)
+        parent, slot, merged = _join(merged, sets[order[at]], ths[at - 1], limit - states)
+        if collapse and len(parent) > COLLAPSE and tied(value := _value(b, merged), tie):
+            parts = _choose(history + [(parent, slot)], len(parent))  # (N, at + 1): row in each merged set
+            keys = [np.argsort(np.lexsort(paths[order[c]].T[::-1]))[parts[:, c]] for c in np.argsort(order[: at + 1])]
+            lex = np.lexsort(keys[::-1])  # lexicographic order of the merged selections (models in problem order)
+            keep = np.ones(len(parent), dtype=bool)
+            keep[lex[dominated(value[lex], merged[K:, lex], top_k, tie)]] = False  # type: ignore[arg-type]
+            parent, slot, merged = parent[keep], slot[keep], merged[:, keep]
         if beam is not None and at < M - 1 and len(parent) > beam * M:
             slack = (ths[at - 1, :K, None] - merged[:K]).min(axis=0)
             kept = np.argpartition(-slack, beam * M)[: beam * M]
@@ -374,10 +451,17 @@ def run_pass(b: Bounds, target: float, limit: int, beam: int | None = None) -> P
         if not len(parent):
             return PassResult(np.zeros(0), np.zeros((0, M), dtype=np.intp), paths, states, dropped)
     choose = np.empty((merged.shape[1], M), dtype=np.intp)
-    at_row = np.arange(merged.shape[1])
-    for at in range(M - 1, 0, -1):
+    choose[:, order] = _choose(history, merged.shape[1])
+    return PassResult(_value(b, merged), choose, paths, states, dropped)
+
+
+def _choose(history: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """(n, len(history) + 1): per merged state its row in each merged set, in merge order."""
+    out = np.empty((n, len(history) + 1), dtype=np.intp)
+    at_row = np.arange(n)
+    for at in range(len(history), 0, -1):
         parent, slot = history[at - 1]
-        choose[:, order[at]] = slot[at_row]
+        out[:, at] = slot[at_row]
         at_row = parent[at_row]
-    choose[:, order[0]] = at_row
-    return PassResult(b.lams[0] @ merged[K:] - merged[0], choose, paths, states, dropped)
+    out[:, 0] = at_row
+    return out

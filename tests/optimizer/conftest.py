@@ -198,8 +198,56 @@ def gen() -> Any:
         random = staticmethod(make_random)
         realistic = staticmethod(synthetic_problem)  # the benchmark's generator
         compositions = staticmethod(add_compositions)
+        degenerate = staticmethod(make_degenerate)
+        tied_compositions = staticmethod(add_tied_compositions)
         check = staticmethod(check)
         brute_force = staticmethod(brute_force)
         minima = staticmethod(minima)
 
     return Helpers
+
+
+def make_degenerate(rng: random.Random, n_models: int, n_blocks: int, n_choices: int, kind: str) -> dict[str, Any]:
+    """Tables full of ties, as tiny or badly trained models give: `kind` "zero" (every drop
+    0), "equal" (one drop per block, on a 1/64 grid), "identical" (every other choice a
+    copy of the one before) or "dominant" (all drops 0, one block 20x slower than the rest).
+    Latency and memory fall with the choice index (with noise); budgets random."""
+    models = []
+    for m in range(n_models):
+        blocks = []
+        for b in range(n_blocks):
+            slow = 20.0 if kind == "dominant" and b == 1 else 1.0
+            lat0, mem0, level = rng.uniform(0.2, 2.0) * slow, rng.randint(20_000, 600_000), rng.randint(0, 3) / 64
+            choices: list[dict[str, Any]] = []
+            for d in range(n_choices):
+                if kind == "identical" and d % 2:
+                    choices.append(dict(choices[-1], id=f"{d / 10:.1f}"))
+                    continue
+                s = d / max(n_choices - 1, 1)
+                choices.append({
+                    "id": f"{d / 10:.1f}",
+                    "accuracy_drop": level if kind == "equal" and d else 0.0,
+                    "latency_ms": lat0 * (1 - 0.7 * s) * rng.uniform(0.9, 1.1),
+                    "memory_bytes": int(mem0 * (1 - 0.8 * s)),
+                })
+            blocks.append({"name": f"b{b}", "choices": choices})
+        models.append({"name": f"m{m}", "base_accuracy": 0.5, "blocks": blocks})
+    every = [b for m in models for b in m["blocks"]]
+    budgets = {}
+    for key in ("latency_ms", "memory_bytes") if rng.random() < 0.5 else ("latency_ms",):
+        lo = sum(min(c[key] for c in b["choices"]) for b in every)
+        hi = sum(max(c[key] for c in b["choices"]) for b in every)
+        budgets[key] = lo + rng.uniform(0.05, 0.9) * (hi - lo)
+    return {"models": models, "budgets": budgets}
+
+
+def add_tied_compositions(rng: random.Random, problem: dict[str, Any], count: int) -> dict[str, Any]:
+    """Give each model `count` random compositions measured at a few repeated accuracies
+    (its base: a tie with every free selection; lower; a hair higher)."""
+    for model in problem["models"]:
+        base = model["base_accuracy"]
+        model["compositions"] = [
+            {"selection": [rng.choice(b["choices"])["id"] for b in model["blocks"]], "accuracy": rng.choice([base, base - 0.25, base + 1 / 64])}
+            for _ in range(count)
+        ]
+    return problem
