@@ -38,7 +38,7 @@ from optimizer.problem import synthetic_budgets, synthetic_problem  # noqa: E402
 
 DEFAULT_SHAPES = "1x8x6,1x10x8,2x8x6,2x10x8,4x8x6,4x10x8,6x8x6,6x10x8,10x12x8,1x12x7,3x9x6,3x12x8,5x11x7,6x12x8,1x12x5z"
 DEFAULT_TIGHTNESS = "0.1,0.3,0.5,0.8"
-QUICK = {"shapes": "1x3x3,2x3x4", "tightness": "0.2,0.7", "instances": 1, "repeats": 1}
+QUICK = {"shapes": "1x3x3,2x3x4,1x4x3z", "tightness": "0.2,0.7", "instances": 1, "repeats": 1}
 GUARD_MS, GUARD_MB = 50.0, 100.0  # --quick: the smoke test's; a "z" row fails past this p99 solve or peak
 
 
