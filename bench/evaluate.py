@@ -68,8 +68,6 @@ QUICK = {
 }
 QUICK_WIDTH = {"resnet20": {"width": 8}, "mobilenetv2": {"width_mult": 0.25}}
 
-log = logging.getLogger("bench.evaluate")
-
 
 class Model:
     """One model's recipe run, its baselines and what the figures share."""
@@ -109,17 +107,14 @@ class Model:
         return run_recipe(cfg, stages=stage_list, observers=[PipelineProgress(live=False)])
 
     def baselines(self) -> dict[str, list[dict[str, Any]]]:
-        """Uniform and scratch at every budget, each with LegoDNN's time over the budgets below 1.0."""
+        """The --baselines at every budget, each with LegoDNN's time over the budgets below 1.0."""
         from pipelines.baselines import MODEL_FILE, baseline_stages
 
-        share = self.lego_s / max(1, sum(b < 1.0 for b in self.budgets))
-        if self.args.quick:
-            share = min(share, 1.0)
-        run = self._run(self.cfg, extra=baseline_stages(self.budgets, dict.fromkeys(self.budgets, share)))
-        out: dict[str, list[dict[str, Any]]] = {}
-        for method in ("uniform", "scratch"):
-            out[method] = [{**r.meta, "file": str(run.dir(method, r.unit) / MODEL_FILE)}
-                           for r in run.records[method] if "skipped" not in r.meta]
+        share = self.lego_s / max(1, sum(b < 1.0 for b in self.budgets)) if not self.args.quick else 1.0
+        run = self._run(self.cfg, extra=baseline_stages(self.budgets, dict.fromkeys(self.budgets, share),
+                                                        methods=self.args.baselines))
+        out = {method: [{**r.meta, "file": str(run.dir(method, r.unit) / MODEL_FILE)}
+                        for r in run.records[method] if "skipped" not in r.meta] for method in self.args.baselines}
         return out | {"share_s": share}  # type: ignore[operator]
 
     def served(self, budget: float) -> list[str]:
@@ -175,7 +170,7 @@ def fig_accuracy(m: Model) -> dict[str, Any]:
                        "measured_check": check["check_acc"], "check_n": len(m.splits.check),
                        "measured_test": rows[-1]["test_acc"], "source": t.source})
     base = m.baselines()
-    for method in ("uniform", "scratch"):
+    for method in m.args.baselines:
         rows += [{"method": method, "budget": r["budget"], "flops_frac": round(r["flops_frac"], 4),
                   "test_acc": round(100 * r["test_accuracy"], 2), "train_s": round(r["seconds"], 1)}
                  for r in base[method]]
@@ -222,7 +217,7 @@ def fig_latency(m: Model) -> dict[str, Any]:
                      **m.measured(selection), "selection": selection})
         modules.append(m.scalable.compose(selection))
     base = m.baselines()
-    for method in ("uniform", "scratch"):
+    for method in m.args.baselines:
         for r in base[method]:
             model = load_module(Path(r["file"]))
             rows.append({"method": method, "budget": r["budget"], "test_acc": round(100 * evaluate(model, m.splits.test), 2)})
@@ -487,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe config key for every model, e.g. --set joint.steps=600 (JSON value)")
     p.add_argument("--budgets-n", type=int, default=10, help="budgets of the accuracy and latency figures")
     p.add_argument("--switch-steps", type=int, default=20, help="budget changes of the switching figure")
+    p.add_argument("--baselines", nargs="+", default=["uniform", "scratch"], choices=["uniform", "scratch"],
+                   help="which baselines to train (pipelines.baselines)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per unit")
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX folder")

@@ -14,7 +14,7 @@ re-renders a figure does not retrain them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -137,14 +137,23 @@ def baseline_job(cfg: Any, facts: Any, **settings: Any) -> BaselineJob:
     return BaselineJob(model_spec(cfg), data_ref(cfg, facts), seed=cfg.teacher.seed, **settings)
 
 
-def baseline_stages(budgets: list[float], seconds: dict[float, float], **settings: Any) -> list[Stage]:
-    """The uniform and scratch stages for `budgets`, each with its wall-time share in seconds."""
+BASELINES = ("uniform", "scratch")
+
+
+def baseline_stages(budgets: list[float], seconds: dict[float, float], methods: Sequence[str] = BASELINES,
+                    **settings: Any) -> list[Stage]:
+    """The baseline stages (`methods`, of `BASELINES`) for `budgets`, each with its wall-time
+    share in seconds."""
+    unknown = set(methods) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {sorted(unknown)}: choose from {', '.join(BASELINES)}")
     items = budget_items(budgets, seconds)
+    fns = {"uniform": uniform, "scratch": scratch}
     return [
-        Stage(name, fn, lambda cfg, facts: baseline_job(cfg, facts, **settings), needs=("teacher",),
+        Stage(name, fns[name], lambda cfg, facts: baseline_job(cfg, facts, **settings), needs=("teacher",),
               items=lambda cfg, inputs: items, fanout="budget")
-        for name, fn in (("uniform", uniform), ("scratch", scratch))
+        for name in methods
     ]
 
 
-__all__ = ["MODEL_FILE", "BaselineJob", "baseline_stages", "scratch", "scratch_model", "uniform"]
+__all__ = ["BASELINES", "MODEL_FILE", "BaselineJob", "baseline_stages", "scratch", "scratch_model", "uniform"]

@@ -78,3 +78,16 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
     again = json.loads(out.read_text())["figures"]
     assert set(again) == FIGURES and again["accuracy"]["resnet20"]["rows"] == accuracy["rows"]
     assert md.read_text().count("kept by hand") == 1
+
+    # --baselines uniform: only the uniform baseline is trained and reported (again from the cache).
+    assert bench.main(["accuracy", *common, "--no-mlflow", "--baselines", "uniform"]) == 0
+    assert sorted((tmp_path / "work").rglob("done.json")) == units
+    rows = json.loads(out.read_text())["figures"]["accuracy"]["resnet20"]["rows"]
+    assert {r["method"] for r in rows} == {"legodnn", "uniform"}
+
+
+def test_unknown_baseline_is_refused() -> None:
+    from pipelines.baselines import baseline_stages
+
+    with pytest.raises(ValueError, match="unknown baseline.*'sketch'.*uniform, scratch"):
+        baseline_stages([0.5, 1.0], {0.5: 1.0, 1.0: 1.0}, methods=["uniform", "sketch"])
