@@ -84,6 +84,9 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
     assert sorted((tmp_path / "work").rglob("done.json")) == units
     rows = json.loads(out.read_text())["figures"]["accuracy"]["resnet20"]["rows"]
     assert {r["method"] for r in rows} == {"legodnn", "uniform"}
+    assert bench.main(["accuracy", *common, "--no-mlflow", "--baselines"]) == 0  # none: LegoDNN's rows only
+    assert {r["method"] for r in json.loads(out.read_text())["figures"]["accuracy"]["resnet20"]["rows"]} == {"legodnn"}
+    assert "accuracy, resnet20: no baseline run" in md.read_text()
 
 
 def test_unknown_baseline_is_refused() -> None:
