@@ -11,11 +11,13 @@ The brute force recomputes objective and constraints itself (it does not use the
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from typing import Any
 
 import pytest
 
+from optimizer import parse_problem, solve
 from optimizer.problem import synthetic_problem
 
 REL_TOL = 1e-9
@@ -183,6 +185,22 @@ def brute_force(problem: dict[str, Any]) -> list[tuple[float, tuple[int, ...], d
     return out
 
 
+def assert_top_k_is_brute_force(problem: dict[str, Any], k: int) -> None:
+    """The solver's best k selections are brute force's first k (ties in lexicographic
+    order), with their objectives, and each is feasible with the objective it claims."""
+    every = brute_force(problem)
+    solution = solve(parse_problem(problem), top_k=k)
+    if not every:
+        assert not solution.feasible
+        return
+    got = [solution, *solution.alternatives]
+    assert [s.selection for s in got] == [e[2] for e in every[:k]]
+    for s, e in zip(got, every):
+        assert math.isclose(s.objective, e[0], rel_tol=0, abs_tol=1e-12)
+        feasible, objective, _ = check(problem, s.selection)
+        assert feasible and math.isclose(objective, s.objective, rel_tol=0, abs_tol=1e-12)
+
+
 def minima(problem: dict[str, Any]) -> tuple[float, float]:
     blocks = [b for m in problem["models"] for b in m["blocks"]]
     lat = sum(min(c["latency_ms"] for c in b["choices"]) for b in blocks)
@@ -202,6 +220,7 @@ def gen() -> Any:
         tied_compositions = staticmethod(add_tied_compositions)
         check = staticmethod(check)
         brute_force = staticmethod(brute_force)
+        assert_top_k_is_brute_force = staticmethod(assert_top_k_is_brute_force)
         minima = staticmethod(minima)
 
     return Helpers

@@ -34,18 +34,7 @@ def test_equals_brute_force_with_compositions(gen, seed):
         raw = gen.random(rng, rng.randint(1, 3), (1, 3), (1, 4), deadlines=rng.random() < 0.3,
                          switch_budget=rng.random() < 0.3, penalty=rng.random() < 0.3)
         gen.compositions(rng, raw)
-        every = gen.brute_force(raw)
-        k = rng.randint(1, 4)
-        solution = solve(parse_problem(raw), top_k=k)
-        if not every:
-            assert not solution.feasible
-            continue
-        got = [solution, *solution.alternatives]
-        assert [s.selection for s in got] == [e[2] for e in every[:k]]
-        for s, e in zip(got, every):
-            assert math.isclose(s.objective, e[0], rel_tol=0, abs_tol=1e-12)
-            feasible, objective, _ = gen.check(raw, s.selection)
-            assert feasible and math.isclose(objective, s.objective, rel_tol=0, abs_tol=1e-12)
+        gen.assert_top_k_is_brute_force(raw, rng.randint(1, 4))
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -6,7 +6,6 @@ and a state limit that bounds memory."""
 from __future__ import annotations
 
 import json
-import math
 import random
 import tracemalloc
 from pathlib import Path
@@ -20,18 +19,6 @@ from optimizer.compiled import METHOD
 from optimizer.dominance import dominated
 
 SLOW = Path(__file__).parent / "data" / "slow_problem.json"  # a real pipeline's problem: 12 blocks, all drops 0
-
-
-def _assert_brute_force(gen, raw, k: int) -> None:
-    every = gen.brute_force(raw)
-    solution = solve(parse_problem(raw), top_k=k)
-    if not every:
-        assert not solution.feasible
-        return
-    got = [solution, *solution.alternatives]
-    assert [s.selection for s in got] == [e[2] for e in every[:k]]
-    for s, e in zip(got, every):
-        assert math.isclose(s.objective, e[0], rel_tol=0, abs_tol=1e-12)
 
 
 @pytest.mark.parametrize("collapse", [0, search.COLLAPSE], ids=["dominance-everywhere", "default"])
@@ -49,7 +36,7 @@ def test_degenerate_tables_equal_brute_force(gen, monkeypatch, kind, collapse):
             gen.tied_compositions(rng, raw, rng.randint(1, 12))
         every = gen.brute_force(raw)
         tied += len(every) > 1 and every[0][0] == every[1][0]
-        _assert_brute_force(gen, raw, rng.choice([1, 1, 2, 5]))
+        gen.assert_top_k_is_brute_force(raw, rng.choice([1, 1, 2, 5]))
     assert tied >= 6  # the optimum really is tied
 
 
@@ -64,7 +51,7 @@ def test_dominance_keeps_random_tables_exact(gen, monkeypatch, seed):
                          quantum=1 / 64 if rng.random() < 0.5 else None)
         if rng.random() < 0.5:
             gen.compositions(rng, raw)
-        _assert_brute_force(gen, raw, rng.randint(1, 4))
+        gen.assert_top_k_is_brute_force(raw, rng.randint(1, 4))
 
 
 def _lexicographic_first(raw: dict, k: int) -> list[list[str]]:
