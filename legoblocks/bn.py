@@ -4,7 +4,7 @@ A composed model mixes blocks that were trained apart: each descendant's BatchNo
 statistics were collected behind the *teacher's* earlier blocks, so once pruned blocks sit in
 front of it the activations it normalises have drifted. Re-estimating the running mean and
 variance on a few training batches of the *composed* model removes most of that mismatch at
-the cost of a few forward passes (issue 11, item 2).
+the cost of a few forward passes.
 
 The work always happens on a deep copy: the caller's model (often a live block shared with a
 `ScalableModel` or a `BlockSwitcher`) is never touched.

@@ -1,4 +1,4 @@
-"""The composition-aware joint stage (issue 11, item 1).
+"""The composition-aware joint stage: descendants trained together, as they are served.
 
 Per-block feature distillation trains every descendant to imitate its original block *given
 the teacher's input*. At run time a descendant sits behind other pruned blocks, whose errors

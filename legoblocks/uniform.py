@@ -1,4 +1,4 @@
-"""The uniform-pruning baseline that composed LegoDNN models must beat (issue 11).
+"""The uniform-pruning baseline that composed LegoDNN models must beat.
 
 Uniform pruning is the simplest way to get a model for a FLOPs budget: remove the same
 fraction of channels from every layer of the whole model (Torch-Pruning, magnitude

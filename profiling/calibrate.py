@@ -1,7 +1,7 @@
 """Calibrated accuracy drops: fix the additive model's bias without giving up additivity.
 
-Single-swap drops underestimate what a composition loses (errors of pruned blocks compound,
-see issue 11), so teacher accuracy minus summed drops is optimistic exactly where the
+Single-swap drops underestimate what a composition loses (errors of pruned blocks
+compound), so teacher accuracy minus summed drops is optimistic exactly where the
 optimizer looks. We measure K compositions spread over the FLOPs range and fit
 
     teacher - measured  ~=  sum_b  w_b * drop_b(choice_b)

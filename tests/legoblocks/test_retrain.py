@@ -87,7 +87,7 @@ def _params(module: nn.Module) -> list[torch.Tensor]:
 def test_retraining_lowers_held_out_mse_of_every_descendant(
     trained_tiny_resnet: nn.Sequential, block_io, make_hand_descendants
 ) -> None:
-    """Acceptance (issue 2 §3): on real Fashion-MNIST features, each descendant improves."""
+    """On real Fashion-MNIST features, distillation improves each descendant."""
     block = trained_tiny_resnet[1]
     descendants = make_hand_descendants(block)
     for p in descendants["0.5"].parameters():

@@ -1,6 +1,6 @@
 """End to end on real Ray, a real MLflow server and real Fashion-MNIST subsets.
 
-Acceptance of issue 5: every stage runs as Ray tasks, MLflow holds the parent and one child
+Every stage runs as Ray tasks, MLflow holds the parent and one child
 run per block variant, the bundle and ProfileTable exist, a second run does nothing, a
 killed retrain attempt is retried with identical outputs, a killed driver resumes without
 recomputing finished units, and bad input fails before anything is written.
