@@ -327,14 +327,16 @@ def fig_switching(m: Model) -> dict[str, Any]:
 
 
 def fig_additivity(m: Model) -> dict[str, Any]:
-    """Predicted (raw, calibrated) vs measured validation accuracy of compositions spread over
-    the FLOPs range, drawn with a seed the calibration did not use."""
+    """Predicted (raw, calibrated) vs measured validation accuracy (held-out images where the
+    profile held some out) of compositions spread over the FLOPs range, drawn with a seed the
+    calibration did not use."""
     from pipelines.recipe.measure import evaluator_for
     from profiling.calibrate import spread_compositions
 
     flops = {b.name: {c: p.flops for c, p in b.choices.items()} for b in m.table.blocks}
     sels = spread_compositions(m.scalable, flops, 6 if m.args.quick else 20, seed=m.args.seed + 7919)
-    measured = evaluator_for(m.scalable, m.run.checked.facts.data, 0, m.args.seed).accuracy_many(sels)
+    ev = evaluator_for(m.scalable, m.run.checked.facts.data, 0, m.args.seed, m.cfg.profile.held_out_fraction)
+    measured = ev.held_out_many(sels) if ev.held_out else ev.accuracy_many(sels)
     points = [{"measured": round(100 * a, 2), "raw": round(100 * m.table.predicted_accuracy(s, raw=True), 2),
                "calibrated": round(100 * m.table.predicted_accuracy(s), 2)} for s, a in zip(sels, measured)]
     out: dict[str, Any] = {"n": len(points), "points": points}

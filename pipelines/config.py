@@ -26,6 +26,7 @@ from msgspec import Meta
 from legoblocks.joint import JointConfig as TrainerJointConfig
 from legoblocks.retrain import RetrainConfig as TrainerRetrainConfig
 from legoblocks.schema import NonNegativeInt, PositiveInt, convert
+from profiling.serving import HELD_OUT_FRACTION
 
 Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
 PositiveNumber = Annotated[float, Meta(gt=0.0)]
@@ -150,6 +151,9 @@ class JointConfig(TrainerJointConfig):
 
 @dataclass
 class ProfileConfig:
+    """How descendants are measured. `held_out_fraction` of the validation split chooses
+    nothing: what a served composition is told is measured there (`profiling.serving`)."""
+
     envs: PositiveInt = 1
     latency_batch_size: PositiveInt = 8
     latency_warmup: NonNegativeInt = 3
@@ -162,6 +166,7 @@ class ProfileConfig:
     verify_top_k: NonNegativeInt = 5
     verify_budgets: list[Fraction] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     verify_metric: Literal["latency", "flops"] = "latency"
+    held_out_fraction: Annotated[float, Meta(ge=0.0, lt=1.0)] = HELD_OUT_FRACTION
     seed: int = 0
 
 

@@ -230,6 +230,12 @@ class SelectionEvaluator:
     batches are drawn once, seeded, so every selection sees the same ones. Re-estimation
     follows the same prefix tree: a block's statistics depend only on the blocks before
     it, so each distinct prefix is re-estimated once.
+
+    With `held_out > 0` the last `held_out` images of `val_ds` choose nothing: every
+    accuracy that ranks, fits or picks (`accuracy_many`) is measured on the images before
+    them, and the same pass measures each selection on the held-out images too
+    (`held_out_many`), which is what a chosen composition is told (`profiling.serving`):
+    a value measured on the images that chose it carries the winner's curse of that choice.
     """
 
     def __init__(
@@ -243,9 +249,13 @@ class SelectionEvaluator:
         bn_batch_size: int = 128,
         seed: int = 0,
         num_workers: int = 0,
+        held_out: int = 0,
     ) -> None:
         if len(val_ds) == 0:  # type: ignore[arg-type]
             raise ValueError("val_ds is empty: profiling needs validation images")
+        if not 0 <= held_out < len(val_ds):  # type: ignore[arg-type]
+            raise ValueError(f"held_out must be in [0, {len(val_ds)}) for {len(val_ds)} validation images, "  # type: ignore[arg-type]
+                             f"got {held_out}: lower the held-out fraction or raise the validation size")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if bn_recalibration_batches < 0:
@@ -267,7 +277,10 @@ class SelectionEvaluator:
             self._bn_batches = calibration_batches(
                 bn_data, num_batches=bn_recalibration_batches, batch_size=bn_batch_size, seed=seed
             )
+        self.held_out = held_out
+        self.choosing = len(val_ds) - held_out  # type: ignore[arg-type]
         self.cache: dict[Selection, float] = {}
+        self.held_out_cache: dict[Selection, float] = {}
         self.evaluations = 0  # selections actually measured (cache misses)
 
     def key(self, selection: Sequence[str] | Mapping[str, str]) -> Selection:
@@ -287,10 +300,26 @@ class SelectionEvaluator:
             self.evaluations += len(todo)
         return [self.cache[k] for k in keys]
 
-    def update(self, measured: Mapping[Selection, float]) -> None:
-        """Add accuracies measured elsewhere (e.g. by Ray workers) so they are not re-measured."""
+    def held_out_many(
+        self, selections: Iterable[Sequence[str] | Mapping[str, str]], *, progress: bool = False
+    ) -> list[float]:
+        """Accuracies of `selections` on the held-out images (measured with `accuracy_many`'s pass)."""
+        if not self.held_out:
+            raise ValueError("this evaluator holds no images out (held_out=0): there is no held-out accuracy")
+        keys = [self.key(s) for s in selections]
+        missing = [k for k in keys if k not in self.held_out_cache]
+        for k in missing:
+            self.cache.pop(k, None)  # known on the choosing images only (`update`): measure both
+        self.accuracy_many(missing, progress=progress)
+        return [self.held_out_cache[k] for k in keys]
+
+    def update(self, measured: Mapping[Selection, float], held_out: Mapping[Selection, float] | None = None) -> None:
+        """Add accuracies measured elsewhere (e.g. by Ray workers) so they are not re-measured:
+        on the choosing images, and on the held-out ones where given."""
         for sel, acc in measured.items():
             self.cache[self.key(list(sel))] = float(acc)
+        for sel, acc in (held_out or {}).items():
+            self.held_out_cache[self.key(list(sel))] = float(acc)
 
     def _prefix_modules(self, todo: list[Selection], device: torch.device) -> dict[Selection, nn.Module]:
         """The module to run at the end of every prefix in the tree (eval mode, copies)."""
@@ -324,25 +353,30 @@ class SelectionEvaluator:
         device = next((p.device for p in first.parameters()), torch.device("cpu"))
         modules = self._prefix_modules(todo, device)
         correct = dict.fromkeys(todo, 0)
+        held_correct = dict.fromkeys(todo, 0)
         seen = 0
 
-        def visit(group: Sequence[Selection], depth: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        def visit(group: Sequence[Selection], depth: int, x: torch.Tensor, y: torch.Tensor, cut: int) -> None:
             if depth == len(names):
-                hits = int((x.argmax(1) == y).sum())
+                right = x.argmax(1) == y
+                hits, held = int(right[:cut].sum()), int(right[cut:].sum())
                 for key in group:
                     correct[key] += hits
+                    held_correct[key] += held
                 return
             for _, run in _runs(group, depth):
-                visit(run, depth + 1, modules[run[0][: depth + 1]](x), y)
+                visit(run, depth + 1, modules[run[0][: depth + 1]](x), y, cut)
 
         batches = loader(self.val_ds, self.batch_size, num_workers=self.num_workers)
         with torch.no_grad():
             for x, y in tqdm(batches, desc=f"evaluate {len(todo)} models", disable=not progress, unit="batch"):
                 x, y = x.to(device), y.to(device)
-                visit(todo, 0, x, y)
+                visit(todo, 0, x, y, min(max(self.choosing - seen, 0), len(y)))
                 seen += len(y)
         for key in todo:
-            self.cache[key] = correct[key] / seen
+            self.cache[key] = correct[key] / self.choosing
+            if self.held_out:
+                self.held_out_cache[key] = held_correct[key] / self.held_out
 
 
 def _check_unit(model: ScalableLike, unit: AccuracyUnit) -> None:

@@ -41,6 +41,7 @@ from profiling.calibrate import DEFAULT_K, Calibration
 from profiling.cost import Cost, measure_cost
 from profiling.latency import LatencyStats, fingerprint, measure_latency
 from profiling.latency_fit import DEFAULT_LATENCY_K, LatencyCalibration, measure_latency_calibration
+from profiling.serving import HELD_OUT_FRACTION, held_out_count
 from profiling.table import BlockProfile, ChoiceProfile, LatencyColumn, Measured, ProfileTable
 
 Drops = Mapping[str, Mapping[str, float]]
@@ -218,6 +219,8 @@ def table_from_measurements(
     settings: Mapping[str, Any] | None = None,
     latency_calibration: LatencyCalibration | None = None,
     val_size: int = 1,
+    held_out: Mapping[Selection, float] | None = None,
+    held_out_size: int = 0,
 ) -> ProfileTable:
     """The ProfileTable from a plan's measured accuracies: drops averaged over environments,
     the additivity check, the calibration fit, costs and latencies (nothing is measured here);
@@ -226,9 +229,12 @@ def table_from_measurements(
     Args:
         model: the scalable model the plan was made for.
         plan: from `plan_profile`.
-        measured: validation accuracy of every selection in `plan.selections`.
+        measured: validation accuracy of every selection in `plan.selections`, on the
+            images that choose.
         costs, latencies, host: per block and choice, and the host that timed them.
         val_size: the validation images each accuracy was measured on.
+        held_out: the same selections' accuracy on `held_out_size` held-out images (what a
+            served composition is told, `profiling.serving`); None when none were held out.
     """
     from profiling.accuracy import AdditivityPoint, results_from_accuracies, summed_drop
     from profiling.calibrate import fit_calibration
@@ -249,7 +255,9 @@ def table_from_measurements(
         calibration = fit_calibration(names, drops, teacher, points(plan.calibration), additivity.points, flops=flops)
     original = tuple(ORIGINAL for _ in names)
     frontier = [Measured(tuple(sel), float(measured[tuple(sel)]), val_size,
-                         "original" if tuple(sel) == original else "measured") for sel in plan.selections]
+                         "original" if tuple(sel) == original else "measured",
+                         None if held_out is None else float(held_out[tuple(sel)]), held_out_size if held_out else 0)
+                for sel in plan.selections]
     return assemble_table(
         model, teacher_accuracy=teacher, costs=costs, latencies=latencies, host=host, drops_raw=raw,
         additivity=additivity, calibration=calibration, environments=[e.to_dict() for e in plan.environments],
@@ -278,6 +286,7 @@ def profile_model(
     bn_batch_size: int = 128,
     batch_size: int = 512,
     model_name: str | None = None,
+    held_out_fraction: float = HELD_OUT_FRACTION,
     progress: bool = False,
 ) -> ProfileTable:
     """Profile every descendant of `model` on `val_ds` in this process and return its table.
@@ -287,6 +296,8 @@ def profile_model(
     SelectionEvaluator. val_ds must not be the retraining data. `bn_recalibration_batches > 0`
     re-estimates BatchNorm of every composed model on that many batches of `bn_batch_size`
     images of `bn_data` (a training split) before evaluating it, teacher included.
+    `held_out_fraction` of `val_ds` (its last images) chooses nothing: the frontier's told
+    values are measured there (`profiling.serving`).
     Everything but latency is deterministic given the seed; `settings["seconds"]` holds the
     seconds of each phase (costs, latency, accuracy).
     """
@@ -315,12 +326,14 @@ def profile_model(
     evaluator = SelectionEvaluator(
         model, val_ds, batch_size=batch_size, bn_data=bn_data,
         bn_recalibration_batches=bn_recalibration_batches, bn_batch_size=bn_batch_size, seed=seed,
+        held_out=held_out_count(len(val_ds), held_out_fraction),  # type: ignore[arg-type]
     )
     # All selections in one pass, so shared prefixes are computed once.
     measured = dict(zip(plan.selections, evaluator.accuracy_many(plan.selections, progress=progress)))
+    held_out = dict(zip(plan.selections, evaluator.held_out_many(plan.selections))) if evaluator.held_out else None
     lap("accuracy")
     settings = {
-        "seed": seed, "val_size": len(val_ds),  # type: ignore[arg-type]
+        "seed": seed, "val_size": evaluator.choosing, "held_out_size": evaluator.held_out,
         "envs": [e.name for e in plan.environments], "additivity_n": len(plan.additivity),
         "calibration_k": len(plan.calibration), "latency_calibration_k": latency_calibration_k,
         "latency": dataclasses.asdict(latency), "evaluations": evaluator.evaluations, "seconds": seconds,
@@ -330,5 +343,6 @@ def profile_model(
     return table_from_measurements(
         model, plan, measured, costs=costs, latencies=latencies, host=host,
         bn_recalibration_batches=bn_recalibration_batches, model_name=model_name, settings=settings,
-        latency_calibration=latency_calibration, val_size=len(val_ds),  # type: ignore[arg-type]
+        latency_calibration=latency_calibration, val_size=evaluator.choosing, held_out=held_out,
+        held_out_size=evaluator.held_out,
     )

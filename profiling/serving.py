@@ -19,6 +19,13 @@ own picks (`ProfileTable.prediction_error`: bias and spread). Then:
 * What the user is told (`told`) is the measured accuracy with its standard error where the
   served composition was measured, else the prediction minus the bias with the spread as
   its standard error; every report says which (`Told.source`).
+
+A measured value that chose is a biased report of what it chose: the served composition is
+the best of several measured on the same images, so its number carries the winner's curse
+of that choice. So a fraction of the validation split (`HELD_OUT_FRACTION`) chooses
+nothing: drops, calibration and the ranking values above use the rest, and every measured
+composition is also measured on the held-out images (`Measured.held_out_accuracy`), which
+is what `told` reports and what the prediction error is estimated against.
 """
 
 from __future__ import annotations
@@ -35,6 +42,14 @@ ORIGINAL_KIND, ANCHOR_KIND, MEASURED_KIND = "original", "anchor", "measured"
 RANK_PENALTY_SE = {ORIGINAL_KIND: 0.0, ANCHOR_KIND: 1.0, MEASURED_KIND: 1.5}
 PREDICTED_PENALTY_SD = 1.0  # unmeasured compositions rank at prediction - bias - this many spreads
 MIN_PAIRS = 3  # measured picks needed to estimate the prediction error
+HELD_OUT_FRACTION = 0.5  # of the validation images: they choose nothing, they tell
+
+
+def held_out_count(val_size: int, fraction: float) -> int:
+    """How many of `val_size` validation images are held out of choosing at `fraction`."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
+    return int(round(val_size * fraction))
 
 
 def standard_error(accuracy: float, n: int) -> float:
@@ -95,7 +110,8 @@ def told(table: ProfileTable, selection: Sequence[str] | Mapping[str, str]) -> T
     chosen = tuple(table.normalize_selection(selection))
     measured = table.measured_by_selection().get(chosen)
     if measured is not None:
-        return Told(measured.accuracy, standard_error(measured.accuracy, measured.n), "measured", measured.n)
+        accuracy, n = measured.told_value()
+        return Told(accuracy, standard_error(accuracy, n), "measured", n)
     err = _error(table)
     return Told(table.predicted_accuracy(list(chosen)) - err.bias, err.sd, "predicted")
 

@@ -104,13 +104,23 @@ class BlockProfile:
 
 @dataclass(frozen=True)
 class Measured:
-    """A composition measured on `n` validation images. `kind`: "original" (the teacher),
-    "anchor" (a composition the joint stage trained for a budget) or "measured"."""
+    """A composition measured on `n` validation images that choose (`accuracy`: what ranks
+    it) and on `held_out_n` held-out ones that choose nothing (`held_out_accuracy`: what it
+    is told, `profiling.serving`; absent when none were held out). `kind`: "original" (the
+    teacher), "anchor" (a composition the joint stage trained for a budget) or "measured"."""
 
     selection: tuple[str, ...]
     accuracy: Fraction
     n: PositiveInt
     kind: Literal["original", "anchor", "measured"] = "measured"
+    held_out_accuracy: Fraction | None = None
+    held_out_n: NonNegativeInt = 0
+
+    def told_value(self) -> tuple[float, int]:
+        """(accuracy, images) a served composition reports: held-out where measured there."""
+        if self.held_out_n and self.held_out_accuracy is not None:
+            return self.held_out_accuracy, self.held_out_n
+        return self.accuracy, self.n
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from profiling.serving import HELD_OUT_FRACTION
+
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -35,8 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, metavar="D", help="data.dir: the IDX folder, the image folder "
                         "or s3://bucket/prefix (default: the config's)")
     parser.add_argument("--val-size", type=_positive, default=1000, metavar="N",
-                        help="data.val_size: validation images the accuracy drops are measured on (default 1000); "
+                        help="data.val_size: validation images the accuracies are measured on (default 1000); "
                         "a seeded split of the training images (or of val/), disjoint from data.train_size")
+    parser.add_argument("--held-out-fraction", type=float, default=HELD_OUT_FRACTION, metavar="F",
+                        help="of the validation images, the fraction that chooses nothing: drops and calibration "
+                        f"use the rest, and a served composition's told accuracy is measured there (default "
+                        f"{HELD_OUT_FRACTION}; 0: every image chooses and tells)")
     parser.add_argument("--out", required=True, type=Path, metavar="TABLE.json",
                         help="where to write the ProfileTable (atomically)")
     parser.add_argument("--envs", default="original,middle,largest",
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             bn_batch_size=args.bn_batch_size,
             batch_size=args.batch_size,
             model_name=args.model_name,
+            held_out_fraction=args.held_out_fraction,
             progress=not args.no_progress,
         )
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:

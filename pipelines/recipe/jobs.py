@@ -127,6 +127,7 @@ class AccuracyJob:
     data: DataRef
     bn_recalibration_batches: int
     seed: int
+    held_out_fraction: float
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class TableJob:
     verify_metric: str
     anchor_budgets: list[float]
     model_name: str
+    held_out_fraction: float
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ def plan_job(cfg: PipelineConfig) -> ProfilePlanJob:
 
 def accuracy_job(cfg: PipelineConfig, facts: Facts) -> AccuracyJob:
     p = cfg.profile
-    return AccuracyJob(data_ref(cfg, facts), p.bn_recalibration_batches, p.seed)
+    return AccuracyJob(data_ref(cfg, facts), p.bn_recalibration_batches, p.seed, p.held_out_fraction)
 
 
 def trained_budgets(cfg: PipelineConfig) -> list[float]:
@@ -235,8 +237,7 @@ def table_job(cfg: PipelineConfig, facts: Facts) -> TableJob:
     p = cfg.profile
     return TableJob(plan_job(cfg), data_ref(cfg, facts), latency_settings(cfg), p.latency_calibration_k,
                     p.bn_recalibration_batches, p.verify_top_k, list(p.verify_budgets), p.verify_metric,
-                    trained_budgets(cfg),
-                    facts.model_name)
+                    trained_budgets(cfg), facts.model_name, p.held_out_fraction)
 
 
 def points_job(cfg: PipelineConfig, facts: Facts) -> PointsJob:

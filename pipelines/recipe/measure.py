@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,33 +88,61 @@ def accuracy_items(plan: ProfilePlanJob, inputs: Inputs) -> list[Item]:
             for i in range(0, len(selections), ACCURACY_CHUNK)]
 
 
-def evaluator_for(scalable: Any, data: Any, bn_batches: int, seed: int):
-    """A SelectionEvaluator on the validation split (BatchNorm re-estimated on training data)."""
+def evaluator_for(scalable: Any, data: Any, bn_batches: int, seed: int, held_out_fraction: float = 0.0):
+    """A SelectionEvaluator on the validation split (BatchNorm re-estimated on training data),
+    its last `held_out_fraction` held out of choosing (`profiling.serving`)."""
     from pipelines.data import load_splits
     from profiling.accuracy import SelectionEvaluator
+    from profiling.serving import held_out_count
 
     splits = load_splits(data)
     return SelectionEvaluator(scalable, splits.val, bn_data=splits.train if bn_batches else None,
-                              bn_recalibration_batches=bn_batches, seed=seed, num_workers=data.workers)
+                              bn_recalibration_batches=bn_batches, seed=seed, num_workers=data.workers,
+                              held_out=held_out_count(len(splits.val), held_out_fraction))
+
+
+@dataclass(frozen=True)
+class Accuracies:
+    """What the accuracy units measured: per selection on the `n` images that choose, and on
+    the `held_out_n` held-out ones (empty when none were held out)."""
+
+    measured: dict[Selection, float]
+    held_out: dict[Selection, float]
+    n: int
+    held_out_n: int
 
 
 def accuracy(ctx: UnitContext[AccuracyJob]) -> dict[str, Any]:
-    """Validation accuracy of a chunk of composed selections (shared prefixes computed once)."""
+    """Validation accuracy of a chunk of composed selections (shared prefixes computed once),
+    on the choosing images and on the held-out ones."""
+    job = ctx.job
     scalable = load_scalable(ctx.inputs.one("joint").dir)
-    evaluator = evaluator_for(scalable, ctx.job.data, ctx.job.bn_recalibration_batches, ctx.job.seed)
+    evaluator = evaluator_for(scalable, job.data, job.bn_recalibration_batches, job.seed, job.held_out_fraction)
     selections = ctx.item.payload
     accuracies = evaluator.accuracy_many(selections)
-    measured = [{"selection": sel, "accuracy": acc} for sel, acc in zip(selections, accuracies)]
-    (ctx.out / ACCURACY_FILE).write_text(json.dumps(measured, indent=1), encoding="utf-8")
-    return {"evaluated": len(measured)}
+    held = evaluator.held_out_many(selections) if evaluator.held_out else [None] * len(selections)
+    rows = [{"selection": sel, "accuracy": acc, "held_out": h} for sel, acc, h in zip(selections, accuracies, held)]
+    result = {"n": evaluator.choosing, "held_out_n": evaluator.held_out, "rows": rows}
+    (ctx.out / ACCURACY_FILE).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return {"evaluated": len(rows)}
 
 
-def read_accuracies(units: list[Any]) -> dict[Selection, float]:
+def read_accuracies(units: list[Any]) -> Accuracies:
+    """The accuracy units' results, merged."""
     measured: dict[Selection, float] = {}
+    held_out: dict[Selection, float] = {}
+    sizes = set()
     for unit in units:
-        for row in json.loads((Path(unit.dir) / ACCURACY_FILE).read_text(encoding="utf-8")):
+        data = json.loads((Path(unit.dir) / ACCURACY_FILE).read_text(encoding="utf-8"))
+        sizes.add((int(data["n"]), int(data["held_out_n"])))
+        for row in data["rows"]:
             measured[tuple(row["selection"])] = float(row["accuracy"])
-    return measured
+            if row["held_out"] is not None:
+                held_out[tuple(row["selection"])] = float(row["held_out"])
+    if len(sizes) > 1:
+        raise ValueError(f"accuracy units measured on different validation splits {sorted(sizes)}: rerun the stage")
+    n, held_out_n = sizes.pop() if sizes else (0, 0)
+    return Accuracies(measured, held_out, n, held_out_n)
 
 
 def table(ctx: UnitContext[TableJob]) -> dict[str, Any]:
@@ -131,20 +160,22 @@ def table(ctx: UnitContext[TableJob]) -> dict[str, Any]:
     scalable = load_scalable(ctx.inputs.one("joint").dir)
     names = scalable.block_names
     plan = plan_from_inputs(job.plan, ctx.inputs)
-    measured = read_accuracies(ctx.inputs.all("accuracy"))
+    accuracies = read_accuracies(ctx.inputs.all("accuracy"))
+    measured = accuracies.measured
     costs_raw = read_costs(ctx.inputs.all("cost"))
     costs = {b: {c: Cost(**row["cost"]) for c, row in costs_raw[b]["choices"].items()} for b in names}
     latencies = {b: {c: LatencyStats(**row["latency"]) for c, row in costs_raw[b]["choices"].items()} for b in names}
     hosts = {b: costs_raw[b]["fingerprint"] for b in names}
     settings = {
-        "seed": job.plan.seed, "val_size": job.data.val_size, "envs": [e.name for e in plan.environments],
+        "seed": job.plan.seed, "val_size": accuracies.n, "held_out_size": accuracies.held_out_n,
+        "envs": [e.name for e in plan.environments],
         "additivity_n": len(plan.additivity), "calibration_k": len(plan.calibration),
         "latency": dataclasses.asdict(job.latency), "evaluations": len(measured),
     }
     table = table_from_measurements(
         scalable, plan, measured, costs=costs, latencies=latencies, host=hosts[names[0]],
         bn_recalibration_batches=job.bn_recalibration_batches, model_name=job.model_name, settings=settings,
-        val_size=job.data.val_size,
+        val_size=accuracies.n, held_out=accuracies.held_out or None, held_out_size=accuracies.held_out_n,
     )
     # Latency units may have run on different nodes: each choice keeps its own host's id.
     table.blocks = [
@@ -156,8 +187,9 @@ def table(ctx: UnitContext[TableJob]) -> dict[str, Any]:
     table.fingerprints = {h["id"]: dict(h) for h in hosts.values()}
     latency_fit = _latency_calibration(table, scalable, job)
     if job.verify_top_k and job.verify_budgets:
-        evaluator = evaluator_for(scalable, job.data, job.bn_recalibration_batches, job.plan.seed)
-        evaluator.update(measured)
+        evaluator = evaluator_for(scalable, job.data, job.bn_recalibration_batches, job.plan.seed,
+                                  job.held_out_fraction)
+        evaluator.update(measured, accuracies.held_out)
         verify_top_k(table, evaluator, job.verify_budgets, job.verify_top_k,
                      even_selections(table, job.anchor_budgets), metric=job.verify_metric)
     save_table(table, ctx.out / TABLE_FILE)

@@ -54,13 +54,13 @@ def verify_top_k(table: Any, evaluator: Any, fractions: list[float], k: int, anc
 
     At each budget of the grid (`budget_grid`) the additive model's top k are measured on
     validation data; they and the joint stage's trained `anchors` join the measured frontier;
-    the additive model's error on the top-k picks (its bias and spread) is estimated from them;
+    the additive model's error on the top-k picks (its bias and spread) is estimated from them,
+    on the held-out images where the evaluator holds some out (`SelectionEvaluator.held_out`);
     then `table.verified` records, per grid budget, the composition served and what it is told.
     """
     from profiling.serving import prediction_error, told
     from profiling.table import Measured
 
-    n = len(evaluator.val_ds)
     override = flops_override(table) if metric == "flops" else None
     grid = budget_grid(table, fractions, metric)
     picked: dict[tuple[str, ...], None] = {}
@@ -68,13 +68,17 @@ def verify_top_k(table: Any, evaluator: Any, fractions: list[float], k: int, anc
         _, candidates = solve_top(table, {"latency_ms": budget}, top_k=k, latency_override=override, measured=False)
         picked.update(dict.fromkeys(tuple(c) for c in candidates))
     selections = [list(s) for s in picked]
-    accuracies = evaluator.accuracy_many(selections + anchors)
-    table.measured += [Measured(tuple(s), a, n, "measured") for s, a in zip(selections, accuracies)]
-    table.measured += [Measured(tuple(s), a, n, "anchor") for s, a in zip(anchors, accuracies[len(selections):])]
+    kinds = ["measured"] * len(selections) + ["anchor"] * len(anchors)
+    everything = selections + anchors
+    accuracies = evaluator.accuracy_many(everything)
+    held = evaluator.held_out_many(everything) if evaluator.held_out else [None] * len(everything)
+    table.measured += [Measured(tuple(s), a, evaluator.choosing, kind, h, evaluator.held_out)
+                       for s, a, h, kind in zip(everything, accuracies, held, kinds)]
     cal = table.calibration or {}
     fallback = 1.25 * float(cal.get("heldout_mae_calibrated", (table.additivity or {}).get("mae", 0.0)))
+    truth = held if evaluator.held_out else accuracies
     table.prediction_error = prediction_error(
-        [(table.predicted_accuracy(s), a) for s, a in zip(selections, accuracies)], fallback_sd=fallback)
+        [(table.predicted_accuracy(s), a) for s, a in zip(selections, truth)], fallback_sd=fallback)
     table.verified = []
     for fraction, budget in grid:
         feasible, served = solve_top(table, {"latency_ms": budget}, latency_override=override)

@@ -33,7 +33,10 @@ def test_profile_writes_a_valid_table(profiled: Path, scalable: ScalableModel) -
     table = load(profiled)
     assert table.model_name == "tiny" and table.model_ref == "resnet8"
     assert table.block_names == scalable.block_names
-    assert table.settings["val_size"] == 200 and table.settings["data"]["source"] == "fashion-mnist"
+    assert table.settings["data"] == {**table.settings["data"], "source": "fashion-mnist", "val_size": 200}
+    # Half the validation images choose (drops, ranking), half tell (the frontier's told values).
+    assert table.settings["val_size"] == 100 and table.settings["held_out_size"] == 100
+    assert table.measured and all(m.n == 100 and m.held_out_n == 100 for m in table.measured)
     assert [e["name"] for e in table.environments] == ["original", "largest"]
     assert table.additivity["n"] == 3 and table.calibration["k"] == 3
 

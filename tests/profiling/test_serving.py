@@ -11,7 +11,8 @@ import random
 import pytest
 
 from optimizer import parse_problem, solve
-from profiling.serving import PREDICTED_PENALTY_SD, prediction_error, standard_error, to_problem, told
+from profiling.serving import (PREDICTED_PENALTY_SD, held_out_count, prediction_error, rank_value, standard_error,
+                               to_problem, told)
 from profiling.table import BlockProfile, ChoiceProfile, LatencyColumn, Measured, PredictionError, ProfileTable
 
 CHOICES = ("0.0", "0.4", "0.8")
@@ -61,6 +62,27 @@ def test_a_measured_composition_beats_the_additive_prediction_where_it_fits() ->
     assert _serve(table, 1.25) == ["0.8", "0.8"]  # 0.6 ms, measured 0.86 > predicted 0.85 for (0.4, 0.4)
     t = told(table, ["0.4", "0.4"])
     assert t.source == "predicted" and t.accuracy == pytest.approx(0.80)
+
+
+def test_a_composition_chosen_by_its_measurement_is_told_its_held_out_measurement() -> None:
+    # Ranked at its value on the images that chose it (0.925 beats the original beyond noise),
+    # told what the held-out images measured (0.912): the winner's curse stays with the choice.
+    drops = {b: {"0.0": 0.0, "0.4": 0.0, "0.8": 0.02} for b in ("a", "b")}
+    original = Measured(("0.0", "0.0"), 0.900, 1000, "original", 0.905, 1000)
+    chosen = Measured(("0.4", "0.4"), 0.925, 1000, "measured", 0.912, 1000)
+    table = _table(drops, measured=[original, chosen])
+    assert to_problem(table, {"latency_ms": 2.0})["models"][0]["compositions"][1]["accuracy"] == pytest.approx(
+        rank_value(chosen)) and rank_value(chosen) < 0.925
+    assert _serve(table, 2.0) == ["0.4", "0.4"]
+    t = told(table, ["0.4", "0.4"])
+    assert (t.accuracy, t.source, t.n) == (0.912, "measured", 1000)
+    assert t.se == pytest.approx(math.sqrt(0.912 * 0.088 / 1000))
+    # A record from a profile that held nothing out tells the value that chose it.
+    legacy = _table(drops, measured=[Measured(("0.0", "0.0"), 0.900, 1000, "original")])
+    assert told(legacy, ["0.0", "0.0"]).accuracy == 0.900
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        held_out_count(1000, 1.0)
+    assert held_out_count(1001, 0.5) == 500 and held_out_count(1000, 0.0) == 0
 
 
 def test_unmeasured_compositions_rank_at_their_corrected_prediction_and_are_told_it() -> None:
