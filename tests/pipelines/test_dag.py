@@ -55,14 +55,19 @@ def test_end_to_end_runs_every_stage_on_ray_and_tracks_lineage(clean_run, monkey
     original = tuple(["0.0"] * len(table.blocks))
     (anchor,) = even_selections(table, [0.6])
     assert frontier[original].kind == "original" and frontier[tuple(anchor)].kind == "anchor"
-    assert all(m.n == clean_run.config["data"]["val_size"] for m in frontier.values())
+    # Half the validation split ranks (n), the other half, which chose nothing, tells.
+    val_size = clean_run.config["data"]["val_size"]
+    assert all(m.n == val_size // 2 and m.held_out_n == val_size - val_size // 2 for m in frontier.values())
+    assert table.settings["held_out_size"] == val_size - val_size // 2
     assert table.prediction_error is not None and table.prediction_error.sd >= 0
     assert [v["fraction"] for v in table.verified] == [0.25, 0.5, 0.75]
     for v in table.verified:
         t = told(table, v["selection"])
         assert v["told"] == t.to_dict() and t.se > 0
         if t.source == "measured":
-            assert t.se == standard_error(t.accuracy, frontier[tuple(v["selection"])].n)
+            m = frontier[tuple(v["selection"])]
+            assert (t.accuracy, t.n) == (m.held_out_accuracy, m.held_out_n)
+            assert t.se == standard_error(t.accuracy, m.held_out_n)
         assert table.predicted_latency(v["selection"]) <= v["budget"]["latency_ms"] * (1 + 1e-9)
     # The summary's points are the grid and the full budget; every one says what it was told.
     assert [round(p["fraction"], 4) for p in summary["points"]] == [0.25, 0.5, 0.75, 1.0]
