@@ -75,7 +75,7 @@ class DataConfig:
     dir: str = "/usr/share/datasets/fashion-mnist"
     factory: str | None = None
     train_size: PositiveInt | None = 8000
-    val_size: PositiveInt = 5000
+    val_size: PositiveInt = 10000
     test_size: PositiveInt | None = 10000
     check_size: NonNegativeInt = 0
     seed: int = 0
