@@ -48,8 +48,8 @@ NOTES_MARKER = "<!-- hand-written notes below this line are kept when the page i
 RECIPE_STAGES = ("blockio", "retrain", "joint", "cost", "accuracy", "table")  # LegoDNN's training time
 # The recipe the figures measure, per model, over the embedded defaults (pipelines/config.py).
 FULL = {
-    # The profile measures on 20,000 held-out images, a check split of 10,000 is used for
-    # nothing but checking what is told, and the official 10,000 test images are the test set.
+    # The profile measures on 20,000 validation images (10,000 choose, 10,000 tell), a check split
+    # of 10,000 is used for nothing but checking what is told; the official 10,000 test images test.
     "data": {"train_size": 30000, "val_size": 20000, "check_size": 10000, "test_size": 10000},
     "teacher": {"epochs": 8, "lr": 0.1, "batch_size": 128},
     "retrain": {"epochs": 1, "lr": 1e-3, "val_limit": 500, "io_limit": 14000},
