@@ -90,11 +90,9 @@ class Model:
         descend = {r.unit: prefix.dir("descend", r.unit) for r in prefix.records["descend"]}
         budgets = budget_grid(smallest_flops_fraction(prefix.dir("detect"), descend), args.budgets_n)
         over = merge_config(over, {"joint": {"sandwich_floor": budgets[0]}, "profile": {"verify_budgets": budgets}})
-        self.cfg = load_config(None, over)
-        self.budgets = budgets
+        self.cfg, self.budgets = load_config(None, over), budgets
         self.run = self._run(self.cfg)
-        self.scalable = ScalableModel.load(self.run.scalable_dir)
-        self.table = load(self.run.table_path)
+        self.scalable, self.table = ScalableModel.load(self.run.scalable_dir), load(self.run.table_path)
         self.teacher_flops = self.table.total(["0.0"] * len(self.table.blocks), "flops")
         self.lego_s = sum(r.seconds for s in RECIPE_STAGES for r in self.run.records.get(s, []))
 
@@ -366,6 +364,9 @@ def plot(figure: str, model: str, r: dict[str, Any], directory: Path) -> Path:
             pts = sorted((row[x], row["test_acc"]) for row in r["rows"] if row["method"] == method and x in row)
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=method)
+        for key, style in (("told", "--"), ("check_acc", ":")):  # what LegoDNN told, and the check split
+            if pts := sorted((row[x], row[key]) for row in r["rows"] if key in row and x in row):
+                ax.plot(*zip(*pts), ls=style, color="C0", label=f"legodnn {key.replace('_acc', ' split')}")
         ax.set_xlabel("FLOPs fraction of the teacher" if figure == "accuracy" else "measured latency (ms, batch 1)")
         ax.set_ylabel("test accuracy (%)")
     elif figure == "options":
