@@ -231,9 +231,10 @@ class SelectionEvaluator:
     follows the same prefix tree: a block's statistics depend only on the blocks before
     it, so each distinct prefix is re-estimated once.
 
-    With `held_out > 0` the last `held_out` images of `val_ds` choose nothing: every
-    accuracy that ranks, fits or picks (`accuracy_many`) is measured on the images before
-    them, and the same pass measures each selection on the held-out images too
+    With `held_out > 0` a seeded random `held_out` of the images of `val_ds` (positions
+    `held_out_mask`) choose nothing: every accuracy that ranks, fits or picks
+    (`accuracy_many`) is measured on the others, and the same pass measures each selection
+    on the held-out images too
     (`held_out_many`), which is what a chosen composition is told (`profiling.serving`):
     a value measured on the images that chose it carries the winner's curse of that choice.
     """
@@ -279,6 +280,8 @@ class SelectionEvaluator:
             )
         self.held_out = held_out
         self.choosing = len(val_ds) - held_out  # type: ignore[arg-type]
+        self.held_out_mask = np.zeros(len(val_ds), dtype=bool)  # type: ignore[arg-type]
+        self.held_out_mask[np.random.default_rng(seed).permutation(len(val_ds))[:held_out]] = True  # type: ignore[arg-type]
         self.cache: dict[Selection, float] = {}
         self.held_out_cache: dict[Selection, float] = {}
         self.evaluations = 0  # selections actually measured (cache misses)
@@ -356,22 +359,23 @@ class SelectionEvaluator:
         held_correct = dict.fromkeys(todo, 0)
         seen = 0
 
-        def visit(group: Sequence[Selection], depth: int, x: torch.Tensor, y: torch.Tensor, cut: int) -> None:
+        def visit(group: Sequence[Selection], depth: int, x: torch.Tensor, y: torch.Tensor, held_at: torch.Tensor) -> None:
             if depth == len(names):
                 right = x.argmax(1) == y
-                hits, held = int(right[:cut].sum()), int(right[cut:].sum())
+                held = int(right[held_at].sum())
+                hits = int(right.sum()) - held
                 for key in group:
                     correct[key] += hits
                     held_correct[key] += held
                 return
             for _, run in _runs(group, depth):
-                visit(run, depth + 1, modules[run[0][: depth + 1]](x), y, cut)
+                visit(run, depth + 1, modules[run[0][: depth + 1]](x), y, held_at)
 
         batches = loader(self.val_ds, self.batch_size, num_workers=self.num_workers)
         with torch.no_grad():
             for x, y in tqdm(batches, desc=f"evaluate {len(todo)} models", disable=not progress, unit="batch"):
                 x, y = x.to(device), y.to(device)
-                visit(todo, 0, x, y, min(max(self.choosing - seen, 0), len(y)))
+                visit(todo, 0, x, y, torch.from_numpy(self.held_out_mask[seen : seen + len(y)]).to(device))
                 seen += len(y)
         for key in todo:
             self.cache[key] = correct[key] / self.choosing

@@ -372,12 +372,15 @@ def refit_table(table: Any) -> Any:
     """
     import dataclasses
 
+    from profiling.profile import clip_drops
+
     if not table.calibration:
         return table
     old = Calibration.from_dict(table.calibration)
     heldout = AdditivityReport.from_dict(table.additivity or {"mae": 0, "max_error": 0, "n": 0})
     names = table.block_names
-    drops = {b.name: {c: ch.accuracy_drop_raw for c, ch in b.choices.items()} for b in table.blocks}
+    # As the profile fits: on the raw drops clipped at 0 (`profiling.profile.assemble_table`).
+    drops = clip_drops({b.name: {c: ch.accuracy_drop_raw for c, ch in b.choices.items()} for b in table.blocks})
     flops = {b.name: {c: float(ch.flops) for c, ch in b.choices.items()} for b in table.blocks}
     cal = fit_calibration(names, drops, table.teacher_accuracy, old.fit_points, heldout.points, flops=flops)
     calibrated = cal.apply(drops, flops)

@@ -167,25 +167,29 @@ def test_prefix_sharing_matches_plain_evaluation(scalable: ScalableModel, fmnist
 
 
 def test_held_out_images_are_measured_apart_in_the_same_pass(scalable: ScalableModel, fmnist_parts) -> None:
-    """The last `held_out` images choose nothing: `accuracy_many` counts only the images before
-    them and `held_out_many` only them, even where the cut falls inside a batch."""
+    """A seeded random `held_out` of the images choose nothing: `accuracy_many` counts only the
+    others and `held_out_many` only them, in one pass over batches that mix both."""
     from torch.utils.data import Subset
 
     val = fmnist_parts["val"]
-    held = len(val) // 2 - 37  # not a multiple of the batch size
-    cut = len(val) - held
+    held = len(val) // 2 - 37
     selections = [tuple(scalable.original_selection()), *random_compositions(scalable, 4, seed=3)]
-    split = SelectionEvaluator(scalable, val, batch_size=64, held_out=held)
+    split = SelectionEvaluator(scalable, val, batch_size=64, held_out=held, seed=5)
+    mask = split.held_out_mask
+    assert mask.sum() == held and split.choosing == len(val) - held
+    assert 0 < mask[: len(val) // 2].sum() < held, "the held-out images are a random draw, not the last ones"
+    assert (SelectionEvaluator(scalable, val, held_out=held, seed=5).held_out_mask == mask).all()
+    tell, choose = mask.nonzero()[0].tolist(), (~mask).nonzero()[0].tolist()
     choosing = split.accuracy_many(selections)
     assert split.held_out_cache.keys() == set(selections), "one pass measured both parts"
     telling = split.held_out_many(selections)
     assert split.evaluations == len(selections)
     for sel, a, t in zip(selections, choosing, telling):
-        assert a == evaluate(scalable.compose(list(sel)), Subset(val, range(cut)), batch_size=64)
-        assert t == evaluate(scalable.compose(list(sel)), Subset(val, range(cut, len(val))), batch_size=64)
+        assert a == evaluate(scalable.compose(list(sel)), Subset(val, choose), batch_size=64)
+        assert t == evaluate(scalable.compose(list(sel)), Subset(val, tell), batch_size=64)
     assert choosing != telling, "the two parts gave identical accuracies: the test cannot tell them apart"
     # Accuracies known from elsewhere on the choosing part only are measured again for the held-out part.
-    other = SelectionEvaluator(scalable, val, batch_size=64, held_out=held)
+    other = SelectionEvaluator(scalable, val, batch_size=64, held_out=held, seed=5)
     other.update(dict(zip(selections, choosing)))
     assert other.held_out_many(selections[:2]) == telling[:2] and other.evaluations == 2
     with pytest.raises(ValueError, match="held_out must be in"):
