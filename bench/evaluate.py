@@ -333,7 +333,7 @@ def fig_additivity(m: Model) -> dict[str, Any]:
 
     flops = {b.name: {c: p.flops for c, p in b.choices.items()} for b in m.table.blocks}
     sels = spread_compositions(m.scalable, flops, 6 if m.args.quick else 20, seed=m.args.seed + 7919)
-    ev = evaluator_for(m.scalable, m.run.checked.facts.data, 0, m.args.seed, m.cfg.profile.held_out_fraction)
+    ev = evaluator_for(m.scalable, m.run.checked.facts.data, 0, m.cfg.profile.seed, m.cfg.profile.held_out_fraction)
     measured = ev.held_out_many(sels) if ev.held_out else ev.accuracy_many(sels)
     points = [{"measured": round(100 * a, 2), "raw": round(100 * m.table.predicted_accuracy(s, raw=True), 2),
                "calibrated": round(100 * m.table.predicted_accuracy(s), 2)} for s, a in zip(sels, measured)]

@@ -296,7 +296,7 @@ def profile_model(
     SelectionEvaluator. val_ds must not be the retraining data. `bn_recalibration_batches > 0`
     re-estimates BatchNorm of every composed model on that many batches of `bn_batch_size`
     images of `bn_data` (a training split) before evaluating it, teacher included.
-    `held_out_fraction` of `val_ds` (its last images) chooses nothing: the frontier's told
+    `held_out_fraction` of `val_ds` (a seeded random draw) chooses nothing: the frontier's told
     values are measured there (`profiling.serving`).
     Everything but latency is deterministic given the seed; `settings["seconds"]` holds the
     seconds of each phase (costs, latency, accuracy).

@@ -90,7 +90,7 @@ def accuracy_items(plan: ProfilePlanJob, inputs: Inputs) -> list[Item]:
 
 def evaluator_for(scalable: Any, data: Any, bn_batches: int, seed: int, held_out_fraction: float = 0.0):
     """A SelectionEvaluator on the validation split (BatchNorm re-estimated on training data),
-    its last `held_out_fraction` held out of choosing (`profiling.serving`)."""
+    a seeded random `held_out_fraction` of it held out of choosing (`profiling.serving`)."""
     from pipelines.data import load_splits
     from profiling.accuracy import SelectionEvaluator
     from profiling.serving import held_out_count
