@@ -147,8 +147,8 @@ class PipelineResult:
             f"  model options:   {self.num_options:,} compositions",
             f"  teacher:         val accuracy {self.teacher.get('val_accuracy', float('nan')):.4f}, "
             f"test accuracy {self.teacher.get('test_accuracy', float('nan')):.4f}",
-            "  served compositions (latency budget -> accuracy told, ± standard error, measured or predicted on "
-            "validation data; test accuracy, on data that chose nothing):",
+            "  served compositions (latency budget -> accuracy told, ± standard error: measured on held-out "
+            "validation images that chose nothing, or predicted; test accuracy, on the test split):",
         ]
         original = self.points.get("original", {})
         for p in self.points.get("measured", []):
