@@ -27,6 +27,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scalable", required=True, type=Path, metavar="DIR",
                         help="a ScalableModel directory (as written by ScalableModel.save)")
@@ -39,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-size", type=_positive, default=1000, metavar="N",
                         help="data.val_size: validation images the accuracies are measured on (default 1000); "
                         "a seeded split of the training images (or of val/), disjoint from data.train_size")
-    parser.add_argument("--held-out-fraction", type=float, default=HELD_OUT_FRACTION, metavar="F",
+    parser.add_argument("--held-out-fraction", type=_fraction, default=HELD_OUT_FRACTION, metavar="F",
                         help="of the validation images, the fraction that chooses nothing: drops and calibration "
                         f"use the rest, and a served composition's told accuracy is measured there (default "
                         f"{HELD_OUT_FRACTION}; 0: every image chooses and tells)")

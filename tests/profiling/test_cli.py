@@ -82,3 +82,9 @@ def test_profile_reports_bad_input(tmp_path: Path, fmnist_dir: Path, capsys) -> 
     assert code == 2
     assert "absent" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+    # A held-out fraction that leaves nothing to choose with is refused before anything is loaded.
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "--scalable", str(tmp_path / "absent"), "--out", str(tmp_path / "t.json"),
+              "--held-out-fraction", "1"])
+    assert exc.value.code == 2
+    assert "--held-out-fraction: expected a fraction in [0, 1), got 1.0" in capsys.readouterr().err
