@@ -368,7 +368,7 @@ def plot(figure: str, model: str, r: dict[str, Any], directory: Path) -> Path:
             if pts := sorted((row[x], row[key]) for row in r["rows"] if key in row and x in row):
                 ax.plot(*zip(*pts), ls=style, color="C0", label=f"legodnn {key.replace('_acc', ' split')}")
         ax.set_xlabel("FLOPs fraction of the teacher" if figure == "accuracy" else "measured latency (ms, batch 1)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("accuracy (%)")
     elif figure == "options":
         if r["curve"]:
             ax.plot(*zip(*r["curve"]), marker=".", label="uniform @ 50% FLOPs, fine-tuning")
