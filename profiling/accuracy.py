@@ -234,9 +234,9 @@ class SelectionEvaluator:
     With `held_out > 0` a seeded random `held_out` of the images of `val_ds` (positions
     `held_out_mask`) choose nothing: every accuracy that ranks, fits or picks
     (`accuracy_many`) is measured on the others, and the same pass measures each selection
-    on the held-out images too
-    (`held_out_many`), which is what a chosen composition is told (`profiling.serving`):
-    a value measured on the images that chose it carries the winner's curse of that choice.
+    on the held-out images too (`held_out_many`), which is what a chosen composition is
+    told (`profiling.serving`): a value measured on the images that chose it carries the
+    winner's curse of that choice.
     """
 
     def __init__(

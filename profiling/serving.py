@@ -25,7 +25,11 @@ the best of several measured on the same images, so its number carries the winne
 of that choice. So a fraction of the validation split (`HELD_OUT_FRACTION`) chooses
 nothing: drops, calibration and the ranking values above use the rest, and every measured
 composition is also measured on the held-out images (`Measured.held_out_accuracy`), which
-is what `told` reports and what the prediction error is estimated against.
+is what `told` reports and what the prediction error is estimated against. That estimate is
+the one way the held-out images reach a choice: its bias, one scalar pooled over every
+re-ranked pick, shifts all unmeasured compositions against the measured ones. It is taken
+there because the picks were chosen by drops from the choosing images, so on those images
+the additive model would look less optimistic than it is.
 """
 
 from __future__ import annotations
