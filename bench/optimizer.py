@@ -4,8 +4,10 @@
     .venv/bin/python bench/optimizer.py --shapes 4x8x6 --instances 5 --out /tmp/table.md
 
 Instances are seeded, shaped like profile tables (`optimizer.problem.synthetic_problem`),
-compiled once and solved under several budget levels, as a device re-solves on every budget
-change. Per solve we time **solve** (`CompiledProblem.solve(budgets)`), **parse + solve**
+loaded once (`compile_problem(json, frontiers=True)`, as a device's re-solving loop does:
+validation, arrays and the models' frontiers; **load** is its time) and solved under
+several budget levels, as a device re-solves on every budget change. Per solve we time
+**solve** (`CompiledProblem.solve(budgets)` on the loaded problem), **parse + solve**
 (`compile_problem(parse_problem(json))` then solve: a one-off `legodnn solve`) and
 **PuLP/CBC** (LegoDNN's optimizer: a binary per block and descendant, latency and memory
 rows, built per re-solve, bundled CBC with gapAbs=0). Times are medians of `--repeats` runs
@@ -99,12 +101,14 @@ def run_shape(shape: tuple[int, int, int, bool], tightness: list[float], instanc
     """Time every solve of one shape (models, blocks, choices, degenerate): per-solve seconds,
     agreement, search states and (degenerate shapes) the peak allocation of a solve."""
     rng = random.Random(f"{seed}-{shape[:3]}{'z' * shape[3]}")  # the same instances as before "z" shapes
-    out: dict[str, Any] = {"shape": shape, **{k: [] for k in ("solve", "parse", "pulp", "states")}, "peak": 0.0,
+    out: dict[str, Any] = {"shape": shape, **{k: [] for k in ("solve", "parse", "pulp", "states", "load")}, "peak": 0.0,
                            **{k: 0 for k in ("fallbacks", "equal", "better", "mismatch")}}
     for _ in range(instances):
         models = synthetic_problem(rng, *shape[:3], 0.5)["models"]
         _flatten(rng, models) if shape[3] else None
-        compiled = compile_problem({"models": models, "budgets": synthetic_budgets(models, tightness[0])})
+        start = time.perf_counter()
+        compiled = compile_problem({"models": models, "budgets": synthetic_budgets(models, tightness[0])}, frontiers=True)
+        out["load"].append(time.perf_counter() - start)
         for t in tightness:
             raw = {"models": models, "budgets": synthetic_budgets(models, t)}
             seconds, solution = _timed(lambda: compiled.solve(raw["budgets"]), repeats)
@@ -141,9 +145,9 @@ def machine() -> str:
 def table(results: list[dict[str, Any]]) -> str:
     head = ("| shape (models x blocks x choices) | solves | solve p50 ms | solve p99 ms | PuLP/CBC p50 ms | PuLP/CBC p99 ms "
             "| solve vs CBC (p50) | parse+solve p50 ms | parse+solve p99 ms | parse+solve vs CBC (p50) | objective mismatches "
-            "| better than CBC (= HiGHS) | median states | MILP fallbacks | peak MB (zero drops) |")
-    rows = [head, "|" + "---|" * 15]
-    every = {"shape": None, **{k: [v for r in results for v in r[k]] for k in ("solve", "parse", "pulp", "states")},
+            "| better than CBC (= HiGHS) | median states | MILP fallbacks | peak MB (zero drops) | load p50 ms |")
+    rows = [head, "|" + "---|" * 16]
+    every = {"shape": None, **{k: [v for r in results for v in r[k]] for k in ("solve", "parse", "pulp", "states", "load")},
              **{k: sum(r[k] for r in results) for k in ("fallbacks", "mismatch", "better")}, "peak": max(r["peak"] for r in results)}
     med = statistics.median
     for r in [*results, every]:
@@ -157,7 +161,8 @@ def table(results: list[dict[str, Any]]) -> str:
             checks = f"{r['mismatch']} | {r['better']}"
         else:
             theirs, parse, checks = "- | - | -", parse + " | -", "- | -"
-        rows.append(f"| {label} | {len(r['solve'])} | {ours} | {theirs} | {parse} | {checks} | {med(r['states']):.0f} | {r['fallbacks']} | {r['peak']:.1f} |")
+        rows.append(f"| {label} | {len(r['solve'])} | {ours} | {theirs} | {parse} | {checks} | {med(r['states']):.0f} | {r['fallbacks']} "
+                    f"| {r['peak']:.1f} | {med(r['load']) * 1e3:.0f} |")
     return "\n".join(rows)
 
 

@@ -26,6 +26,14 @@ The method (exact; `optimizer.dual` and `optimizer.search` have the parts):
    ties; the answer is the lexicographically smallest selection by (model, block, choice
    index) among those tied with the best, so a problem always yields the same selection.
 
+**Prepared problems** (`prepare`, `compile_problem(..., frontiers=True)`, `RuntimeScaler`)
+also keep each model's frontier (`optimizer.frontier`): the selections no other of the
+same model beats under any budgets. A solve with top_k=1 and no switching cost reads them
+instead of steps 3-4 over chunks: one model's best row that fits, or for several models
+(while their frontiers are small, `MERGE_ROWS`) the same enumeration over their rows, with
+multipliers from a grid of the dual precomputed per kind of constraints (`dual.DualGrid`).
+Where that path does not decide (nothing feasible found, too many pairs), the search does.
+
 Every reported number comes from `optimizer.evaluation.evaluate_indices`. Worst case is
 exponential (NP-hard): a pass that would hold more than `node_limit` states stops and the
 independent MILP (`optimizer.milp`, SciPy/HiGHS) answers, or, where SciPy is not
@@ -43,8 +51,9 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.dual import Relaxation, axes_values, core_selections, lp_infeasible, multipliers, natural_scale
+from optimizer.dual import DualGrid, Relaxation, axes_values, core_selections, dual_grid, lp_infeasible, multipliers, natural_scale
 from optimizer.evaluation import Solution, budget_limit, evaluate_indices, infeasible
+from optimizer.frontier import DEFAULT_CAP, Frontier, Frontiers, best_rows, model_frontier, stack
 from optimizer.problem import Budgets, Model, Problem, parse_budgets, parse_current, parse_problem
 from optimizer.search import Bounds, Layout, PassResult, StateLimit, bounds, layout, run_pass
 
@@ -52,6 +61,9 @@ __all__ = ["DEFAULT_NODE_LIMIT", "CompiledProblem", "SearchLimitError", "compile
 
 DEFAULT_NODE_LIMIT = 200_000
 METHOD = "lagrangian-enumeration"
+FRONTIER_METHOD = "frontier"
+_MARGIN = 4.0  # frontiers keep every selection within this many tie windows of a better one
+MERGE_ROWS = 14_000  # several models' frontiers are merged where they hold at most this many rows in all
 BEAM = 32  # partial selections per model a beam pass keeps (when no first threshold was found)
 CORE_GROUPS = (12, 14, 16)  # contested groups whose two best choices the first threshold tries (by size)
 ITEM_BUDGET = 2048
@@ -124,6 +136,17 @@ class _Constraints:
         ]
 
 
+@dataclass(frozen=True)
+class _FrontierKind:
+    """One kind of constraints on the frontiers: each row's coefficients (D, M, I), each
+    model's least usage (D, M) and, for one or two constraints on several models, the dual's
+    grid (the multipliers of a re-solve in one matrix product)."""
+
+    coef: np.ndarray
+    least: np.ndarray
+    grid: DualGrid | None
+
+
 class CompiledProblem:
     """The models of a problem as arrays, ready to be solved under any budgets.
 
@@ -174,6 +197,49 @@ class CompiledProblem:
         self._build_compositions(models)
         self._cache: dict[Any, _Constraints] = {}
         self._no_compositions = (np.zeros(0), np.zeros((0, 0)), np.zeros(0, dtype=np.intp))
+        self._frontiers: Frontiers | None = None
+        self._kinds: dict[tuple[str | int, ...], _FrontierKind] = {}
+
+    def prepare(self, cap: int = DEFAULT_CAP) -> bool:
+        """Builds every model's frontier (`optimizer.frontier`), once, for a caller that
+        re-solves: from then on a solve without switching costs and with top_k=1 reads the
+        frontiers instead of searching the blocks (the same answer, ties included).
+
+        Takes about 0.01-0.2 s per model of 8-12 blocks; call it when a table is loaded.
+        Several models are read from their frontiers only while these hold at most
+        `MERGE_ROWS` selections in all (past that, merging them costs more than searching
+        the blocks): the build stops there.
+
+        Args:
+            cap: the most selections one model's frontier may hold; past it (degenerate
+                tables, where values do not separate selections) no frontier is built.
+
+        Returns:
+            Whether solves read frontiers (False: they keep searching the blocks).
+        """
+        if self._frontiers is not None:
+            return True
+        scale = abs(self.constant) + float(np.abs(np.where(self._valid, self._value, 0.0)).max(axis=0).sum())
+        margin = _MARGIN * _EPS_REL * scale
+        usage = np.stack([self._lat, self._mem])
+        built: list[Frontier] = []
+        held = 0
+        for m, model in enumerate(self.models):
+            lo, hi = self._start[m], self._start[m + 1]
+            comps = [(self._comp_choice[j, : hi - lo].tolist(), float(self._comp_gain[j]))
+                     for j in np.flatnonzero(self._comp_model == m)]
+            limit = cap if len(self.models) == 1 else min(cap, MERGE_ROWS - held)
+            front = model_frontier(np.where(self._valid[:, lo:hi], self._value[:, lo:hi], 0.0), usage[:, :, lo:hi],
+                                   [len(b.choices) for b in model.blocks], margin, comps, limit)
+            if front is None:
+                return False
+            built.append(front)
+            held += len(front.value)
+        self._frontiers = stack(built)
+        default = self._constraints(self.problem())
+        if default.value is self._value:
+            self._frontier_kind(default)  # this kind of constraints' arrays now, others on first use
+        return True
 
     @property
     def _index(self) -> list[dict[str, int]]:
@@ -359,6 +425,11 @@ class CompiledProblem:
                 if low > limit
             ]
             return infeasible(self._minima, "; ".join(over), "bounds")
+        slack = limits + 1e-12 * (np.abs(limits) + con.spread)  # summed in another order than `evaluate_indices`
+        if top_k == 1 and value is self._value and self._frontiers is not None:
+            solution = self._on_frontiers(problem, con, limits, slack)
+            if solution is not None:
+                return solution
         zooms = 0 if self._n_groups <= 12 else 1 if self._n_groups <= 24 else 2
         free = Relaxation(value, coef, limits, self._start[:-1], *self._no_compositions)
         lams = multipliers(free, scale, zooms, con.owner, con.axes_part)
@@ -374,11 +445,56 @@ class CompiledProblem:
             first = max(first, self._first_target(value, coef, limits, both[0], top_k))
             lams = np.concatenate([both, lams])
         # Summed in another order than `evaluate_indices`: a hair of slack, then the canonical verdict.
-        b = bounds(lay, lams, limits + 1e-12 * (np.abs(limits) + con.spread))
+        b = bounds(lay, lams, slack)
         eps = max(con.eps, _EPS_REL * float(np.abs(b.upper).max()), 1e-300)
         if first == -np.inf and len(limits) and lp_infeasible(coef, self._valid, limits):
             return infeasible(self._minima, _JOINTLY_INFEASIBLE + " (not even fractionally)", METHOD)
         return self._search(problem, b, first, top_k, eps, node_limit)
+
+    def _frontier_kind(self, con: _Constraints) -> _FrontierKind:
+        """The frontiers' arrays for the kind of constraints `con` lays out (built on first use)."""
+        key = tuple(con.sources)
+        if key not in self._kinds:
+            fr = self._frontiers
+            assert fr is not None
+            rows = [fr.usage[0] if s == "latency_ms" else fr.usage[1] if s == "memory_bytes"
+                    else np.where(np.arange(len(self.models))[:, None] == s, fr.usage[0], 0.0) for s in con.sources]
+            coef = np.stack(rows) if rows else np.zeros((0, *fr.value.shape))
+            grid = None
+            if len(self.models) > 1 and len(rows) in (1, 2):
+                lay = con.layout
+                rel = Relaxation(con.value, con.coef, np.zeros(len(rows)), self._start[:-1], lay.comp_value, lay.comp_coef, lay.comp_model)
+                grid = dual_grid(rel, con.scale)
+            self._kinds[key] = _FrontierKind(coef=coef, least=np.where(fr.valid[None], coef, np.inf).min(axis=2), grid=grid)
+        return self._kinds[key]
+
+    def _on_frontiers(self, problem: Problem, con: _Constraints, limits: np.ndarray, slack: np.ndarray) -> Solution | None:
+        """The solution read from the frontiers, or None where they do not decide it (then the
+        search does: it also says why a problem is infeasible).
+
+        Several models: multipliers from the dual's grid (or searched, past two constraints)
+        and a first value from `_first_target` set up `frontier.best_rows`."""
+        fr = self._frontiers
+        assert fr is not None
+        kind = self._frontier_kind(con)
+        lam, known = np.zeros(len(limits)), -np.inf
+        if len(self.models) > 1:
+            if kind.grid is not None:
+                lam = kind.grid.best(limits)
+            else:
+                free = Relaxation(con.value, con.coef, limits, self._start[:-1], *self._no_compositions)
+                lam = multipliers(free, con.scale, 2, con.owner, con.axes_part)[0]
+            for raised in (1.0, 1.25, 2.0):  # more frugal best choices where none fits
+                known = self._first_target(con.value, con.coef, limits, raised * lam, 1)
+                if known > -np.inf:
+                    break
+        found = best_rows(fr, kind.coef, kind.least, slack, lam, con.eps, known)
+        if found is None:
+            return None
+        rows, states = found
+        indices = [fr.choice[m][r].tolist() for m, r in enumerate(rows)]
+        solution = evaluate_indices(problem, indices, self._minima, self.measured, FRONTIER_METHOD, states)
+        return solution if solution.feasible else None
 
     def _first_target(self, value: np.ndarray, coef: np.ndarray, limits: np.ndarray, lam: np.ndarray, top_k: int) -> float:
         """A value that top_k distinct feasible selections reach (-inf if none was found).
@@ -388,8 +504,8 @@ class CompiledProblem:
         or by a greedy pick of one composition per model (best gain first, while it fits).
         """
         n_core = CORE_GROUPS[(self._n_groups > 40) + (self._n_groups > 80)]
-        selections, values = core_selections(value, coef, limits, lam, n_core, top_k)
-        if len(self._comp_model) and len(values):  # a composition is worth its measured value
+        selections, values = core_selections(value, coef, limits, lam, n_core, top_k, rows=len(self._comp_model) > 0)
+        if selections is not None and len(values):  # a composition is worth its measured value
             cols = np.arange(selections.shape[1])
             base = selections[0]
             swapped = np.repeat(base[None], len(self._comp_model) + 1, axis=0)
@@ -532,12 +648,14 @@ class CompiledProblem:
         return self._finish([evaluate_indices(problem, s, self._minima, self.measured, method, states) for _, s in found])
 
 
-def compile_problem(source: Problem | Mapping[str, Any] | str | Path) -> CompiledProblem:
+def compile_problem(source: Problem | Mapping[str, Any] | str | Path, *, frontiers: bool = False) -> CompiledProblem:
     """A `CompiledProblem` from a `Problem`, or from its JSON form (validated first).
 
     The compiled problem keeps the problem's budgets, current selection and penalty as
     the defaults of `CompiledProblem.solve`, and lays out its arrays for those kinds of
-    constraints now (other kinds are laid out on first use, then kept).
+    constraints now (other kinds are laid out on first use, then kept). With `frontiers`
+    it also builds the models' frontiers (`CompiledProblem.prepare`): for a caller that
+    re-solves under many budgets, not for a one-off solve.
     """
     problem = source if isinstance(source, Problem) else parse_problem(source)
     compiled = CompiledProblem(
@@ -547,4 +665,6 @@ def compile_problem(source: Problem | Mapping[str, Any] | str | Path) -> Compile
         switch_penalty_per_byte=problem.switch_penalty_per_byte,
     )
     compiled._constraints(problem)  # the arrays for these kinds of constraints, before the first solve
+    if frontiers:
+        compiled.prepare()
     return compiled

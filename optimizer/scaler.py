@@ -10,7 +10,9 @@ Hysteresis keeps a still-feasible current selection when the better one gains le
 threshold, so budgets that jitter around a boundary do not make blocks flap in and out.
 
 The models are validated and laid out once (`compiled`, a `CompiledProblem`); an update
-re-solves it under the new budgets and the running selections.
+re-solves it under the new budgets and the running selections. Without a switching
+penalty the scaler also builds the models' frontiers once (`CompiledProblem.prepare`),
+so an update without a switch budget reads them instead of searching the blocks.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ class RuntimeScaler:
         self.switch_penalty_per_byte = parse_penalty(switch_penalty_per_byte)
         self.node_limit = node_limit
         self.compiled = CompiledProblem(self.models, switch_penalty_per_byte=self.switch_penalty_per_byte)
+        if not self.switch_penalty_per_byte:  # a penalty changes every value with the running selection
+            self.compiled.prepare()
         self.problem({})  # validates the switchers' running selections against the choices now
 
     @property

@@ -1,0 +1,163 @@
+"""Frontiers: what a prepared problem reads instead of searching the blocks must give the
+search's answer, ties and measured compositions included."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import numpy as np
+import pytest
+
+from optimizer import compile_problem
+from optimizer.compiled import FRONTIER_METHOD, METHOD
+from optimizer.frontier import model_frontier
+from optimizer.problem import synthetic_budgets
+
+
+def _brute_best(value, usage, sizes, gains, lat, mem):
+    """Index tuple of the best selection within (lat, mem), ties to the lexicographically smallest."""
+    best = None
+    for sel in itertools.product(*[range(s) for s in sizes]):
+        v = 0.0
+        for b, c in enumerate(sel):
+            v += value[c, b]
+        v += gains.get(sel, 0.0)
+        u = [sum(usage[d, c, b] for b, c in enumerate(sel)) for d in range(2)]
+        if u[0] <= lat and u[1] <= mem and (best is None or v > best[0] + 1e-12):
+            best = (v, sel)
+    return None if best is None else best[1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_frontier_holds_the_best_selection_under_every_budget(seed):
+    """Coarse values and usages make exact ties and equal usages common; compositions worth
+    more and less than their sum are among the selections."""
+    rng = np.random.default_rng(seed)
+    checked = 0
+    for _ in range(40):
+        B, C = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        sizes = rng.integers(1, C + 1, B).tolist()
+        value = -rng.integers(0, 3, (C, B)) / 1024
+        usage = np.stack([rng.integers(1, 5, (C, B)) / 2, rng.integers(1, 4, (C, B)).astype(float)])
+        every = list(itertools.product(*[range(s) for s in sizes]))
+        comps = [(list(every[rng.integers(len(every))]), float(rng.choice([-2, 0, 1]) / 1024)) for _ in range(rng.integers(0, 3))]
+        gains: dict[tuple[int, ...], float] = {}
+        for row, gain in comps:
+            gains[tuple(row)] = max(gain, gains.get(tuple(row), -np.inf))
+        front = model_frontier(value, usage, sizes, 1e-9, comps)
+        assert front is not None and len(front.value) <= len(every)
+        assert (np.diff([int(np.ravel_multi_index(r, sizes)) for r in front.choice]) > 0).all()  # lexicographic
+        lats = sorted({sum(usage[0, c, b] for b, c in enumerate(s)) for s in every})
+        mems = sorted({sum(usage[1, c, b] for b, c in enumerate(s)) for s in every})
+        for lat in lats[:: max(1, len(lats) // 4)]:
+            for mem in mems[:: max(1, len(mems) // 3)]:
+                expected = _brute_best(value, usage, sizes, gains, lat, mem)
+                fits = (front.usage[0] <= lat) & (front.usage[1] <= mem)
+                if expected is None:
+                    assert not fits.any()
+                    continue
+                top = front.value[fits].max()
+                assert tuple(front.choice[np.flatnonzero(fits & (front.value >= top - 1e-12))[0]]) == expected
+                checked += 1
+    assert checked > 100
+
+
+def test_a_frontier_past_its_cap_is_not_built():
+    value = np.zeros((4, 6))  # every selection worth the same: only usage separates them
+    usage = np.stack([np.arange(4.0)[:, None].repeat(6, 1), 3.0 - np.arange(4.0)[:, None].repeat(6, 1)])
+    assert model_frontier(value, usage, [4] * 6, 1e-9, cap=5) is None
+    assert model_frontier(value, usage, [4] * 6, 1e-9) is not None
+
+
+def _compare(raw) -> bool:
+    """Whether the frontiers answered; asserts their answer equals the search's."""
+    searched = compile_problem(raw).solve()
+    prepared = compile_problem(raw, frontiers=True)
+    read = prepared.solve()
+    assert read.feasible == searched.feasible, (read.reason, searched.reason)
+    if searched.feasible:
+        assert read.selection == searched.selection
+        assert math.isclose(read.objective, searched.objective, rel_tol=0, abs_tol=1e-12)
+    return read.method == FRONTIER_METHOD
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_prepared_problem_equals_brute_force(gen, seed):
+    rng = random.Random(300 + seed)
+    read = 0
+    for _ in range(25):
+        raw = gen.random(rng, rng.randint(1, 3), (1, 3), (1, 4), deadlines=rng.random() < 0.4,
+                         memory=rng.random() < 0.8, latency=rng.random() < 0.8,
+                         quantum=1 / 64 if rng.random() < 0.4 else None)
+        if rng.random() < 0.5:
+            gen.compositions(rng, raw)
+        every = gen.brute_force(raw)
+        solution = compile_problem(raw, frontiers=True).solve()
+        read += solution.method == FRONTIER_METHOD
+        if not every:
+            assert not solution.feasible
+            continue
+        assert solution.feasible, solution.reason
+        assert solution.selection == every[0][2]
+        assert math.isclose(solution.objective, every[0][0], rel_tol=0, abs_tol=1e-12)
+    assert read >= 15  # the frontiers answered most of them
+
+
+@pytest.mark.parametrize("shape", [(1, 10, 8), (2, 8, 6), (3, 9, 6), (4, 8, 6)])
+def test_a_prepared_problem_equals_the_search_on_realistic_tables(gen, shape):
+    rng = random.Random(str(shape))
+    read = 0
+    for measured in (False, True):
+        raw = gen.realistic(rng, *shape, 0.5)
+        if measured:
+            gen.compositions(rng, raw)
+        for tightness in (0.05, 0.2, 0.5, 0.9):
+            raw["budgets"] = synthetic_budgets(raw["models"], tightness)
+            read += _compare(raw)
+    assert read >= 4  # at least the tables without compositions (with them a loose bound may leave it to the search)
+
+
+def test_a_prepared_problem_on_a_degenerate_table_equals_the_search(gen):
+    rng = random.Random(7)
+    for kind in ("zero", "equal", "identical"):
+        raw = gen.degenerate(rng, 1, 8, 5, kind)
+        gen.tied_compositions(rng, raw, 50)
+        assert _compare(raw)
+
+
+def test_switching_costs_and_top_k_search_the_blocks(gen):
+    rng = random.Random(5)
+    raw = gen.random(rng, 2, 4, 3, penalty=True)
+    prepared = compile_problem(raw, frontiers=True)
+    assert prepared.solve().method == METHOD  # the penalty changes values: frontiers do not hold
+    raw = gen.random(rng, 1, 4, 3)
+    prepared = compile_problem(raw, frontiers=True)
+    assert prepared.solve().method == FRONTIER_METHOD
+    assert prepared.solve(top_k=3).method == METHOD
+
+
+def test_a_model_past_the_cap_keeps_searching(gen):
+    raw = gen.degenerate(random.Random(3), 1, 6, 4, "zero")
+    compiled = compile_problem(raw)
+    assert not compiled.prepare(cap=3)
+    assert compiled.solve().method == METHOD
+    assert compiled.prepare()
+    assert compiled.solve().method == FRONTIER_METHOD
+
+
+def test_an_infeasible_prepared_problem_says_why(gen):
+    raw = gen.random(random.Random(9), 2, 3, 3)
+    raw["budgets"] = {"latency_ms": 1e-6}
+    solution = compile_problem(raw, frontiers=True).solve()
+    assert not solution.feasible and "latency budget" in solution.reason
+
+
+def test_several_models_past_the_merge_size_keep_searching(gen, monkeypatch):
+    raw = gen.realistic(random.Random(2), 2, 6, 5, 0.4)
+    monkeypatch.setattr("optimizer.compiled.MERGE_ROWS", 10)
+    compiled = compile_problem(raw, frontiers=True)
+    assert compiled.solve().method == METHOD
+    monkeypatch.undo()
+    assert _compare(raw)
