@@ -209,7 +209,7 @@ def stack(frontiers: Sequence[Frontier]) -> Frontiers:
 
 def best_rows(
     fr: Frontiers, coef: np.ndarray, least: np.ndarray, limits: np.ndarray, lam: np.ndarray, eps: float,
-    known: float = -np.inf, pair_cap: int = 1 << 20,
+    known: float = -np.inf, pair_cap: int = 1 << 16,
 ) -> tuple[list[int], int] | None:
     """Per model the frontier row of the best feasible selection (values within `eps` tie,
     the lexicographically smallest wins) and how many partial selections were held, or
