@@ -44,6 +44,7 @@ import numpy as np
 __all__ = ["DEFAULT_CAP", "Frontier", "Frontiers", "best_rows", "model_frontier", "stack"]
 
 DEFAULT_CAP = 50_000  # selections per model above which no frontier is built
+_COMPARED = 1 << 22  # booleans one step of `_rows_in` may hold
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,17 @@ def _can_beat(choice: np.ndarray, worse: list[tuple[int, ...]]) -> np.ndarray | 
     if not worse:
         return None
     depth = choice.shape[1]
-    prefixes = np.array([row[:depth] for row in worse], dtype=np.intp)
-    return ~(choice[:, None, :] == prefixes[None]).all(axis=2).any(axis=1)
+    return ~_rows_in(choice, np.array([row[:depth] for row in worse], dtype=np.intp))
+
+
+def _rows_in(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """(n,) whether each row of `rows` (n, d) is a row of `table` (J, d); compared a block
+    of rows at a time, so memory stays within `_COMPARED` booleans."""
+    out = np.zeros(len(rows), dtype=bool)
+    step = max(1, _COMPARED // max(table.size, 1))
+    for at in range(0, len(rows), step):
+        out[at : at + step] = (rows[at : at + step, None, :] == table[None]).all(axis=2).any(axis=1)
+    return out
 
 
 def _with_compositions(
@@ -124,7 +134,7 @@ def _with_compositions(
     blocks = np.arange(rows.shape[1])
     comp_v = value[rows, blocks].cumsum(axis=1)[:, -1] + np.array(list(best.values()))
     comp_u = usage[:, rows, blocks].sum(axis=2)
-    free = ~(choice[:, None, :] == rows[None]).all(axis=2).any(axis=1)
+    free = ~_rows_in(choice, rows)
     return (np.concatenate([v[free], comp_v]), np.concatenate([u[:, free], comp_u], axis=1),
             np.concatenate([choice[free], rows]))
 

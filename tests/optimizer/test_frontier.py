@@ -64,6 +64,18 @@ def test_a_frontier_holds_the_best_selection_under_every_budget(seed):
     assert checked > 100
 
 
+def test_rows_are_matched_against_compositions_a_block_at_a_time(monkeypatch):
+    from optimizer import frontier
+
+    rng = np.random.default_rng(1)
+    rows, table = rng.integers(0, 3, (50, 4)), rng.integers(0, 3, (7, 4))
+    expected = [tuple(r) in set(map(tuple, table)) for r in rows]
+    monkeypatch.setattr(frontier, "_COMPARED", 30)  # 1 row per block
+    assert frontier._rows_in(rows, table).tolist() == expected
+    monkeypatch.undo()
+    assert frontier._rows_in(rows, table).tolist() == expected and any(expected)
+
+
 def test_a_frontier_past_its_cap_is_not_built():
     value = np.zeros((4, 6))  # every selection worth the same: only usage separates them
     usage = np.stack([np.arange(4.0)[:, None].repeat(6, 1), 3.0 - np.arange(4.0)[:, None].repeat(6, 1)])
