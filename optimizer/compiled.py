@@ -219,8 +219,7 @@ class CompiledProblem:
         """
         if self._frontiers is not None:
             return True
-        scale = abs(self.constant) + float(np.abs(np.where(self._valid, self._value, 0.0)).max(axis=0).sum())
-        margin = _MARGIN * _EPS_REL * scale
+        margin = _MARGIN * self._tie_window(self._value)
         usage = np.stack([self._lat, self._mem])
         built: list[Frontier] = []
         held = 0
@@ -240,6 +239,10 @@ class CompiledProblem:
         if default.value is self._value:
             self._frontier_kind(default)  # this kind of constraints' arrays now, others on first use
         return True
+
+    def _tie_window(self, value: np.ndarray) -> float:
+        """Values closer than this are ties (float noise): 1e-11 of the objective's scale."""
+        return _EPS_REL * (abs(self.constant) + float(np.abs(np.where(self._valid, value, 0.0)).max(axis=0).sum()))
 
     @property
     def _index(self) -> list[dict[str, int]]:
@@ -385,7 +388,7 @@ class CompiledProblem:
             spread=np.where(valid[None], coef, 0.0).max(axis=1).sum(axis=1),
             scale=scale,
             axes_part=axes_values(free, scale) if len(coef) else np.zeros(0),
-            eps=_EPS_REL * (abs(self.constant) + float(np.abs(np.where(valid, value, 0.0)).max(axis=0).sum())),
+            eps=self._tie_window(value),
         )
         if not switching:
             self._cache[key] = entry
