@@ -24,6 +24,10 @@ operations over all groups and all candidate multipliers at once):
    grid cell's corners bracket it. More constraints (deadlines, a switching budget):
    each coordinate in turn moved to the best of a line of values (a batch each).
 
+`DualGrid` (`dual_grid`) keeps f's budget-independent part on a fixed grid of multipliers
+for one or two constraints, built once: under new budgets the grid's best point is one
+matrix product away (what a prepared problem's frontier merge uses, `optimizer.frontier`).
+
 `core_selections` gives the search its first threshold: under the best multipliers each
 group's best choice is fixed except in the `n_core` most contested groups (the smallest
 loss from the best to the second-best choice), which try both; all 2^n_core combinations

@@ -76,6 +76,23 @@ def test_rows_are_matched_against_compositions_a_block_at_a_time(monkeypatch):
     assert frontier._rows_in(rows, table).tolist() == expected and any(expected)
 
 
+def test_the_dual_grid_is_the_dual_under_any_budgets(gen):
+    from optimizer.dual import Relaxation, dual_grid, natural_scale
+
+    compiled = compile_problem(gen.realistic(random.Random(4), 3, 5, 4, 0.5))
+    V, A = compiled._value, np.stack([compiled._lat, compiled._mem])
+    scale = natural_scale(V, A, compiled._valid)
+    grid = dual_grid(Relaxation(V, A, np.zeros(2), compiled._start[:-1], np.zeros(0), np.zeros((2, 0)), np.zeros(0, dtype=np.intp)), scale)
+    assert len(grid.lams) == 65**2 and (grid.lams >= 0).all()
+    for limits in (np.array([3.0, 2e6]), np.array([9.0, 5e5])):
+        rel = Relaxation(V, A, limits, compiled._start[:-1], np.zeros(0), np.zeros((2, 0)), np.zeros(0, dtype=np.intp))
+        f = rel.dual(grid.lams)
+        assert np.allclose(grid.part + grid.lams @ limits, f, rtol=1e-12, atol=1e-12)
+        assert rel.dual(grid.best(limits)[None])[0] <= f.min() + 1e-9 * abs(f.min())
+    with pytest.raises(ValueError, match="one or two constraints"):
+        dual_grid(rel, np.ones(3))
+
+
 def test_a_frontier_past_its_cap_is_not_built():
     value = np.zeros((4, 6))  # every selection worth the same: only usage separates them
     usage = np.stack([np.arange(4.0)[:, None].repeat(6, 1), 3.0 - np.arange(4.0)[:, None].repeat(6, 1)])
