@@ -436,11 +436,7 @@ class CompiledProblem:
         zooms = 0 if self._n_groups <= 12 else 1 if self._n_groups <= 24 else 2
         free = Relaxation(value, coef, limits, self._start[:-1], *self._no_compositions)
         lams = multipliers(free, scale, zooms, con.owner, con.axes_part)
-        first = self._first_target(value, coef, limits, lams[0], top_k)
-        for raised in (lams[int(lams.sum(axis=1).argmax())], 2.0 * lams[0]):  # more frugal best choices
-            if first > -np.inf:
-                break
-            first = self._first_target(value, coef, limits, raised, top_k)
+        first = self._first_found(value, coef, limits, lams, top_k)
         fits = (lay.comp_need <= limits[:, None]).all(axis=0)  # compositions that can fit at all
         if fits.any():  # the bound with compositions has its own best multipliers: prune with both sets
             rel = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[fits], lay.comp_coef[:, fits], lay.comp_model[fits])
@@ -476,7 +472,7 @@ class CompiledProblem:
         search does: it also says why a problem is infeasible).
 
         Several models: multipliers from the dual's grid (or searched, past two constraints)
-        and a first value from `_first_target` set up `frontier.best_rows`."""
+        and a first value from `_first_found` set up `frontier.best_rows`."""
         fr = self._frontiers
         assert fr is not None
         kind = self._frontier_kind(con)
@@ -487,10 +483,7 @@ class CompiledProblem:
             else:
                 free = Relaxation(con.value, con.coef, limits, self._start[:-1], *self._no_compositions)
                 lam = multipliers(free, con.scale, 2, con.owner, con.axes_part)[0]
-            for raised in (1.0, 1.25, 2.0):  # more frugal best choices where none fits
-                known = self._first_target(con.value, con.coef, limits, raised * lam, 1)
-                if known > -np.inf:
-                    break
+            known = self._first_found(con.value, con.coef, limits, np.array([lam, 1.25 * lam]), 1)
         found = best_rows(fr, kind.coef, kind.least, slack, lam, con.eps, known)
         if found is None:
             return None
@@ -498,6 +491,16 @@ class CompiledProblem:
         indices = [fr.choice[m][r].tolist() for m, r in enumerate(rows)]
         solution = evaluate_indices(problem, indices, self._minima, self.measured, FRONTIER_METHOD, states)
         return solution if solution.feasible else None
+
+    def _first_found(self, value: np.ndarray, coef: np.ndarray, limits: np.ndarray, lams: np.ndarray, top_k: int) -> float:
+        """`_first_target` under the best multipliers `lams[0]`, else under more frugal ones
+        (the set's largest, then twice the best) where none of its selections fits."""
+        first = self._first_target(value, coef, limits, lams[0], top_k)
+        for frugal in (lambda: lams[int(lams.sum(axis=1).argmax())], lambda: 2.0 * lams[0]):
+            if first > -np.inf:
+                break
+            first = self._first_target(value, coef, limits, frugal(), top_k)
+        return first
 
     def _first_target(self, value: np.ndarray, coef: np.ndarray, limits: np.ndarray, lam: np.ndarray, top_k: int) -> float:
         """A value that top_k distinct feasible selections reach (-inf if none was found).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -185,20 +186,22 @@ def brute_force(problem: dict[str, Any]) -> list[tuple[float, tuple[int, ...], d
     return out
 
 
-def assert_top_k_is_brute_force(problem: dict[str, Any], k: int) -> None:
+def assert_top_k_is_brute_force(problem: dict[str, Any], k: int, solver: Callable[[dict[str, Any], int], Any] | None = None) -> Any:
     """The solver's best k selections are brute force's first k (ties in lexicographic
-    order), with their objectives, and each is feasible with the objective it claims."""
+    order), with their objectives, and each is feasible with the objective it claims.
+    `solver(problem, k)` defaults to a one-off `solve`; returns its solution."""
     every = brute_force(problem)
-    solution = solve(parse_problem(problem), top_k=k)
+    solution = solver(problem, k) if solver else solve(parse_problem(problem), top_k=k)
     if not every:
         assert not solution.feasible
-        return
+        return solution
     got = [solution, *solution.alternatives]
     assert [s.selection for s in got] == [e[2] for e in every[:k]]
     for s, e in zip(got, every):
         assert math.isclose(s.objective, e[0], rel_tol=0, abs_tol=1e-12)
         feasible, objective, _ = check(problem, s.selection)
         assert feasible and math.isclose(objective, s.objective, rel_tol=0, abs_tol=1e-12)
+    return solution
 
 
 def minima(problem: dict[str, Any]) -> tuple[float, float]:

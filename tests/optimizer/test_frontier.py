@@ -122,15 +122,8 @@ def test_a_prepared_problem_equals_brute_force(gen, seed):
                          quantum=1 / 64 if rng.random() < 0.4 else None)
         if rng.random() < 0.5:
             gen.compositions(rng, raw)
-        every = gen.brute_force(raw)
-        solution = compile_problem(raw, frontiers=True).solve()
+        solution = gen.assert_top_k_is_brute_force(raw, 1, lambda raw, k: compile_problem(raw, frontiers=True).solve(top_k=k))
         read += solution.method == FRONTIER_METHOD
-        if not every:
-            assert not solution.feasible
-            continue
-        assert solution.feasible, solution.reason
-        assert solution.selection == every[0][2]
-        assert math.isclose(solution.objective, every[0][0], rel_tol=0, abs_tol=1e-12)
     assert read >= 15  # the frontiers answered most of them
 
 
