@@ -254,6 +254,9 @@ class CompiledProblem:
     # ------------------------------------------------------------------ construction
 
     def _build_chunks(self, models: tuple[Model, ...]) -> None:
+        """Per level and model its chunk's items: the choice and group of each of their
+        blocks (padding: choice 0 of the all-zero last group) and a flat index into a
+        (choice, group) array. Chunks of equal dimensions are written together."""
         sizes = tuple(tuple(len(b.choices) for b in m.blocks) for m in models)
         per_model = _partition(sizes)
         dims = [[[size[b] for b in chunk] for chunk in chunks] for size, chunks in zip(sizes, per_model)]
@@ -265,13 +268,18 @@ class CompiledProblem:
         group = np.full((levels, M, n_items, span), self._n_groups, dtype=np.intp)
         valid = np.zeros((levels, M, n_items), dtype=bool)
         valid[:, :, 0] = True  # a model with fewer chunks has one all-padding item there
+        alike: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
         for m, (chunks, model_dims) in enumerate(zip(per_model, dims)):
             for level, (chunk, d) in enumerate(zip(chunks, model_dims)):
-                combos = _combinations(tuple(d))
-                choice[level, m, : len(combos), : len(chunk)] = combos
-                group[level, m, : len(combos), : len(chunk)] = self._start[m] + np.asarray(chunk)
-                valid[level, m, : len(combos)] = True
+                alike.setdefault(tuple(d), []).append((level, m, [int(self._start[m]) + b for b in chunk]))
+        for d, where in alike.items():
+            combos, k = _combinations(d), len(d)
+            at_level, at_model, groups = (np.array(x) for x in zip(*where))
+            choice[at_level, at_model, : len(combos), :k] = combos
+            group[at_level, at_model, : len(combos), :k] = groups[:, None, :]
+            valid[at_level, at_model, : len(combos)] = True
         self._chunk_choice, self._chunk_group, self._chunk_valid = choice, group, valid
+        self._chunk_flat = np.moveaxis(choice * (self._n_groups + 1) + group, -1, 0).copy()  # (span, L, M, I)
         self._chunk_blocks, self._chunk_dims = per_model, dims
 
     def _path(self, m: int, row: Sequence[int]) -> list[int]:
@@ -369,16 +377,14 @@ class CompiledProblem:
             sources.append("switch_bytes")
         coef = np.array(coefs).reshape(len(coefs), *value.shape)
         valid = self._valid
-        stacked = np.concatenate([np.where(valid, value, 0.0)[..., None], np.moveaxis(coef, 0, -1)], axis=-1)
-        items = stacked[self._chunk_choice, self._chunk_group].sum(axis=3)  # (L, M, I, 1 + D)
-        comp = stacked[self._comp_choice, self._comp_group].sum(axis=1)  # (J, 1 + D)
+        stacked = np.concatenate([np.where(valid, value, 0.0)[None], coef]).reshape(1 + len(coef), -1)  # (1 + D, C * G')
+        items = stacked[:, self._chunk_flat].sum(axis=1)  # (1 + D, L, M, I)
+        comp = stacked[:, self._comp_choice * (self._n_groups + 1) + self._comp_group].sum(axis=2)  # (1 + D, J)
         scale = natural_scale(value, coef, valid)
         free = Relaxation(value, coef, np.zeros(len(coef)), self._start[:-1], *self._no_compositions)
         entry = _Constraints(
-            layout=layout(np.where(self._chunk_valid, items[..., 0], -np.inf),
-                          np.ascontiguousarray(np.moveaxis(items[..., 1:], -1, 0)), self._chunk_valid,
-                          comp[:, 0] + self._comp_gain, np.ascontiguousarray(comp[:, 1:].T),
-                          self._comp_model, self._comp_path),
+            layout=layout(np.where(self._chunk_valid, items[0], -np.inf), items[1:], self._chunk_valid,
+                          comp[0] + self._comp_gain, comp[1:], self._comp_model, self._comp_path),
             value=value,
             coef=coef,
             names=names,
