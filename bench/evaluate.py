@@ -493,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=REPO / ".legodnn" / "bench-evaluate", help="the recipe's cache")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "evaluation.json")
     p.add_argument("--served-out", type=Path, help="told vs check vs test of the accuracy figure's served "
-                   "compositions, per model and budget (default: served.json beside --out)")
+                   "compositions, per model and budget; the models run replace their rows, others stay "
+                   "(default: served.json beside --out)")
     p.add_argument("--md", type=Path, default=REPO / "docs" / "benchmarks" / "evaluation.md")
     p.add_argument("--figures-dir", type=Path, default=REPO / "docs" / "figures")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite "
@@ -501,6 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--quick", action="store_true", help="tiny smoke setting (meaningless numbers)")
     return p
+
+
+def merge_served(path: Path, rows: dict[str, list[dict[str, Any]]], run: dict[str, str]) -> dict[str, Any]:
+    """The served file at `path` with this run's rows: the models run now replace their rows
+    and their `runs` entry (command, machine, date); other models' rows stay, so one file
+    holds every model however many invocations produced it."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    kept = [row for row in old.get("rows", []) if row["model"] not in rows]
+    runs = {name: entry for name, entry in old.get("runs", {}).items() if name not in rows}
+    return {"runs": {**runs, **{name: run for name in rows}}, "rows": kept + [row for r in rows.values() for row in r]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,9 +553,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"command": command, "machine": machine, "figures": merged}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if "accuracy" in new["figures"]:
-        served = [row for r in merged["accuracy"].values() for row in r.get("served", [])]
         served_out = args.served_out or args.out.with_name("served.json")
-        served_out.write_text(json.dumps({"command": command, "machine": machine, "rows": served}, indent=1) + "\n")
+        served = merge_served(served_out, {name: r.get("served", []) for name, r in new["figures"]["accuracy"].items()},
+                              {"command": command, "machine": machine, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        served_out.write_text(json.dumps(served, indent=1) + "\n")
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     write_page(args.md, result)
     print("\n".join(verdicts(new["figures"])))

@@ -70,14 +70,23 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
     assert logged == {f"eval-{name}-resnet20.png" for name in FIGURES}
 
     # One figure again: every unit comes from the recipe's cache; it merges into the JSON and
-    # hand-written notes survive.
+    # hand-written notes survive, and the served file keeps another model's rows.
     md.write_text(md.read_text() + "\nkept by hand\n")
+    served_file = json.loads((tmp_path / "served.json").read_text())
+    other = {**served[0], "model": "othernet"}
+    served_file["rows"].append(other)
+    served_file["runs"]["othernet"] = {"command": "elsewhere"}
+    (tmp_path / "served.json").write_text(json.dumps(served_file))
     units = sorted((tmp_path / "work").rglob("done.json"))
     assert bench.main(["accuracy", *common, "--no-mlflow"]) == 0
     assert sorted((tmp_path / "work").rglob("done.json")) == units
     again = json.loads(out.read_text())["figures"]
     assert set(again) == FIGURES and again["accuracy"]["resnet20"]["rows"] == accuracy["rows"]
     assert md.read_text().count("kept by hand") == 1
+    served_again = json.loads((tmp_path / "served.json").read_text())
+    assert served_again["rows"] == [other, *served]  # this run's model replaced, the other kept
+    assert served_again["runs"]["othernet"] == {"command": "elsewhere"}
+    assert "accuracy" in served_again["runs"]["resnet20"]["command"]
 
     # --baselines uniform: only the uniform baseline is trained and reported (again from the cache).
     assert bench.main(["accuracy", *common, "--no-mlflow", "--baselines", "uniform"]) == 0
