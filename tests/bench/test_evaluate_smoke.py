@@ -49,6 +49,7 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
     # the joint stage's floor is the smallest budget served; the baselines got LegoDNN's time
     assert accuracy["joint_floor"] == accuracy["budgets"][0] and accuracy["config"]["joint"]["sandwich_floor"]
     assert accuracy["lego_time_s"] > 0 and accuracy["baseline_share_s"] > 0
+    assert 0 < accuracy["lego_training_s"] < accuracy["lego_time_s"] and accuracy["baseline_time"] == "pipeline"
 
     latency = figures["latency"]
     lego = [r for r in latency["rows"] if r["method"] == "legodnn"]
@@ -88,11 +89,13 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
     assert served_again["runs"]["othernet"] == {"command": "elsewhere"}
     assert "accuracy" in served_again["runs"]["resnet20"]["command"]
 
-    # --baselines uniform: only the uniform baseline is trained and reported (again from the cache).
-    assert bench.main(["accuracy", *common, "--no-mlflow", "--baselines", "uniform"]) == 0
+    # --baselines uniform: only the uniform baseline is trained and reported (again from the cache;
+    # --quick gives every baseline one second whatever --baseline-time says).
+    assert bench.main(["accuracy", *common, "--no-mlflow", "--baselines", "uniform", "--baseline-time", "training"]) == 0
     assert sorted((tmp_path / "work").rglob("done.json")) == units
-    rows = json.loads(out.read_text())["figures"]["accuracy"]["resnet20"]["rows"]
-    assert {r["method"] for r in rows} == {"legodnn", "uniform"}
+    uniform_only = json.loads(out.read_text())["figures"]["accuracy"]["resnet20"]
+    assert {r["method"] for r in uniform_only["rows"]} == {"legodnn", "uniform"}
+    assert uniform_only["baseline_time"] == "training" and "LegoDNN's training time" in md.read_text()
     assert bench.main(["accuracy", *common, "--no-mlflow", "--baselines"]) == 0  # none: LegoDNN's rows only
     assert {r["method"] for r in json.loads(out.read_text())["figures"]["accuracy"]["resnet20"]["rows"]} == {"legodnn"}
     assert "accuracy, resnet20: no baseline run" in md.read_text()
