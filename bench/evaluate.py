@@ -2,7 +2,8 @@
 
     accuracy    test accuracy under 10 FLOPs budgets: the compositions LegoDNN serves vs uniform
                 pruning + fine-tuning vs the model at reduced width from scratch, the baselines
-                given LegoDNN's training wall time split evenly over the budgets
+                given LegoDNN's wall time split evenly over the budgets (--baseline-time: its
+                whole pipeline after the teacher, profiling included, or its training stages)
     latency     the same under 10 latency budgets; every served model timed end to end (a pick
                 over budget is re-solved as a device does, `optimizer.solve_measured`)
     options     distinct composed models, LegoDNN's time for all of them, and the time uniform
