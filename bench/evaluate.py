@@ -46,8 +46,6 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the packages liv
 FIGURES = ("accuracy", "latency", "options", "switching", "additivity")
 EXPERIMENT = "legodnn-evaluation"
 NOTES_MARKER = "<!-- hand-written notes below this line are kept when the page is regenerated -->"
-TRAINING_STAGES = ("blockio", "retrain", "joint")  # LegoDNN's training after the teacher
-RECIPE_STAGES = (*TRAINING_STAGES, "cost", "accuracy", "table")  # its whole pipeline: training and profiling
 # The recipe the figures measure, per model, over the embedded defaults (pipelines/config.py).
 FULL = {
     # The profile measures on 20,000 validation images (10,000 choose, 10,000 tell), a check split
@@ -76,6 +74,7 @@ class Model:
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         from legoblocks.compose import ScalableModel
+        from pipelines.baselines import legodnn_seconds
         from pipelines.commands.run import overrides_from_args
         from pipelines.config import load_config, merge_config
         from pipelines.recipe.model import smallest_flops_fraction
@@ -96,12 +95,8 @@ class Model:
         self.run = self._run(self.cfg)
         self.scalable, self.table = ScalableModel.load(self.run.scalable_dir), load(self.run.table_path)
         self.teacher_flops = self.table.total(["0.0"] * len(self.table.blocks), "flops")
-        self.lego_s = self._seconds(RECIPE_STAGES)
-        self.train_s = self._seconds(TRAINING_STAGES)
-
-    def _seconds(self, stages: Sequence[str]) -> float:
-        """Wall time the recipe's units of `stages` took when they ran (cached ones keep theirs)."""
-        return sum(r.seconds for s in stages for r in self.run.records.get(s, []))
+        self.lego_s = legodnn_seconds(self.run.records, "pipeline")
+        self.train_s = legodnn_seconds(self.run.records, "training")
 
     def _run(self, cfg: Any, stages: int | None = None, extra: Sequence[Any] = ()):
         from pipelines.progress import PipelineProgress
@@ -114,12 +109,12 @@ class Model:
     def baselines(self) -> dict[str, list[dict[str, Any]]]:
         """The --baselines at every budget, each with LegoDNN's time (--baseline-time: its whole
         pipeline or its training stages) over the budgets below 1.0."""
-        from pipelines.baselines import MODEL_FILE, baseline_stages
+        from pipelines.baselines import MODEL_FILE, baseline_stages, legodnn_seconds, time_shares
 
-        basis = self.lego_s if self.args.baseline_time == "pipeline" else self.train_s
-        share = basis / max(1, sum(b < 1.0 for b in self.budgets)) if not self.args.quick else 1.0
-        run = self._run(self.cfg, extra=baseline_stages(self.budgets, dict.fromkeys(self.budgets, share),
-                                                        methods=self.args.baselines))
+        seconds = legodnn_seconds(self.run.records, self.args.baseline_time)
+        shares = time_shares(self.budgets, seconds) if not self.args.quick else dict.fromkeys(self.budgets, 1.0)
+        share = shares[self.budgets[0]]
+        run = self._run(self.cfg, extra=baseline_stages(self.budgets, shares, methods=self.args.baselines))
         out = {method: [{**r.meta, "file": str(run.dir(method, r.unit) / MODEL_FILE)}
                         for r in run.records[method] if "skipped" not in r.meta] for method in self.args.baselines}
         return out | {"share_s": share}  # type: ignore[operator]
@@ -488,6 +483,8 @@ def log_mlflow(uri: str, result: dict[str, Any], pngs: list[Path], json_path: Pa
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.baselines import LEGODNN_TIME
+
     p = argparse.ArgumentParser(prog="bench/evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("figure", choices=[*FIGURES, "all"], help="which figure to (re)compute")
@@ -498,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--switch-steps", type=int, default=20, help="budget changes of the switching figure")
     p.add_argument("--baselines", nargs="*", default=["uniform", "scratch"], choices=["uniform", "scratch"],
                    help="which baselines to train (pipelines.baselines); none: LegoDNN's rows only")
-    p.add_argument("--baseline-time", choices=["pipeline", "training"], default="pipeline",
+    p.add_argument("--baseline-time", choices=sorted(LEGODNN_TIME), default="pipeline",
                    help="each baseline budget's share of LegoDNN's time: its whole pipeline after the teacher "
                    "(block retraining, joint stage and profiling; default) or its training stages only")
     p.add_argument("--seed", type=int, default=0)

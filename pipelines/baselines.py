@@ -5,16 +5,16 @@
     scratch   per budget   the model at the widest width that fits the budget, trained from
                            scratch with the same loss
 
-Each gets a wall-time share per budget (typically LegoDNN's training time split evenly over
-the budgets it serves), so "at least as accurate for no more training time" is measured, not
-assumed. They read the recipe's teacher and are cached like every unit: a benchmark that
+Each gets a wall-time share per budget (`time_shares` of `legodnn_seconds`: LegoDNN's training
+stages' time, or its whole pipeline's with profiling, split evenly over the budgets it
+serves), so "at least as accurate for no more training time" is measured, not assumed. They read the recipe's teacher and are cached like every unit: a benchmark that
 re-renders a figure does not retrain them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
@@ -38,6 +38,29 @@ class BaselineJob:
     prune_iterations: int = 12
     seed: int = 0
     batch_size: int = 128
+
+
+# The recipe's stages whose wall time counts as LegoDNN's, per basis: its training after the
+# teacher, or its whole pipeline after the teacher (training and profiling).
+LEGODNN_TIME = {
+    "training": ("blockio", "retrain", "joint"),
+    "pipeline": ("blockio", "retrain", "joint", "cost", "accuracy", "table"),
+}
+
+
+def legodnn_seconds(records: Mapping[str, Sequence[Any]], basis: str = "pipeline") -> float:
+    """LegoDNN's wall time on `basis` (a key of `LEGODNN_TIME`) from a recipe run's records
+    (stage -> unit records with `seconds`; a cached unit keeps the time it took when it ran)."""
+    if basis not in LEGODNN_TIME:
+        raise ValueError(f"unknown time basis {basis!r}: choose from {', '.join(LEGODNN_TIME)}")
+    return sum(r.seconds for stage in LEGODNN_TIME[basis] for r in records.get(stage, []))
+
+
+def time_shares(budgets: Sequence[float], seconds: float) -> dict[float, float]:
+    """Each budget's wall-time share of `seconds`, split evenly over the budgets below 1.0 (the
+    full budget needs no pruning, but gets the same share)."""
+    share = seconds / max(1, sum(b < 1.0 for b in budgets))
+    return dict.fromkeys(budgets, share)
 
 
 def budget_items(budgets: list[float], seconds: dict[float, float]) -> list[Item]:
@@ -156,4 +179,5 @@ def baseline_stages(budgets: list[float], seconds: dict[float, float], methods: 
     ]
 
 
-__all__ = ["BASELINES", "MODEL_FILE", "BaselineJob", "baseline_stages", "scratch", "scratch_model", "uniform"]
+__all__ = ["BASELINES", "LEGODNN_TIME", "MODEL_FILE", "BaselineJob", "baseline_stages", "legodnn_seconds", "scratch",
+           "scratch_model", "time_shares", "uniform"]

@@ -106,3 +106,20 @@ def test_unknown_baseline_is_refused() -> None:
 
     with pytest.raises(ValueError, match="unknown baseline.*'sketch'.*uniform, scratch"):
         baseline_stages([0.5, 1.0], {0.5: 1.0, 1.0: 1.0}, methods=["uniform", "sketch"])
+
+
+def test_legodnn_time_counts_the_basis_stages_and_splits_over_pruned_budgets() -> None:
+    from types import SimpleNamespace
+
+    from pipelines.baselines import legodnn_seconds, time_shares
+
+    def unit(seconds: float) -> SimpleNamespace:
+        return SimpleNamespace(seconds=seconds)
+
+    records = {"teacher": [unit(500.0)], "retrain": [unit(10.0), unit(20.0)], "joint": [unit(70.0)],
+               "accuracy": [unit(300.0)], "table": [unit(100.0)], "uniform": [unit(999.0)]}
+    assert legodnn_seconds(records, "training") == 100.0  # teacher and baselines never count
+    assert legodnn_seconds(records) == legodnn_seconds(records, "pipeline") == 500.0
+    assert time_shares([0.2, 0.6, 1.0], 500.0) == {0.2: 250.0, 0.6: 250.0, 1.0: 250.0}
+    with pytest.raises(ValueError, match="unknown time basis 'gpu'.*training, pipeline"):
+        legodnn_seconds(records, "gpu")
