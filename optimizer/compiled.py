@@ -34,6 +34,13 @@ instead of steps 3-4 over chunks: one model's best row that fits, or for several
 multipliers from a grid of the dual precomputed per kind of constraints (`dual.DualGrid`).
 Where that path does not decide (nothing feasible found, too many pairs), the search does.
 
+**One constraint** (a single budget, FLOPs or latency, and no measured composition that
+fits) has an exact method that pruning does not limit: meet in the middle
+(`optimizer.halves`). Where the values are nearly proportional to usage (drops calibrated
+against FLOPs), every selection that fills the budget ties with the bound and the pass
+above enumerates millions; the halves do not care. It answers first while the halves are
+small (`HALF_ROWS`), and before the MILP where a pass passes its state limit.
+
 Every reported number comes from `optimizer.evaluation.evaluate_indices`. Worst case is
 exponential (NP-hard): a pass that would hold more than `node_limit` states stops and the
 independent MILP (`optimizer.milp`, SciPy/HiGHS) answers, or, where SciPy is not
@@ -43,7 +50,7 @@ installed (a device), `SearchLimitError` says what to raise.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -54,6 +61,7 @@ import numpy as np
 from optimizer.dual import DualGrid, Relaxation, axes_values, core_selections, dual_grid, lp_infeasible, multipliers, natural_scale
 from optimizer.evaluation import Solution, budget_limit, evaluate_indices, infeasible
 from optimizer.frontier import DEFAULT_CAP, Frontier, Frontiers, best_rows, model_frontier, stack
+from optimizer.halves import FALLBACK_HALF_ROWS, HALF_ROWS, half_rows, top_pairs
 from optimizer.problem import Budgets, Model, Problem, parse_budgets, parse_current, parse_problem
 from optimizer.search import Bounds, Layout, PassResult, StateLimit, bounds, layout, run_pass
 
@@ -62,6 +70,7 @@ __all__ = ["DEFAULT_NODE_LIMIT", "CompiledProblem", "SearchLimitError", "compile
 DEFAULT_NODE_LIMIT = 200_000
 METHOD = "lagrangian-enumeration"
 FRONTIER_METHOD = "frontier"
+HALVES_METHOD = "meet-in-the-middle"
 _MARGIN = 4.0  # frontiers keep every selection within this many tie windows of a better one
 MERGE_ROWS = 14_000  # several models' frontiers are merged where they hold at most this many rows in all
 BEAM = 32  # partial selections per model a beam pass keeps (when no first threshold was found)
@@ -426,7 +435,7 @@ class CompiledProblem:
         con = self._constraints(problem)
         lay, value, coef, least, scale = con.layout, con.value, con.coef, con.least, con.scale
         budget_list = con.budgets(problem, self.models)
-        limits = np.array([budget_limit(b) for b in budget_list])
+        limits, slack = self._limits(con, budget_list)
         if (least > limits).any():
             over = [
                 f"{name} {budget:g} {_UNITS[name.split()[0]]} is below the smallest achievable {low:g} {_UNITS[name.split()[0]]}"
@@ -434,11 +443,13 @@ class CompiledProblem:
                 if low > limit
             ]
             return infeasible(self._minima, "; ".join(over), "bounds")
-        slack = limits + 1e-12 * (np.abs(limits) + con.spread)  # summed in another order than `evaluate_indices`
         if top_k == 1 and value is self._value and self._frontiers is not None:
             solution = self._on_frontiers(problem, con, limits, slack)
             if solution is not None:
                 return solution
+        solution = self._on_halves(problem, con, limits, slack, top_k, HALF_ROWS)
+        if solution is not None:
+            return solution
         zooms = 0 if self._n_groups <= 12 else 1 if self._n_groups <= 24 else 2
         free = Relaxation(value, coef, limits, self._start[:-1], *self._no_compositions)
         lams = multipliers(free, scale, zooms, con.owner, con.axes_part)
@@ -455,6 +466,39 @@ class CompiledProblem:
         if first == -np.inf and len(limits) and lp_infeasible(coef, self._valid, limits):
             return infeasible(self._minima, _JOINTLY_INFEASIBLE + " (not even fractionally)", METHOD)
         return self._search(problem, b, first, top_k, eps, node_limit)
+
+    def _limits(self, con: _Constraints, budget_list: list[float]) -> tuple[np.ndarray, np.ndarray]:
+        """The constraints' limits, and the same with a hair of slack: sums taken in another
+        order than `evaluate_indices` (which gives the canonical verdict) differ by float noise."""
+        limits = np.array([budget_limit(b) for b in budget_list])
+        return limits, limits + 1e-12 * (np.abs(limits) + con.spread)
+
+    def _on_halves(self, problem: Problem, con: _Constraints, limits: np.ndarray, slack: np.ndarray,
+                   top_k: int, rows: int) -> Solution | None:
+        """The solution by meet in the middle (`optimizer.halves`), or None where it does not
+        apply: more or fewer than one constraint, a measured composition that could fit (its
+        value is not a sum over blocks), a larger half than `rows` selections, more
+        candidates than the scan's cap, or a candidate the canonical check rejects."""
+        if len(limits) != 1 or (con.layout.comp_need <= limits[:, None]).all(axis=0).any():
+            return None
+        sizes = [len(b.choices) for b in self._blocks]
+        if half_rows(sizes) > rows:
+            return None
+        eps = max(con.eps, 1e-300)
+        found = top_pairs([con.value[:n, g] for g, n in enumerate(sizes)], [con.coef[0, :n, g] for g, n in enumerate(sizes)],
+                          float(slack[0]), top_k, eps)
+        if found is None or not len(found[1]):
+            return None
+        choices, values = found
+        picked = self._pick_keys(problem, values, choices, lambda key: self._per_model(key.tolist()),
+                                 top_k, eps, len(values), HALVES_METHOD)
+        if picked is None or not picked:
+            return None
+        return self._finish([solution for _, solution in picked])
+
+    def _per_model(self, flat: list[int]) -> list[list[int]]:
+        """A flat choice index per group, split into one list per model."""
+        return [flat[self._start[m] : self._start[m + 1]] for m in range(len(self.models))]
 
     def _frontier_kind(self, con: _Constraints) -> _FrontierKind:
         """The frontiers' arrays for the kind of constraints `con` lays out (built on first use)."""
@@ -619,10 +663,20 @@ class CompiledProblem:
         """The top_k best canonically feasible selections found, as (search value, solution):
         each the lexicographically smallest within eps of the best of those left (values
         summed in another order differ by float noise: ties must not depend on it)."""
-        values = found.values
-        if not len(values):
+        if not len(found.values):
             return []
         keys = np.concatenate([found.paths[m][found.choose[:, m]] for m in range(len(self.models))], axis=1)
+        picked = self._pick_keys(problem, found.values, keys, self._decode, top_k, eps, states, METHOD, skip=True)
+        assert picked is not None
+        return picked
+
+    def _pick_keys(self, problem: Problem, values: np.ndarray, keys: np.ndarray,
+                   decode: Callable[[np.ndarray], list[list[int]]], top_k: int, eps: float, states: int,
+                   method: str, skip: bool = False) -> list[tuple[float, Solution]] | None:
+        """The top_k best of candidate selections (values, and keys in the selections'
+        lexicographic order, `decode`d to choice indices per model), each the lexicographically
+        smallest within eps of the best of those left. A candidate the canonical check finds
+        infeasible is skipped (`skip`), else the answer is None."""
         alive = np.ones(len(values), dtype=bool)
         out: list[tuple[float, Solution]] = []
         while len(out) < top_k and alive.any():
@@ -630,9 +684,11 @@ class CompiledProblem:
             tied = idx[values[idx] >= values[idx].max() - eps]
             at = tied[np.lexsort(keys[tied].T[::-1])[0]] if len(tied) > 1 else tied[0]
             alive[at] = False
-            solution = evaluate_indices(problem, self._decode(keys[at]), self._minima, self.measured, METHOD, states)
+            solution = evaluate_indices(problem, decode(keys[at]), self._minima, self.measured, method, states)
             if solution.feasible:
                 out.append((float(values[at]), solution))
+            elif not skip:
+                return None
         return out
 
     def _finish(self, solutions: list[Solution]) -> Solution:
@@ -653,6 +709,11 @@ class CompiledProblem:
                 "MILP fallback needs SciPy, which is not installed; pass a larger node_limit "
                 "(memory grows with it) or install scipy"
             ) from exc
+        con = self._constraints(problem)
+        limits, slack = self._limits(con, con.budgets(problem, self.models))
+        solution = self._on_halves(problem, con, limits, slack, top_k, FALLBACK_HALF_ROWS)
+        if solution is not None:
+            return solution
         method = f"milp (search passed {limit} states)"
         found = solve_milp_top_k(problem, top_k)
         if not found:
