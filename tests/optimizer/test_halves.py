@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import optimizer.compiled as compiled
-from optimizer import compile_problem, parse_problem, solve
+from optimizer import parse_problem, solve
 from optimizer.compiled import HALVES_METHOD
 from optimizer.halves import half_rows, split, top_pairs
 
