@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 HALF_ROWS = 1 << 12  # the larger half may hold this many selections for a solve to start here
-FALLBACK_HALF_ROWS = 1 << 18  # ... and this many when the block search has passed its state limit
+FALLBACK_HALF_ROWS = 1 << 21  # ... and this many (about 140 MB at most) once the block search has passed its state limit
 PAIR_ROWS = 1 << 22  # the most (left, right) pairs the candidates' scan may visit
 
 
