@@ -4,6 +4,7 @@ brute force, first while the halves are small and after the search passes its st
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -122,3 +123,12 @@ def test_the_pipeline_table_that_took_minutes():
     assert got == want
     assert all(math.isclose(s.objective, model["base_accuracy"] + value[i], abs_tol=1e-12) for s, i in zip(
         (solution, *solution.alternatives), best))
+
+
+def test_fewer_feasible_selections_than_top_k(gen):
+    raw = _proportional(random.Random(11), 1, 4, 3, 1e-6)
+    blocks = raw["models"][0]["blocks"]
+    smallest = sorted(sum(c) for c in itertools.product(*[[x["latency_ms"] for x in b["choices"]] for b in blocks]))
+    raw["budgets"]["latency_ms"] = smallest[2]  # three selections fit (four if two tie)
+    solution = gen.assert_top_k_is_brute_force(raw, 8)
+    assert solution.method == HALVES_METHOD and 3 <= 1 + len(solution.alternatives) < 8
