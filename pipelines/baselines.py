@@ -50,10 +50,15 @@ LEGODNN_TIME = {
 
 def legodnn_seconds(records: Mapping[str, Sequence[Any]], basis: str = "pipeline") -> float:
     """LegoDNN's wall time on `basis` (a key of `LEGODNN_TIME`) from a recipe run's records
-    (stage -> unit records with `seconds`; a cached unit keeps the time it took when it ran)."""
+    (stage -> unit records with `seconds`; a cached unit keeps the time it took when it ran).
+
+    A unit resumed from its checkpoint (the joint stage) records only its last run's
+    `seconds`; its training time across every run (`meta["train_seconds"]`) counts where larger,
+    so an interrupted run never hands the baselines less time than an uninterrupted one."""
     if basis not in LEGODNN_TIME:
         raise ValueError(f"unknown time basis {basis!r}: choose from {', '.join(LEGODNN_TIME)}")
-    return sum(r.seconds for stage in LEGODNN_TIME[basis] for r in records.get(stage, []))
+    return sum(max(r.seconds, float((getattr(r, "meta", None) or {}).get("train_seconds", 0.0)))
+               for stage in LEGODNN_TIME[basis] for r in records.get(stage, []))
 
 
 def time_shares(budgets: Sequence[float], seconds: float) -> dict[float, float]:

@@ -123,3 +123,6 @@ def test_legodnn_time_counts_the_basis_stages_and_splits_over_pruned_budgets() -
     assert time_shares([0.2, 0.6, 1.0], 500.0) == {0.2: 250.0, 0.6: 250.0, 1.0: 250.0}
     with pytest.raises(ValueError, match="unknown time basis 'gpu'.*training, pipeline"):
         legodnn_seconds(records, "gpu")
+    # A joint stage resumed from its checkpoint: its last run took 30 s, its training 70 s in all.
+    records["joint"] = [SimpleNamespace(seconds=30.0, meta={"train_seconds": 70.0, "resumed_from_step": 300})]
+    assert legodnn_seconds(records, "training") == 100.0
