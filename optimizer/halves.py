@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 HALF_ROWS = 1 << 12  # the larger half may hold this many selections for a solve to start here
-FALLBACK_HALF_ROWS = 1 << 21  # ... and this many (about 140 MB at most) once the block search has passed its state limit
+FALLBACK_HALF_ROWS = 1 << 21  # ... and this many (about 150 MB at most) once the block search has passed its state limit
 PAIR_ROWS = 1 << 22  # the most (left, right) pairs the candidates' scan may visit
 
 
@@ -83,12 +83,15 @@ def top_pairs(
     floor = np.partition(best, len(best) - top_k)[len(best) - top_k] if len(best) >= top_k else -np.inf
     floor -= 3 * eps
     rel = live[best >= floor]
-    spans = fits[rel]
+    # Only right selections worth enough next to the best relevant left one can pair above the
+    # floor: scan those (positions in the usage order, ascending), each left one its prefix.
+    scan = np.flatnonzero(v_sorted >= floor - v_left[rel].max())
+    spans = np.searchsorted(scan, fits[rel])
     if int(spans.sum()) > pair_rows:
         return None
     left = np.repeat(rel, spans)
     starts = np.cumsum(spans) - spans
-    pos = np.arange(len(left)) - np.repeat(starts, spans)  # position in the usage order
+    pos = scan[np.arange(len(left)) - np.repeat(starts, spans)]  # position in the usage order
     value = v_left[left] + v_sorted[pos]
     keep = value >= floor
     left, right, value = left[keep], order[pos[keep]], value[keep]
