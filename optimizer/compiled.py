@@ -492,7 +492,7 @@ class CompiledProblem:
         choices, values = found
         picked = self._pick_keys(problem, values, choices, lambda key: self._per_model(key.tolist()),
                                  top_k, eps, len(values), HALVES_METHOD)
-        if picked is None or not picked:
+        if not picked:
             return None
         return self._finish([solution for _, solution in picked])
 
@@ -700,7 +700,13 @@ class CompiledProblem:
         return replace(head, alternatives=rest)
 
     def _fallback(self, problem: Problem, top_k: int, states: int, limit: int) -> Solution:
-        """Past the state limit: the MILP, or a clear error where SciPy is missing."""
+        """Past the state limit: meet in the middle where it applies (NumPy only, so a device
+        without SciPy gets it too), else the MILP, or a clear error where SciPy is missing."""
+        con = self._constraints(problem)
+        limits, slack = self._limits(con, con.budgets(problem, self.models))
+        solution = self._on_halves(problem, con, limits, slack, top_k, FALLBACK_HALF_ROWS)
+        if solution is not None:
+            return solution
         try:
             from optimizer.milp import solve_milp_top_k  # SciPy only on this rare path
         except ImportError as exc:
@@ -709,11 +715,6 @@ class CompiledProblem:
                 "MILP fallback needs SciPy, which is not installed; pass a larger node_limit "
                 "(memory grows with it) or install scipy"
             ) from exc
-        con = self._constraints(problem)
-        limits, slack = self._limits(con, con.budgets(problem, self.models))
-        solution = self._on_halves(problem, con, limits, slack, top_k, FALLBACK_HALF_ROWS)
-        if solution is not None:
-            return solution
         method = f"milp (search passed {limit} states)"
         found = solve_milp_top_k(problem, top_k)
         if not found:

@@ -57,7 +57,7 @@ def legodnn_seconds(records: Mapping[str, Sequence[Any]], basis: str = "pipeline
     so an interrupted run never hands the baselines less time than an uninterrupted one."""
     if basis not in LEGODNN_TIME:
         raise ValueError(f"unknown time basis {basis!r}: choose from {', '.join(LEGODNN_TIME)}")
-    return sum(max(r.seconds, float((getattr(r, "meta", None) or {}).get("train_seconds", 0.0)))
+    return sum(max(r.seconds, float(r.meta.get("train_seconds", 0.0)))
                for stage in LEGODNN_TIME[basis] for r in records.get(stage, []))
 
 

@@ -114,7 +114,7 @@ def test_legodnn_time_counts_the_basis_stages_and_splits_over_pruned_budgets() -
     from pipelines.baselines import legodnn_seconds, time_shares
 
     def unit(seconds: float) -> SimpleNamespace:
-        return SimpleNamespace(seconds=seconds)
+        return SimpleNamespace(seconds=seconds, meta={})
 
     records = {"teacher": [unit(500.0)], "retrain": [unit(10.0), unit(20.0)], "joint": [unit(70.0)],
                "accuracy": [unit(300.0)], "table": [unit(100.0)], "uniform": [unit(999.0)]}

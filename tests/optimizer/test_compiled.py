@@ -147,3 +147,27 @@ def test_lp_infeasibility_certificates(D):
         limits = np.full(D, 2.0)
         limits[:2] = 1.9, 0.5
         assert lp_infeasible(A, valid, limits)
+
+
+def test_past_the_state_limit_without_scipy_one_budget_is_still_solved():
+    # Meet in the middle needs NumPy only: a device without SciPy gets it past the limit too.
+    code = (
+        "import sys, random\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'scipy' or name.startswith('scipy.'):\n"
+        "            raise ImportError('scipy is not installed here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import optimizer.compiled as compiled\n"
+        "from optimizer import parse_problem, solve\n"
+        "from optimizer.problem import synthetic_problem\n"
+        "raw = synthetic_problem(random.Random(1), 1, 8, 6, 0.3)\n"
+        "raw['budgets'].pop('memory_bytes')\n"
+        "compiled.HALF_ROWS = 0  # not first: only past the state limit\n"
+        "problem = parse_problem(raw)\n"
+        "got, want = solve(problem, node_limit=1, top_k=3), solve(problem, top_k=3)\n"
+        "print(got.method, [s.selection for s in (got, *got.alternatives)] == [s.selection for s in (want, *want.alternatives)])\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["meet-in-the-middle", "True"]
