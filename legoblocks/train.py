@@ -21,6 +21,13 @@ from tqdm.auto import tqdm
 from legoblocks.batches import epoch_batches, loader
 from legoblocks.devices import device_of
 
+# Images per evaluation batch. Small on purpose: glibc malloc serves every allocation above
+# its mmap threshold (32 MiB at most by default) with fresh pages that the kernel faults in
+# and zeroes, op after op. At 512 a 28x28 MobileNetV2's 96-channel activations are 154 MB and
+# the kernel's share of a profiling run's CPU time was about half; at 64 they are 19 MB and
+# evaluation runs 1.6-2.4x faster (docs/BENCHMARKS.md).
+EVAL_BATCH_SIZE = 64
+
 
 @dataclass
 class TrainReport:
@@ -135,7 +142,7 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, *, num_workers: int = 0) -> float:
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = EVAL_BATCH_SIZE, *, num_workers: int = 0) -> float:
     """Top-1 accuracy in [0, 1], in eval mode; the model's previous mode is restored."""
     _check_positive(batch_size=batch_size)
     if len(ds) == 0:  # type: ignore[arg-type]

@@ -66,8 +66,9 @@ def execute_unit(cache_root: str | Path, fn: Callable[[UnitContext[Any]], dict[s
     """Run one unit: fill a temporary folder, commit it, return the record.
 
     The torch thread count is set to the unit's (and restored), so a unit computes the same
-    bits in a Ray worker and in this process. A retried attempt whose predecessor committed
-    after all returns that record.
+    bits in a Ray worker and in this process, and the process keeps freed memory
+    (`pipelines.allocator`: no page faults per op on large activations). A retried attempt
+    whose predecessor committed after all returns that record.
 
     Args:
         cache_root: the work directory's cache.
@@ -78,12 +79,15 @@ def execute_unit(cache_root: str | Path, fn: Callable[[UnitContext[Any]], dict[s
     """
     import torch
 
+    from pipelines.allocator import keep_freed_memory
+
     cache = Cache(cache_root)
     existing = cache.lookup(task.stage, task.key)
     if existing is not None:
         return existing
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, task.threads))
+    keep_freed_memory()
     started = time.perf_counter()
     tmp = cache.begin(task.stage, task.key)
     try:

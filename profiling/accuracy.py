@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from legoblocks.batches import loader
 from legoblocks.choices import ORIGINAL
+from legoblocks.train import EVAL_BATCH_SIZE
 
 
 DEFAULT_ENVIRONMENTS: tuple[str, ...] = ("original", "middle", "largest")
@@ -244,7 +245,7 @@ class SelectionEvaluator:
         model: ScalableLike,
         val_ds: Dataset,
         *,
-        batch_size: int = 512,
+        batch_size: int = EVAL_BATCH_SIZE,
         bn_data: Dataset | None = None,
         bn_recalibration_batches: int = 0,
         bn_batch_size: int = 128,

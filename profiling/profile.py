@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from legoblocks.choices import ORIGINAL
+from legoblocks.train import EVAL_BATCH_SIZE
 from profiling.accuracy import (
     DEFAULT_ENVIRONMENTS,
     AdditivityReport,
@@ -284,7 +285,7 @@ def profile_model(
     bn_recalibration_batches: int = 0,
     bn_data: Dataset | None = None,
     bn_batch_size: int = 128,
-    batch_size: int = 512,
+    batch_size: int = EVAL_BATCH_SIZE,
     model_name: str | None = None,
     held_out_fraction: float = HELD_OUT_FRACTION,
     progress: bool = False,

@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "batches before evaluating it (default 0: off)")
     parser.add_argument("--bn-batch-size", type=_positive, default=128,
                         help="images per BatchNorm re-estimation batch (default 128)")
-    parser.add_argument("--batch-size", type=_positive, default=512, help="evaluation batch size")
+    parser.add_argument("--batch-size", type=_positive, default=None,
+                        help="evaluation batch size (default: legoblocks.train.EVAL_BATCH_SIZE, 64)")
     parser.add_argument("--latency-batch-size", type=_positive, default=1)
     parser.add_argument("--latency-warmup", type=_non_negative, default=5)
     parser.add_argument("--latency-repeats", type=_positive, default=30)
@@ -77,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from legoblocks.compose import ScalableModel
+    from legoblocks.train import EVAL_BATCH_SIZE
     from pipelines.commands.run import overrides_from_args
     from pipelines.config import ConfigError, load_config
     from pipelines.data import DataError, data_ref, default_cache_dir, describe, load_splits
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             bn_recalibration_batches=args.bn_batches,
             bn_data=bn_ds,
             bn_batch_size=args.bn_batch_size,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size or EVAL_BATCH_SIZE,
             model_name=args.model_name,
             held_out_fraction=args.held_out_fraction,
             progress=not args.no_progress,

@@ -64,11 +64,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from legoblocks.compose import ScalableModel
     from legoblocks.joint import JointTrainer, load_state_file, save_state
+    from pipelines.allocator import keep_freed_memory
     from pipelines.data import load_splits
     from pipelines.recipe.train import REPORT_EVERY
 
     job = config["job"]
     torch.set_num_threads(max(1, int(job.threads)))
+    keep_freed_memory()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = ScalableModel.load(config["model_dir"])
