@@ -53,8 +53,10 @@ FULL = {
     "data": {"train_size": 30000, "val_size": 20000, "check_size": 10000, "test_size": 10000},
     "teacher": {"epochs": 8, "lr": 0.1, "batch_size": 128},
     "retrain": {"epochs": 1, "lr": 1e-3, "val_limit": 500, "io_limit": 14000},
-    "joint": {"steps": 500, "lr": 1e-3, "batch_size": 128, "random_compositions": 0, "anchor_budgets": [0.5, 0.75]},
-    "profile": {"envs": 1, "additivity_n": 20, "calibration_k": 16, "verify_top_k": 20, "verify_metric": "flops",
+    # 2,000 steps: the floor composition every step, and an anchor at every budget between the floor
+    # and 1.0 (`Model`) in turn, about 220 steps each over nine budgets.
+    "joint": {"steps": 2000, "lr": 1e-3, "batch_size": 128, "random_compositions": 0},
+    "profile": {"envs": 1, "additivity_n": 20, "calibration_k": 16, "verify_top_k": 10, "verify_metric": "flops",
                 "latency_batch_size": 1, "latency_warmup": 5, "latency_repeats": 30, "latency_calibration_k": 12},
 }
 MODELS = {"resnet20": {"model": {"ref": "resnet20", "options": {"width": 16}}},
@@ -86,11 +88,14 @@ class Model:
             over["model"]["options"] = QUICK_WIDTH.get(name, {})
         over = merge_config(over, {"workdir": str(args.workdir / name), "data": {"dir": args.data_dir, "seed": args.seed},
                              "publish": {"enabled": False}, "ray": {"num_cpus": args.threads}})
-        over = merge_config(over, overrides_from_args(argparse.Namespace(set=args.set or [])))
+        sets = overrides_from_args(argparse.Namespace(set=args.set or []))
+        over = merge_config(over, sets)
         prefix = self._run(load_config(None, over), stages=4)  # teacher, detect, descend, blockio
         descend = {r.unit: prefix.dir("descend", r.unit) for r in prefix.records["descend"]}
         budgets = budget_grid(smallest_flops_fraction(prefix.dir("detect"), descend), args.budgets_n)
-        over = merge_config(over, {"joint": {"sandwich_floor": budgets[0]}, "profile": {"verify_budgets": budgets}})
+        over = merge_config(over, {"joint": {"sandwich_floor": budgets[0], "anchor_budgets": budgets[1:-1]},
+                                   "profile": {"verify_budgets": budgets}})
+        over = merge_config(over, sets)  # --set still wins
         self.cfg, self.budgets = load_config(None, over), budgets
         self.run = self._run(self.cfg)
         self.scalable, self.table = ScalableModel.load(self.run.scalable_dir), load(self.run.table_path)
