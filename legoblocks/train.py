@@ -23,9 +23,8 @@ from legoblocks.devices import device_of
 
 # Images per evaluation batch. Small on purpose: glibc malloc serves every allocation above
 # its mmap threshold (32 MiB at most by default) with fresh pages that the kernel faults in
-# and zeroes, op after op. At 512 a 28x28 MobileNetV2's 96-channel activations are 154 MB and
-# the kernel's share of a profiling run's CPU time was about half; at 64 they are 19 MB and
-# evaluation runs 1.6-2.4x faster (docs/BENCHMARKS.md).
+# and zeroes, op after op. At 512 a 28x28 MobileNetV2's 96-channel activations are 154 MB, at
+# 64 they are 19 MB (with `pipelines.allocator` for units: docs/benchmarks/allocator.md).
 EVAL_BATCH_SIZE = 64
 
 

@@ -4,8 +4,8 @@ glibc's malloc serves an allocation above its mmap threshold (128 KiB, raised as
 blocks are freed, to 32 MiB at most) with fresh pages from the kernel and returns them on
 free. A CNN on CPU allocates activations of tens to hundreds of MB op after op (a 28x28
 MobileNetV2 at batch 128: 38 MB per 96-channel map), so each op's output is faulted in and
-zeroed by the kernel again: a third to a half of a training or profiling run's CPU time was
-system time. Raising the mmap and trim thresholds keeps those blocks in the heap for reuse.
+zeroed by the kernel again (docs/benchmarks/allocator.md measures what that costs). Raising
+the mmap and trim thresholds keeps those blocks in the heap for reuse.
 The arithmetic is unchanged (same bits); the cost is that a process keeps up to
 `KEEP_BYTES` of freed memory instead of returning it.
 
