@@ -106,14 +106,19 @@ def test_milp_and_solver_import_in_either_order():
         assert result.returncode == 0, result.stderr
 
 
+# A child process's first lines: every import of SciPy fails, as on a device without it.
+_NO_SCIPY = (
+    "import sys, random\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'scipy' or name.startswith('scipy.'):\n"
+    "            raise ImportError('scipy is not installed here')\n"
+    "sys.meta_path.insert(0, Block())\n"
+)
+
+
 def test_past_the_state_limit_without_scipy_the_error_says_what_to_raise():
-    code = (
-        "import sys, random\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'scipy' or name.startswith('scipy.'):\n"
-        "            raise ImportError('scipy is not installed here')\n"
-        "sys.meta_path.insert(0, Block())\n"
+    code = _NO_SCIPY + (
         "from optimizer import SearchLimitError, parse_problem, solve\n"
         "from optimizer.problem import synthetic_problem\n"
         "problem = parse_problem(synthetic_problem(random.Random(1), 4, 8, 6, 0.3))\n"
@@ -151,13 +156,7 @@ def test_lp_infeasibility_certificates(D):
 
 def test_past_the_state_limit_without_scipy_one_budget_is_still_solved():
     # Meet in the middle needs NumPy only: a device without SciPy gets it past the limit too.
-    code = (
-        "import sys, random\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'scipy' or name.startswith('scipy.'):\n"
-        "            raise ImportError('scipy is not installed here')\n"
-        "sys.meta_path.insert(0, Block())\n"
+    code = _NO_SCIPY + (
         "import optimizer.compiled as compiled\n"
         "from optimizer import parse_problem, solve\n"
         "from optimizer.problem import synthetic_problem\n"
