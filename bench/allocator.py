@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads, as the pipeline's units (default 2)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args(argv)
+    if args.images < 1 or args.threads < 1:
+        p.error(f"--images and --threads must be >= 1, got {args.images} and {args.threads}")
     if args.case:
         model, kind, batch, keep = args.case.split(",")
         print(json.dumps(_case(model, kind, int(batch), keep == "keep", args.images, args.threads)))

@@ -24,5 +24,6 @@ def test_tiny_run_reports_every_case_and_the_faults_it_saves() -> None:
     assert set(cases) == {("evaluate", "512", "glibc"), ("evaluate", "512", "kept"), ("evaluate", "64", "glibc"),
                           ("evaluate", "64", "kept"), ("train", "128", "glibc"), ("train", "128", "kept")}
     # At batch 512 a 96-channel map of 28x28 is 154 MB: glibc maps it fresh per op unless kept.
+    # Kept, a tiny pass still faults in some runs (0 to 62,000 of 557,000 seen): the margin is wide.
     assert cases[("evaluate", "512", "glibc")] > 100_000
-    assert cases[("evaluate", "512", "kept")] < cases[("evaluate", "512", "glibc")] / 20
+    assert cases[("evaluate", "512", "kept")] < cases[("evaluate", "512", "glibc")] / 4
