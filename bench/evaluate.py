@@ -77,39 +77,15 @@ class Model:
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         from legoblocks.compose import ScalableModel
         from pipelines.baselines import legodnn_seconds
-        from pipelines.commands.run import overrides_from_args
-        from pipelines.config import load_config, merge_config
-        from pipelines.recipe.model import smallest_flops_fraction
         from profiling.table import load
 
         self.name, self.args = name, args
-        over = merge_config(merge_config(FULL, MODELS.get(name, {"model": {"ref": name}})), QUICK if args.quick else {})
-        if args.quick:
-            over["model"]["options"] = QUICK_WIDTH.get(name, {})
-        over = merge_config(over, {"workdir": str(args.workdir / name), "data": {"dir": args.data_dir, "seed": args.seed},
-                             "publish": {"enabled": False}, "ray": {"num_cpus": args.threads}})
-        sets = overrides_from_args(argparse.Namespace(set=args.set or []))
-        over = merge_config(over, sets)
-        prefix = self._run(load_config(None, over), stages=4)  # teacher, detect, descend, blockio
-        descend = {r.unit: prefix.dir("descend", r.unit) for r in prefix.records["descend"]}
-        budgets = budget_grid(smallest_flops_fraction(prefix.dir("detect"), descend), args.budgets_n)
-        over = merge_config(over, {"joint": {"sandwich_floor": budgets[0], "anchor_budgets": budgets[1:-1]},
-                                   "profile": {"verify_budgets": budgets}})
-        over = merge_config(over, sets)  # --set still wins
-        self.cfg, self.budgets = load_config(None, over), budgets
-        self.run = self._run(self.cfg)
+        self.cfg, self.budgets = recipe_config(name, args)
+        self.run = run_stages(self.cfg)
         self.scalable, self.table = ScalableModel.load(self.run.scalable_dir), load(self.run.table_path)
         self.teacher_flops = self.table.total(["0.0"] * len(self.table.blocks), "flops")
         self.lego_s = legodnn_seconds(self.run.records, "pipeline")
         self.train_s = legodnn_seconds(self.run.records, "training")
-
-    def _run(self, cfg: Any, stages: int | None = None, extra: Sequence[Any] = ()):
-        from pipelines.progress import PipelineProgress
-        from pipelines.recipe import STAGES
-        from pipelines.run import run_recipe
-
-        stage_list = [s for s in STAGES[:stages] if s.name != "publish"] + list(extra)
-        return run_recipe(cfg, stages=stage_list, observers=[PipelineProgress(live=False)])
 
     def baselines(self) -> dict[str, list[dict[str, Any]]]:
         """The --baselines at every budget, each with LegoDNN's time (--baseline-time: its whole
@@ -119,7 +95,7 @@ class Model:
         seconds = legodnn_seconds(self.run.records, self.args.baseline_time)
         shares = time_shares(self.budgets, seconds) if not self.args.quick else dict.fromkeys(self.budgets, 1.0)
         share = shares[self.budgets[0]]
-        run = self._run(self.cfg, extra=baseline_stages(self.budgets, shares, methods=self.args.baselines))
+        run = run_stages(self.cfg, extra=baseline_stages(self.budgets, shares, methods=self.args.baselines))
         out = {method: [{**r.meta, "file": str(run.dir(method, r.unit) / MODEL_FILE)}
                         for r in run.records[method] if "skipped" not in r.meta] for method in self.args.baselines}
         return out | {"share_s": share}  # type: ignore[operator]
@@ -150,6 +126,40 @@ class Model:
 
         return measure_latency(module, self.cfg.model.input_shape, batch_size=1, warmup=5, repeats=30,
                                threads=1).median_ms
+
+
+def run_stages(cfg: Any, stages: int | None = None, extra: Sequence[Any] = ()):
+    """The recipe's first `stages` stages (all but publish by default) and `extra`, cached in the config's workdir."""
+    from pipelines.progress import PipelineProgress
+    from pipelines.recipe import STAGES
+    from pipelines.run import run_recipe
+
+    stage_list = [s for s in STAGES[:stages] if s.name != "publish"] + list(extra)
+    return run_recipe(cfg, stages=stage_list, observers=[PipelineProgress(live=False)])
+
+
+def recipe_config(name: str, args: argparse.Namespace) -> tuple[Any, list[float]]:
+    """The recipe config a figure measures for zoo model `name` (`FULL`, or `QUICK` with --quick,
+    then --set), and its --budgets-n FLOPs budgets: the lowest is the joint stage's floor, those
+    between it and 1.0 its anchors. Finding the lowest runs the recipe's first four stages
+    (teacher, detect, descend, blockio), cached in --workdir."""
+    from pipelines.commands.run import overrides_from_args
+    from pipelines.config import load_config, merge_config
+    from pipelines.recipe.model import smallest_flops_fraction
+
+    over = merge_config(merge_config(FULL, MODELS.get(name, {"model": {"ref": name}})), QUICK if args.quick else {})
+    if args.quick:
+        over["model"]["options"] = QUICK_WIDTH.get(name, {})
+    over = merge_config(over, {"workdir": str(args.workdir / name), "data": {"dir": args.data_dir, "seed": args.seed},
+                               "publish": {"enabled": False}, "ray": {"num_cpus": args.threads}})
+    sets = overrides_from_args(argparse.Namespace(set=args.set or []))
+    over = merge_config(over, sets)
+    prefix = run_stages(load_config(None, over), stages=4)
+    descend = {r.unit: prefix.dir("descend", r.unit) for r in prefix.records["descend"]}
+    budgets = budget_grid(smallest_flops_fraction(prefix.dir("detect"), descend), args.budgets_n)
+    over = merge_config(over, {"joint": {"sandwich_floor": budgets[0], "anchor_budgets": budgets[1:-1]},
+                               "profile": {"verify_budgets": budgets}})
+    return load_config(None, merge_config(over, sets)), budgets  # --set still wins
 
 
 def budget_grid(smallest: float, n: int) -> list[float]:

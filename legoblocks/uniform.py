@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +191,7 @@ def finetune(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     num_workers: int = 0,
+    trainable: Sequence[nn.Module] | None = None,
 ) -> FinetuneReport:
     """Train `model` in place against the frozen `teacher` for `epochs` or `wall_time_s`.
 
@@ -198,6 +199,9 @@ def finetune(
     work, `wall_time_s` for "the same time as another method". The learning rate follows a
     cosine from `lr` to 0 over the budget (steps, or elapsed time). The teacher stays in eval
     mode and receives no gradients. `optimizer` is "sgd" (Nesterov momentum 0.9) or "adam".
+    `trainable` (submodules of `model`; default: all of it) limits training to those modules:
+    the rest of `model` is frozen and stays in eval mode, so its BatchNorm statistics do not
+    move either, as for the shared original blocks of LegoDNN's joint stage.
     """
     if (epochs is None) == (wall_time_s is None):
         raise ValueError("finetune: give exactly one of epochs or wall_time_s")
@@ -211,7 +215,13 @@ def finetune(
         raise ValueError(
             f"finetune: the training set ({len(train_ds)} samples) is smaller than batch_size {batch_size}"  # type: ignore[arg-type]
         )
-    params = [p for p in model.parameters()]
+    parts = [model] if trainable is None else list(trainable)
+    params = list({id(p): p for part in parts for p in part.parameters()}.values())
+    if not params:
+        raise ValueError("finetune: nothing to train (the trainable modules hold no parameters)")
+    if trainable is not None:
+        for p in model.parameters():
+            p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     if optimizer == "sgd":
@@ -223,7 +233,9 @@ def finetune(
     total_steps = None if epochs is None else max(1, round(epochs * len(batches)))
     teacher_was_training = teacher.training
     teacher.eval()
-    model.train()
+    model.eval()
+    for part in parts:
+        part.train()
     recent: list[float] = []
     step = 0
     start = time.perf_counter()

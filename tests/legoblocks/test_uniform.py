@@ -74,3 +74,21 @@ def test_finetune_recovers_a_pruned_model_and_leaves_the_teacher(fmnist_test_spl
     assert timed.steps >= 1 and timed.seconds >= 0.5
     with pytest.raises(ValueError, match="exactly one"):
         finetune(pruned, teacher, train, progress=False)
+
+
+def test_finetune_trains_only_the_trainable_modules(fmnist_test_split) -> None:
+    """The frozen rest keeps its weights and its BatchNorm statistics (it stays in eval mode)."""
+    train, _ = split(fmnist_test_split, [600, 100], seed=3)
+    teacher, student = _cnn(8).eval(), _cnn(8)
+    middle = student[4:7]  # the second conv, its BatchNorm and ReLU
+    frozen = {k: v.clone() for k, v in student.state_dict().items() if not k.startswith(("4.", "5."))}
+    trained = {k: v.clone() for k, v in student.state_dict().items() if k.startswith(("4.", "5."))}
+
+    report = finetune(student, teacher, train, epochs=1, lr=0.05, batch_size=64, progress=False, trainable=[middle])
+
+    assert report.steps == 600 // 64
+    after = student.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())  # BatchNorm buffers included
+    assert all(not torch.equal(after[k], v) for k, v in trained.items() if after[k].is_floating_point())
+    with pytest.raises(ValueError, match="nothing to train"):
+        finetune(student, teacher, train, epochs=1, progress=False, trainable=[student[2]])  # a ReLU
