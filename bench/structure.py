@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench/structure.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mobilenetv2", help="zoo model, as in bench/evaluate.py --models")
-    p.add_argument("--budget", type=float, default=None,
-                   help="FLOPs fraction of the teacher (default: the lowest of bench/evaluate.py's budgets)")
+    p.add_argument("--budgets", type=float, nargs="+", default=None,
+                   help="FLOPs fractions of the teacher (default: the lowest of bench/evaluate.py's budgets)")
     p.add_argument("--seconds", type=float, required=True,
                    help="fine-tuning wall time of each arm, e.g. the uniform baseline's share in the accuracy figure")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, as in bench/evaluate.py")
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "selection of retrained descendants fine-tuned end to end like uniform; composition-blocks: "
                    "the same with only its pruned blocks trainable (the stem, head and original blocks frozen, "
                    "as in the joint stage); uniform: the uniform baseline")
-    p.add_argument("--out", type=Path, help="write the results as JSON here; the arms not run this time are kept "
-                   "from it when the model, budget and seconds match")
+    p.add_argument("--out", type=Path, help="write the results as JSON here; the budgets and arms not run this "
+                   "time are kept from it when the model and seconds match")
     p.add_argument("--quick", action="store_true", help="bench/evaluate.py's tiny smoke setting (meaningless numbers)")
     return p
 
@@ -99,9 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = _evaluate()
     run_stages = bench.run_stages
     cfg, budgets = bench.recipe_config(args.model, args)
-    budget = budgets[0] if args.budget is None else args.budget
-    if not 0 < budget < 1:
-        raise SystemExit(f"bench/structure.py: --budget must be a FLOPs fraction in (0, 1), got {budget}")
+    chosen = [budgets[0]] if args.budgets is None else args.budgets
+    if not all(0 < b < 1 for b in chosen):
+        raise SystemExit(f"bench/structure.py: --budgets must be FLOPs fractions in (0, 1), got {chosen}")
 
     run = run_stages(cfg, stages=6)  # teacher, detect, descend, blockio, retrain, assemble
     splits = load_splits(run.checked.facts.data)
@@ -109,14 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     scalable = ScalableModel.load(run.dir("assemble") / SCALABLE_DIR)
     flops = choice_flops(scalable)
     names = list(flops)
-    (selection,) = anchor_selections(scalable, [budget], flops)
-    flops_frac = sum(flops[b][c] for b, c in zip(names, selection)) / sum(flops[b][ORIGINAL] for b in names)
     job = baseline_job(cfg, run.checked.facts)
 
     def test(model) -> float:
         return round(100 * evaluate(model, splits.test), 2)
 
-    def composition(pruned_only: bool) -> dict:
+    def frac(selection: list[str]) -> float:
+        return round(sum(flops[b][c] for b, c in zip(names, selection)) / sum(flops[b][ORIGINAL] for b in names), 4)
+
+    def composition(selection: list[str], pruned_only: bool) -> dict:
         """The even composition of the retrained descendants (copies), fine-tuned as uniform is."""
         composed = scalable.compose(selection)
         trainable = [composed[i] for i, c in enumerate(selection) if c != ORIGINAL] if pruned_only else None
@@ -124,30 +125,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = finetune(composed, teacher, splits.train, wall_time_s=args.seconds, lr=job.lr,
                           batch_size=job.batch_size, seed=job.seed, num_workers=cfg.data.workers or 0,
                           trainable=trainable)
-        return {"flops_frac": round(flops_frac, 4), "test_before": before, "test": test(composed),
+        return {"flops_frac": frac(selection), "test_before": before, "test": test(composed),
                 "steps": report.steps, "seconds": round(report.seconds, 1)}
 
-    def legodnn() -> dict:
+    def legodnn(selection: list[str]) -> dict:
         """The same composition as the recipe trains it (its joint stage), untouched."""
         joint = run_stages(cfg, stages=7)
-        return {"flops_frac": round(flops_frac, 4), "test": test(ScalableModel.load(joint.scalable_dir).compose(selection)),
+        return {"flops_frac": frac(selection), "test": test(ScalableModel.load(joint.scalable_dir).compose(selection)),
                 "joint_s": round(sum(r.seconds for r in joint.records["joint"]), 1)}
 
-    def uniform() -> dict:
+    def uniform(budget: float) -> dict:
         done = run_stages(cfg, stages=1, extra=baseline_stages([budget], {budget: args.seconds}, methods=["uniform"]))
         (meta,) = [r.meta for r in done.records["uniform"]]
         return {"flops_frac": round(meta["flops_frac"], 4), "ratio": meta["ratio"],
                 "test": round(100 * meta["test_accuracy"], 2), "seconds": round(meta["seconds"], 1)}
 
-    runners = {"legodnn": legodnn, "composition": lambda: composition(False),
-               "composition-blocks": lambda: composition(True), "uniform": uniform}
+    runners = {"legodnn": lambda b, sel: legodnn(sel), "composition": lambda b, sel: composition(sel, False),
+               "composition-blocks": lambda b, sel: composition(sel, True), "uniform": lambda b, sel: uniform(b)}
     old = json.loads(args.out.read_text()) if args.out is not None and args.out.is_file() else {}
-    same = {k: old.get(k) for k in ("model", "budget", "seconds")} == {"model": args.model, "budget": budget,
-                                                                       "seconds": args.seconds}
-    arms = {**(old.get("arms", {}) if same else {}), **{arm: runners[arm]() for arm in args.arms}}
+    same = (old.get("model"), old.get("seconds")) == (args.model, args.seconds)
+    rows = {row["budget"]: row for row in (old.get("rows", []) if same else [])}
+    for budget in chosen:
+        (selection,) = anchor_selections(scalable, [budget], flops)
+        arms = {**rows.get(budget, {}).get("arms", {}), **{arm: runners[arm](budget, selection) for arm in args.arms}}
+        rows[budget] = {"budget": budget, "selection": selection, "arms": {a: arms[a] for a in ARMS if a in arms}}
     result = {
-        "model": args.model, "budget": budget, "seconds": args.seconds, "selection": selection,
-        "teacher_test": test(teacher), "arms": {arm: arms[arm] for arm in ARMS if arm in arms},
+        "model": args.model, "seconds": args.seconds, "teacher_test": test(teacher),
+        "rows": [rows[b] for b in sorted(rows)],
         "commands": [*(old.get("commands", []) if same else []), "bench/structure.py " + shlex.join(
             sys.argv[1:] if argv is None else argv)],
         "machine": f"{fingerprint()['cpu_model']}, {os.cpu_count()} CPUs",
