@@ -3,18 +3,25 @@
 A LegoDNN block keeps its input and output channels so that any descendant fits its
 neighbours; only the channels inside a block are pruned. At a low FLOPs budget a composition
 must therefore cut most of every block's inner channels, while uniform pruning thins every
-layer, the channels between blocks included, by less. This trains the even composition of a
-budget (`legoblocks.anchors`, built from the per-block retrained descendants) end to end with
-the uniform baseline's own loop, loss, optimizer and wall time (`legoblocks.uniform.finetune`
-with `pipelines.baselines.BaselineJob`'s settings), beside the uniform baseline itself
-(`pipelines.baselines.uniform`). If the composition still trails uniform after the same
-training, the gap is the space of compositions, not how LegoDNN trains its shared blocks.
+layer, the channels between blocks included, by less. For each budget this takes the even
+composition (`legoblocks.anchors`, the recipe's anchor) and measures four arms on the test set:
+
+    legodnn              the composition as the recipe's joint stage trains it (shared blocks)
+    composition          the retrained descendants fine-tuned end to end with the uniform
+                         baseline's loop, loss, optimizer and wall time (`legoblocks.uniform.
+                         finetune` with `pipelines.baselines.BaselineJob`'s settings)
+    composition-blocks   the same with only the pruned blocks trainable, as in the joint stage
+    uniform              the uniform baseline itself (`pipelines.baselines.uniform`)
+
+If the composition trails uniform after the same training, the gap is the space of
+compositions; if it matches uniform but `legodnn` does not, it is how LegoDNN trains.
 
 The recipe's stages run from `bench/evaluate.py`'s cache (same settings, same --workdir), so
 its teacher and descendants are the ones the accuracy figure used.
 
     .venv/bin/python bench/structure.py --model mobilenetv2 --seconds 436 --threads 2 \\
         --workdir /work/bench-cache/eval3 --out docs/results/structure-mobilenetv2.json
+    .venv/bin/python bench/structure.py ... --budgets 0.3956 0.4711 --arms legodnn uniform
 """
 
 from __future__ import annotations
