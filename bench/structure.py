@@ -27,6 +27,7 @@ its teacher and descendants are the ones the accuracy figure used.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -99,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.budgets_n = 3
-    if args.seconds <= 0 or args.threads < 1:
-        raise SystemExit("bench/structure.py: --seconds must be > 0 and --threads >= 1")
+    if args.seconds <= 0 or args.threads < 1 or args.budgets_n < 2:
+        raise SystemExit("bench/structure.py: need --seconds > 0, --threads >= 1 and --budgets-n >= 2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     bench = _evaluate()
@@ -135,11 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"flops_frac": frac(selection), "test_before": before, "test": test(composed),
                 "steps": report.steps, "seconds": round(report.seconds, 1)}
 
+    @functools.cache
+    def joint() -> tuple[ScalableModel, float]:
+        """The recipe through its joint stage (run or cached once for every budget) and its seconds."""
+        done = run_stages(cfg, stages=7)
+        return ScalableModel.load(done.scalable_dir), round(sum(r.seconds for r in done.records["joint"]), 1)
+
     def legodnn(selection: list[str]) -> dict:
         """The same composition as the recipe trains it (its joint stage), untouched."""
-        joint = run_stages(cfg, stages=7)
-        return {"flops_frac": frac(selection), "test": test(ScalableModel.load(joint.scalable_dir).compose(selection)),
-                "joint_s": round(sum(r.seconds for r in joint.records["joint"]), 1)}
+        trained, seconds = joint()
+        return {"flops_frac": frac(selection), "test": test(trained.compose(selection)), "joint_s": seconds}
 
     def uniform(budget: float) -> dict:
         done = run_stages(cfg, stages=1, extra=baseline_stages([budget], {budget: args.seconds}, methods=["uniform"]))
