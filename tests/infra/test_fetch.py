@@ -310,14 +310,15 @@ def test_cli_refusal_exit_code_and_message(built_models, keypair, other_keypair,
     assert not (tmp_path / "cache" / "objects").exists()
 
 
-def _fetched_for_watch(rn, keypair, bucket: str, tmp_path: Path, first_budgets: dict):
+def _fetched_for_watch(rn, keypair, bucket: str, tmp_path: Path, first_budgets: dict,
+                       settings: DeviceLatencySettings = FAST):
     """rn8 published to S3 and fetched at unlimited budgets, with a budget file for watch()."""
     root = f"s3://{bucket}/bundles"
     publish_bundle(rn.scalable_dir, rn.table_path, root, keypair.private_key, "rn8")
     budget_file = tmp_path / "budgets.json"
     budget_file.write_text(json.dumps(first_budgets))
     result = fetch([f"{root}/rn8"], DeviceBudgets(None, None), public_key=keypair.public_key,
-                   cache=tmp_path / "cache", settings=FAST)
+                   cache=tmp_path / "cache", settings=settings)
     return result, budget_file
 
 
@@ -373,11 +374,16 @@ def test_watch_with_verify_latency_times_each_change_and_runs_what_it_reports(bu
     from infra.device.watch import watch
 
     rn = built_models["resnet"]
-    result, budget_file = _fetched_for_watch(rn, keypair, bucket, tmp_path, {"latency_ms": None})
+    # Timed at batch 16 so that compute, not per-call overhead, sets each block's latency: at
+    # batch 1 this width-4 model's pruned blocks can time no faster than the original's, and then
+    # no budget lies between the fastest composition and the original.
+    settings = DeviceLatencySettings(warmup=1, repeats=5, batch_size=16)
+    result, budget_file = _fetched_for_watch(rn, keypair, bucket, tmp_path, {"latency_ms": None}, settings)
     start_sel = list(result.switchers["rn8"].selection)
     names = result.session.bundles["rn8"].manifest.block_names
     shares = result.session.bundles["rn8"].device.choice_ms()
     lo = sum(min(v for (b, _), v in shares.items() if b == n) for n in names)
+    assert lo < result.models[0].latency_ms, f"no descendant timed faster than the original: {shares}"
     budget_ms = (lo + result.models[0].latency_ms) / 2
     threading.Timer(0.3, lambda: budget_file.write_text(json.dumps({"latency_ms": budget_ms}))).start()
     out = io.StringIO()
