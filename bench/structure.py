@@ -150,8 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def uniform(budget: float) -> dict:
         done = run_stages(cfg, stages=1, extra=baseline_stages([budget], {budget: args.seconds}, methods=["uniform"]))
         (meta,) = [r.meta for r in done.records["uniform"]]
-        return {"flops_frac": round(meta["flops_frac"], 4), "ratio": meta["ratio"],
-                "test": round(100 * meta["test_accuracy"], 2), "seconds": round(meta["seconds"], 1)}
+        out = {"flops_frac": round(meta["flops_frac"], 4), "ratio": meta["ratio"],
+               "test": round(100 * meta["test_accuracy"], 2), "seconds": round(meta["seconds"], 1)}
+        if "steps" in meta:  # models cached before the baselines recorded their steps have none
+            out["steps"] = meta["steps"]
+        return out
 
     runners = {"legodnn": lambda b, sel: legodnn(sel), "composition": lambda b, sel: composition(sel, False),
                "composition-blocks": lambda b, sel: composition(sel, True), "uniform": lambda b, sel: uniform(b)}

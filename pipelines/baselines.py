@@ -101,7 +101,7 @@ def uniform(ctx: UnitContext[BaselineJob]) -> dict[str, Any]:
                       num_workers=job.data.workers,
                       on_step=lambda step, loss: ctx.report("step", {"step": step, "loss": loss}) if step % 50 == 0 else None)
     return _save(ctx, choice.model, {"flops_frac": choice.flops_frac, "ratio": choice.ratio,
-                                     "seconds": prune_s + report.seconds})
+                                     "seconds": prune_s + report.seconds, "steps": report.steps})
 
 
 def scratch_model(spec: ModelSpec, target_flops: float) -> tuple[nn.Module, float]:
@@ -158,7 +158,7 @@ def scratch(ctx: UnitContext[BaselineJob]) -> dict[str, Any]:
     report = finetune(model, teacher, load_splits(job.data).train, wall_time_s=seconds, lr=0.05,
                       batch_size=job.batch_size, seed=job.seed, progress=False, num_workers=job.data.workers)
     return _save(ctx, model, {"flops_frac": count_flops(model, job.model.input_shape) / teacher_flops,
-                              "width": width, "seconds": report.seconds})
+                              "width": width, "seconds": report.seconds, "steps": report.steps})
 
 
 def baseline_job(cfg: Any, facts: Any, **settings: Any) -> BaselineJob:

@@ -33,4 +33,5 @@ def test_quick_runs_every_arm_and_merges_reruns(bench_script, tmp_path: Path, fm
     assert [r["budget"] for r in again["rows"]] == [budget, higher]
     assert again["rows"][0] == row and list(again["rows"][1]["arms"]) == ["uniform"]
     assert again["rows"][1]["arms"]["uniform"]["flops_frac"] <= higher + 1e-3
+    assert again["rows"][1]["arms"]["uniform"]["steps"] >= 1  # the same-training comparison needs it
     assert len(again["commands"]) == 2 and "--arms uniform" in again["commands"][1]
