@@ -29,9 +29,11 @@ The method (exact; `optimizer.dual` and `optimizer.search` have the parts):
 **Prepared problems** (`prepare`, `compile_problem(..., frontiers=True)`, `RuntimeScaler`)
 also keep each model's frontier (`optimizer.frontier`): the selections no other of the
 same model beats under any budgets. A solve with top_k=1 and no switching cost reads them
-instead of steps 3-4 over chunks: one model's best row that fits, or for several models
-(while their frontiers are small, `MERGE_ROWS`) the same enumeration over their rows, with
-multipliers from a grid of the dual precomputed per kind of constraints (`dual.DualGrid`).
+instead of the pass over chunks: one model's best row that fits, or for several models
+(while their frontiers are small: `MERGE_ROWS`, `MERGE_ROWS_PAIR`) the same enumeration
+over their rows, with multipliers from a grid of the dual precomputed per kind of
+constraints (`dual.DualGrid`) and step 3's threshold, whose multiplier-only part is kept
+for every point of that grid (`dual.core_parts`).
 Where that path does not decide (nothing feasible found, too many pairs), the search does.
 
 **One constraint** (a single budget, FLOPs or latency, and no measured composition that
@@ -58,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.dual import DualGrid, Relaxation, axes_values, core_selections, dual_grid, lp_infeasible, multipliers, natural_scale
+from optimizer.dual import CoreParts, DualGrid, Relaxation, axes_values, core_parts, core_selections, dual_grid, lp_infeasible, multipliers, natural_scale
 from optimizer.evaluation import Solution, budget_limit, evaluate_indices, infeasible
 from optimizer.frontier import DEFAULT_CAP, Frontier, Frontiers, best_rows, model_frontier, stack
 from optimizer.halves import FALLBACK_HALF_ROWS, HALF_ROWS, half_rows, top_pairs
@@ -73,6 +75,7 @@ FRONTIER_METHOD = "frontier"
 HALVES_METHOD = "meet-in-the-middle"
 _MARGIN = 4.0  # frontiers keep every selection within this many tie windows of a better one
 MERGE_ROWS = 14_000  # several models' frontiers are merged where they hold at most this many rows in all
+MERGE_ROWS_PAIR = 40_000  # the same for two models: one merge, no partial selections carried into another
 BEAM = 32  # partial selections per model a beam pass keeps (when no first threshold was found)
 CORE_GROUPS = (12, 14, 16)  # contested groups whose two best choices the first threshold tries (by size)
 ITEM_BUDGET = 2048
@@ -149,11 +152,13 @@ class _Constraints:
 class _FrontierKind:
     """One kind of constraints on the frontiers: each row's coefficients (D, M, I), each
     model's least usage (D, M) and, for one or two constraints on several models, the dual's
-    grid (the multipliers of a re-solve in one matrix product)."""
+    grid (the multipliers of a re-solve in one matrix product) with the first value's
+    budget-independent part at each of its points."""
 
     coef: np.ndarray
     least: np.ndarray
     grid: DualGrid | None
+    cores: CoreParts | None
 
 
 class CompiledProblem:
@@ -181,6 +186,7 @@ class CompiledProblem:
         sizes = [len(b.choices) for b in blocks]
         width = max(sizes)
         self._width, self._n_groups = width, n_groups
+        self._n_core = CORE_GROUPS[(n_groups > 40) + (n_groups > 80)]
         self._start = np.cumsum([0] + [len(m.blocks) for m in models])
         # (choice, group) arrays plus a last all-zero group that pads chunks.
         shape = (width, n_groups + 1)
@@ -216,8 +222,8 @@ class CompiledProblem:
 
         Takes about 0.01-0.2 s per model of 8-12 blocks; call it when a table is loaded.
         Several models are read from their frontiers only while these hold at most
-        `MERGE_ROWS` selections in all (past that, merging them costs more than searching
-        the blocks): the build stops there.
+        `MERGE_ROWS` selections in all, `MERGE_ROWS_PAIR` for two models (past that,
+        merging them costs more than searching the blocks): the build stops there.
 
         Args:
             cap: the most selections one model's frontier may hold; past it (degenerate
@@ -236,7 +242,8 @@ class CompiledProblem:
             lo, hi = self._start[m], self._start[m + 1]
             comps = [(self._comp_choice[j, : hi - lo].tolist(), float(self._comp_gain[j]))
                      for j in np.flatnonzero(self._comp_model == m)]
-            limit = cap if len(self.models) == 1 else min(cap, MERGE_ROWS - held)
+            rows = MERGE_ROWS_PAIR if len(self.models) == 2 else MERGE_ROWS
+            limit = cap if len(self.models) == 1 else min(cap, rows - held)
             front = model_frontier(np.where(self._valid[:, lo:hi], self._value[:, lo:hi], 0.0), usage[:, :, lo:hi],
                                    [len(b.choices) for b in model.blocks], margin, comps, limit)
             if front is None:
@@ -436,7 +443,7 @@ class CompiledProblem:
         lay, value, coef, least, scale = con.layout, con.value, con.coef, con.least, con.scale
         budget_list = con.budgets(problem, self.models)
         limits, slack = self._limits(con, budget_list)
-        if (least > limits).any():
+        if any(low > limit for low, limit in zip(least.tolist(), limits.tolist())):
             over = [
                 f"{name} {budget:g} {_UNITS[name.split()[0]]} is below the smallest achievable {low:g} {_UNITS[name.split()[0]]}"
                 for name, budget, low, limit in zip(con.names, budget_list, least, limits)
@@ -470,8 +477,9 @@ class CompiledProblem:
     def _limits(self, con: _Constraints, budget_list: list[float]) -> tuple[np.ndarray, np.ndarray]:
         """The constraints' limits, and the same with a hair of slack: sums taken in another
         order than `evaluate_indices` (which gives the canonical verdict) differ by float noise."""
-        limits = np.array([budget_limit(b) for b in budget_list])
-        return limits, limits + 1e-12 * (np.abs(limits) + con.spread)
+        limit_list = [budget_limit(b) for b in budget_list]
+        slack = [limit + 1e-12 * (abs(limit) + spread) for limit, spread in zip(limit_list, con.spread.tolist())]
+        return np.array(limit_list), np.array(slack)
 
     def _on_halves(self, problem: Problem, con: _Constraints, limits: np.ndarray, slack: np.ndarray,
                    top_k: int, rows: int) -> Solution | None:
@@ -509,12 +517,13 @@ class CompiledProblem:
             rows = [fr.usage[0] if s == "latency_ms" else fr.usage[1] if s == "memory_bytes"
                     else np.where(np.arange(len(self.models))[:, None] == s, fr.usage[0], 0.0) for s in con.sources]
             coef = np.stack(rows) if rows else np.zeros((0, *fr.value.shape))
-            grid = None
+            grid, cores = None, None
             if len(self.models) > 1 and len(rows) in (1, 2):
                 lay = con.layout
                 rel = Relaxation(con.value, con.coef, np.zeros(len(rows)), self._start[:-1], lay.comp_value, lay.comp_coef, lay.comp_model)
                 grid = dual_grid(rel, con.scale)
-            self._kinds[key] = _FrontierKind(coef=coef, least=np.where(fr.valid[None], coef, np.inf).min(axis=2), grid=grid)
+                cores = core_parts(con.value, con.coef, grid.lams, self._n_core)
+            self._kinds[key] = _FrontierKind(coef=coef, least=np.where(fr.valid[None], coef, np.inf).min(axis=2), grid=grid, cores=cores)
         return self._kinds[key]
 
     def _on_frontiers(self, problem: Problem, con: _Constraints, limits: np.ndarray, slack: np.ndarray) -> Solution | None:
@@ -528,12 +537,14 @@ class CompiledProblem:
         kind = self._frontier_kind(con)
         lam, known = np.zeros(len(limits)), -np.inf
         if len(self.models) > 1:
-            if kind.grid is not None:
-                lam = kind.grid.best(limits)
+            parts = None
+            if kind.grid is not None and kind.cores is not None:
+                point = kind.grid.best(limits)
+                lam, parts = kind.grid.lams[point], (kind.cores, point)
             else:
                 free = Relaxation(con.value, con.coef, limits, self._start[:-1], *self._no_compositions)
                 lam = multipliers(free, con.scale, 2, con.owner, con.axes_part)[0]
-            known = self._first_found(con.value, con.coef, limits, np.array([lam, 1.25 * lam]), 1)
+            known = self._first_found(con.value, con.coef, limits, np.array([lam, 1.25 * lam]), 1, parts)
         found = best_rows(fr, kind.coef, kind.least, slack, lam, con.eps, known)
         if found is None:
             return None
@@ -542,25 +553,27 @@ class CompiledProblem:
         solution = evaluate_indices(problem, indices, self._minima, self.measured, FRONTIER_METHOD, states)
         return solution if solution.feasible else None
 
-    def _first_found(self, value: np.ndarray, coef: np.ndarray, limits: np.ndarray, lams: np.ndarray, top_k: int) -> float:
-        """`_first_target` under the best multipliers `lams[0]`, else under more frugal ones
-        (the set's largest, then twice the best) where none of its selections fits."""
-        first = self._first_target(value, coef, limits, lams[0], top_k)
+    def _first_found(self, value: np.ndarray, coef: np.ndarray, limits: np.ndarray, lams: np.ndarray, top_k: int,
+                     parts: tuple[CoreParts, int] | None = None) -> float:
+        """`_first_target` under the best multipliers `lams[0]` (`parts`: its `core_parts`
+        if known), else under more frugal ones (the set's largest, then twice the best)
+        where none of its selections fits."""
+        first = self._first_target(value, coef, limits, lams[0], top_k, parts)
         for frugal in (lambda: lams[int(lams.sum(axis=1).argmax())], lambda: 2.0 * lams[0]):
             if first > -np.inf:
                 break
             first = self._first_target(value, coef, limits, frugal(), top_k)
         return first
 
-    def _first_target(self, value: np.ndarray, coef: np.ndarray, limits: np.ndarray, lam: np.ndarray, top_k: int) -> float:
+    def _first_target(self, value: np.ndarray, coef: np.ndarray, limits: np.ndarray, lam: np.ndarray, top_k: int,
+                      parts: tuple[CoreParts, int] | None = None) -> float:
         """A value that top_k distinct feasible selections reach (-inf if none was found).
 
         Candidates: the best combinations of the contested groups' two best choices, and
         the best of them with one model's selection replaced by each of its compositions,
         or by a greedy pick of one composition per model (best gain first, while it fits).
         """
-        n_core = CORE_GROUPS[(self._n_groups > 40) + (self._n_groups > 80)]
-        selections, values = core_selections(value, coef, limits, lam, n_core, top_k, rows=len(self._comp_model) > 0)
+        selections, values = core_selections(value, coef, limits, lam, self._n_core, top_k, rows=len(self._comp_model) > 0, parts=parts)
         if selections is not None and len(values):  # a composition is worth its measured value
             cols = np.arange(selections.shape[1])
             base = selections[0]

@@ -33,19 +33,21 @@ group's best choice is fixed except in the `n_core` most contested groups (the s
 loss from the best to the second-best choice), which try both; all 2^n_core combinations
 are evaluated as sums of two halves (measured on profile-shaped tables: the best feasible
 one is the optimum in most instances, and within 1.6x the duality gap of it up to six
-models).
+models). All of it but the last step (which combinations fit the budgets) depends on the
+multipliers alone: `core_parts` computes that part for a batch of multiplier vectors, so
+a prepared problem keeps it for every point of its `DualGrid`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["DualGrid", "Relaxation", "axes_values", "core_selections", "dual_grid", "lp_infeasible", "multipliers", "natural_scale"]
+__all__ = ["CoreParts", "DualGrid", "Relaxation", "axes_values", "core_parts", "core_selections", "dual_grid", "lp_infeasible", "multipliers", "natural_scale"]
 
 _SCAN = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 31)])  # x the constraint's natural scale
 _GRID = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 64)])  # `dual_grid` per axis, x the natural scale
@@ -211,9 +213,9 @@ class DualGrid:
     lams: np.ndarray  # (P, D)
     part: np.ndarray  # (P,)
 
-    def best(self, limits: np.ndarray) -> np.ndarray:
-        """(D,) the grid point where f is least under `limits`."""
-        return self.lams[int((self.part + self.lams @ limits).argmin())]
+    def best(self, limits: np.ndarray) -> int:
+        """The index of the grid point where f is least under `limits`."""
+        return int((self.part + self.lams @ limits).argmin())
 
 
 def dual_grid(rel: Relaxation, scale: np.ndarray) -> DualGrid:
@@ -299,42 +301,99 @@ def _subsets(n: int) -> np.ndarray:
     return ((np.arange(2**n)[:, None] >> np.arange(n - 1, -1, -1)) & 1).astype(float)
 
 
+@dataclass(frozen=True)
+class CoreParts:
+    """What `core_selections` needs that depends on the multipliers alone (not on the
+    budgets), for P multiplier vectors: per vector its best choice per group, the
+    contested groups (the first `n[p]` of each row count) and what taking their
+    second-best choice changes."""
+
+    first: np.ndarray  # (P, G) best choice per group
+    core: np.ndarray  # (P, n_core) contested groups, most contested first
+    second: np.ndarray  # (P, n_core) their second-best choices
+    n: np.ndarray  # (P,) how many of a row's contested groups count (the rest have no second choice)
+    base_v: np.ndarray  # (P,) the value of the best choices
+    base_u: np.ndarray  # (D, P) their usage
+    dv: np.ndarray  # (P, n_core) value change of the second-best choice
+    du: np.ndarray  # (D, P, n_core) its usage change
+
+
+def core_parts(V: np.ndarray, A: np.ndarray, lams: np.ndarray, n_core: int) -> CoreParts:
+    """`CoreParts` under each multiplier vector of `lams` (P, D).
+
+    A prepared problem's frontier solves read their multipliers from the dual's grid
+    (`DualGrid`), so computing these once for every grid point leaves a solve only the
+    budget-dependent part of `core_selections`. Evaluated `_GRID_BATCH` vectors at a time."""
+    if len(lams) > _GRID_BATCH:
+        batches = [core_parts(V, A, lams[at : at + _GRID_BATCH], n_core) for at in range(0, len(lams), _GRID_BATCH)]
+        axis = {"base_u": 1, "du": 1}  # fields whose leading axis is the constraint
+        return CoreParts(**{f.name: np.concatenate([getattr(b, f.name) for b in batches], axis=axis.get(f.name, 0))
+                            for f in fields(CoreParts)})
+    D, C, G = A.shape
+    P = len(lams)
+    R = V - (lams @ A.reshape(D, C * G)).reshape(P, C, G) if D else np.broadcast_to(V, (P, C, G))
+    if C > 1:
+        order = np.argsort(-R, axis=1, kind="stable")
+        first, second = order[:, 0], order[:, 1]  # (P, G)
+    else:
+        first = second = np.zeros((P, G), dtype=np.intp)
+    at, cols = np.arange(P)[:, None], np.arange(G)
+    loss = R[at, first, cols] - R[at, second, cols]
+    loss = np.where(np.isfinite(loss) & (second != first), loss, np.inf)
+    core = np.argsort(loss, axis=1, kind="stable")[:, :n_core]  # (P, n): the finite losses first
+    top, low = first[at, core], second[at, core]
+    return CoreParts(
+        first=first,
+        core=core,
+        second=low,
+        n=np.minimum(np.isfinite(loss).sum(axis=1), n_core),
+        base_v=V[first, cols].sum(axis=1),
+        base_u=A[:, first, cols].sum(axis=2),
+        dv=V[low, core] - V[top, core],
+        du=A[:, low, core] - A[:, top, core],
+    )
+
+
 def core_selections(
-    V: np.ndarray, A: np.ndarray, limits: np.ndarray, lam: np.ndarray, n_core: int, count: int, rows: bool = True
+    V: np.ndarray, A: np.ndarray, limits: np.ndarray, lam: np.ndarray, n_core: int, count: int, rows: bool = True,
+    parts: tuple[CoreParts, int] | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """The `count` best feasible selections that differ from the best choice per group
     (under `lam`) only by second-best choices in the `n_core` most contested groups.
+
+    Args:
+        V, A: the items' values (C, G) and coefficients (D, C, G).
+        limits: (D,) the budgets.
+        lam: (D,) the multipliers.
+        n_core: how many contested groups try their second-best choice.
+        count: how many selections to return.
+        rows: whether to return the selections (else only their values).
+        parts: `core_parts` already computed for `lam` (and `n_core`), with the row to read.
 
     Returns:
         (selections (n, G), values (n,)) best first; n <= count (0 when none is feasible).
         Without `rows` only the values (selections None).
     """
-    D, C, G = A.shape
-    cols = np.arange(G)
-    R = V - (lam @ A.reshape(D, C * G)).reshape(C, G) if D else V
-    first, second = np.argsort(-R, axis=0, kind="stable")[:2] if C > 1 else np.zeros((2, G), dtype=np.intp)
-    loss = R[first, cols] - R[second, cols]
-    loss = np.where(np.isfinite(loss) & (second != first), loss, np.inf)
-    core = np.argsort(loss, kind="stable")[:n_core]
-    core = core[np.isfinite(loss[core])]
-    base_v = V[first, cols].sum()
-    base_u = A[:, first, cols].sum(axis=1)
-    dv = V[second[core], core] - V[first[core], core]
-    du = A[:, second[core], core] - A[:, first[core], core]  # (D, n)
-    half = len(core) // 2
-    left, right = _subsets(half), _subsets(len(core) - half)
-    value = (left @ dv[:half])[:, None] + (right @ dv[half:] + base_v)[None, :]
-    room = (limits - base_u)[:, None] - du[:, half:] @ right.T  # (D, right): what the left half may use
+    cp, p = parts if parts is not None else (core_parts(V, A, lam[None], n_core), 0)
+    n = int(cp.n[p])
+    core, dv, du = cp.core[p, :n], cp.dv[p, :n], cp.du[:, p, :n]
+    D = len(limits)
+    half = n // 2
+    left, right = _subsets(half), _subsets(n - half)
+    value = (left @ dv[:half])[:, None] + (right @ dv[half:] + cp.base_v[p])[None, :]
+    room = (limits - cp.base_u[:, p])[:, None] - du[:, half:] @ right.T  # (D, right): what the left half may use
     used = du[:, :half] @ left.T  # (D, left)
-    fits = np.ones(value.shape, dtype=bool)
-    for j in range(D):
-        fits &= used[j][:, None] <= room[j][None, :]
-    value = np.where(fits, value, -np.inf).ravel()
+    if D:
+        fits = used[0][:, None] <= room[0][None, :]
+        for j in range(1, D):
+            fits &= used[j][:, None] <= room[j][None, :]
+        value = np.where(fits, value, -np.inf)
+    value = value.ravel()
     best = np.argsort(-value, kind="stable")[:count] if count > 1 else np.array([int(value.argmax())])
     best = best[np.isfinite(value[best])]
     if not rows:
         return None, value[best]
     chosen = np.concatenate([left[best // len(right)], right[best % len(right)]], axis=1).astype(bool)
-    selections = np.repeat(first[None], len(best), axis=0)
-    selections[:, core] = np.where(chosen, second[core], first[core])
+    selections = np.repeat(cp.first[p][None], len(best), axis=0)
+    selections[:, core] = np.where(chosen, cp.second[p, :n], cp.first[p][core])
     return selections, value[best]

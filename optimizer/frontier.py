@@ -254,36 +254,40 @@ def best_rows(
         return None
     R = np.where(fits, fr.value - (lam @ coef.reshape(D, M * I)).reshape(M, I), -np.inf)  # -inf past a model's rows
     best = R.max(axis=1)
-    if best.min() == -np.inf:
+    best_m = best.tolist()
+    if min(best_m) == -np.inf:
         return None
     floor = (known - 2 * eps) - float(lam @ limits)  # what R of a whole selection must reach
-    model, row = np.nonzero(R >= (floor - best.sum() + best)[:, None])
+    model, row = np.nonzero(R >= (floor - sum(best_m) + best)[:, None])
     counts = np.bincount(model, minlength=M).tolist()
     span = [slice(e - c, e) for e, c in zip(accumulate(counts), counts)]
     order = sorted(range(M), key=counts.__getitem__)
     # Columns [-R, U_1 .. U_D, V] per kept row. After merging the models order[:at + 1], -R
-    # and U must stay within lim[:, at]: room for the models to come at their best and least.
+    # and each U must stay within what the models to come leave at their best and least.
     cols = np.concatenate([-R[model, row][None], coef[:, model, row], fr.value[model, row][None]])
-    best_m, least_m, limit_d = best.tolist(), least.tolist(), limits.tolist()
-    lim = np.array([[sum(best_m[m] for m in order[at + 1 :]) - floor,
-                     *(limit - sum(low[m] for m in order[at + 1 :]) for limit, low in zip(limit_d, least_m))]
-                    for at in range(M)]).T  # (1 + D, M)
-    merged, picks = cols[:, span[order[0]]], row[span[order[0]]][:, None]
-    states = len(picks)
+    least_m, limit_d = least.tolist(), limits.tolist()
+    merged, picks = cols[:, span[order[0]]], [row[span[order[0]]]]
+    states = len(picks[0])
     for at, m in enumerate(order[1:], start=1):
         part = cols[:, span[m]]
-        if len(picks) * part.shape[1] > pair_cap:
+        if len(merged[0]) * part.shape[1] > pair_cap:
             return None
-        parent, slot = np.nonzero(merged[0][:, None] + part[0][None, :] <= lim[0, at])  # the first test on every pair
+        later = order[at + 1 :]
+        width = part.shape[1]
+        parent, slot = np.divmod(np.flatnonzero(merged[0][:, None] + part[0] <= sum(best_m[k] for k in later) - floor), width)
         merged = merged[:, parent] + part[:, slot]
-        keep = (merged[1:-1] <= lim[1:, at, None]).all(axis=0)
-        merged, parent, slot = merged[:, keep], parent[keep], slot[keep]
-        picks = np.concatenate([picks[parent], row[span[m]][slot, None]], axis=1)
-        states += len(picks)
+        keep = None
+        for d, limit in enumerate(limit_d, start=1):
+            ok = merged[d] <= limit - sum(least_m[d - 1][k] for k in later)
+            keep = ok if keep is None else keep & ok
+        if keep is not None:
+            merged, parent, slot = merged[:, keep], parent[keep], slot[keep]
+        picks = [p[parent] for p in picks] + [row[span[m]][slot]]
+        states += len(parent)
     value = merged[-1]
     if not len(value):
         return None
-    back = sorted(range(M), key=order.__getitem__)  # the column of each model in `picks`
-    tied = np.flatnonzero(value >= value.max() - eps) if len(value) > 1 else [0]
-    at = tied[np.lexsort(picks[tied][:, back].T[::-1])[0]] if len(tied) > 1 else tied[0]
-    return picks[at][back].tolist(), states
+    back = [picks[order.index(m)] for m in range(M)]  # each model's rows, in model order
+    tied = np.flatnonzero(value >= value.max() - eps)
+    at = tied[np.lexsort([rows[tied] for rows in back[::-1]])[0]] if len(tied) > 1 else tied[0]
+    return [int(rows[at]) for rows in back], states

@@ -88,9 +88,48 @@ def test_the_dual_grid_is_the_dual_under_any_budgets(gen):
         rel = Relaxation(V, A, limits, compiled._start[:-1], np.zeros(0), np.zeros((2, 0)), np.zeros(0, dtype=np.intp))
         f = rel.dual(grid.lams)
         assert np.allclose(grid.part + grid.lams @ limits, f, rtol=1e-12, atol=1e-12)
-        assert rel.dual(grid.best(limits)[None])[0] <= f.min() + 1e-9 * abs(f.min())
+        assert rel.dual(grid.lams[grid.best(limits)][None])[0] <= f.min() + 1e-9 * abs(f.min())
     with pytest.raises(ValueError, match="one or two constraints"):
         dual_grid(rel, np.ones(3))
+
+
+def test_first_values_read_from_the_grid_equal_those_computed_per_multiplier(gen):
+    from optimizer.dual import core_parts, core_selections
+
+    raw = gen.realistic(random.Random(6), 3, 5, 4, 0.5)
+    raw["models"][1]["blocks"][2]["choices"] = raw["models"][1]["blocks"][2]["choices"][:1]  # a block with no second choice
+    compiled = compile_problem(raw)
+    V, A = compiled._value, np.stack([compiled._lat, compiled._mem])
+    rng = np.random.default_rng(0)
+    lams = np.concatenate([np.zeros((1, 2)), rng.uniform(0, 1, (300, 2)) * [0.05, 1e-7]])  # past one batch
+    n_core = 16  # more than the 14 blocks with a second choice: the rest of each row is padding
+    parts = core_parts(V, A, lams, n_core)
+    assert (parts.n == 14).all()
+    limits = np.array([raw["budgets"]["latency_ms"], raw["budgets"]["memory_bytes"]])
+    found = 0
+    for p in range(len(lams)):
+        for count in (1, 5):
+            alone = core_selections(V, A, limits, lams[p], n_core, count)
+            read = core_selections(V, A, limits, lams[p], n_core, count, parts=(parts, p))
+            assert np.array_equal(alone[0], read[0]) and np.array_equal(alone[1], read[1])
+            if len(read[1]):
+                found += 1
+                cols = np.arange(V.shape[1])
+                assert np.allclose(V[read[0], cols].sum(axis=1), read[1], rtol=0, atol=1e-12)
+                assert (A[:, read[0], cols].sum(axis=2) <= limits[:, None] + 1e-9).all()
+                assert len({tuple(s) for s in read[0]}) == len(read[0])  # distinct selections
+    assert found > 100
+    for p in range(0, len(lams), 60):  # every contested group is in the core: brute force over its two best choices
+        R = V - np.tensordot(lams[p], A, axes=1)
+        ranked = np.argsort(-R, axis=0, kind="stable")
+        free = [g for g in range(V.shape[1]) if np.isfinite(R[ranked[1, g], g])]
+        sel = np.repeat(ranked[:1], 2 ** len(free), axis=0)  # (2^n, G)
+        sel[:, free] = ranked[np.array(list(itertools.product((0, 1), repeat=len(free)))), free]
+        cols = np.arange(V.shape[1])
+        fits = (A[:, sel, cols].sum(axis=2) <= limits[:, None]).all(axis=0)
+        best = V[sel, cols].sum(axis=1)[fits].max(initial=-np.inf)
+        read = core_selections(V, A, limits, lams[p], n_core, 1, parts=(parts, p))[1]
+        assert (best == -np.inf and not len(read)) or abs(read[0] - best) <= 1e-12
 
 
 def test_a_frontier_past_its_cap_is_not_built():
@@ -176,9 +215,11 @@ def test_an_infeasible_prepared_problem_says_why(gen):
     assert not solution.feasible and "latency budget" in solution.reason
 
 
-def test_several_models_past_the_merge_size_keep_searching(gen, monkeypatch):
-    raw = gen.realistic(random.Random(2), 2, 6, 5, 0.4)
-    monkeypatch.setattr("optimizer.compiled.MERGE_ROWS", 10)
+@pytest.mark.parametrize("models, limit", [(2, "MERGE_ROWS_PAIR"), (3, "MERGE_ROWS")])
+def test_several_models_past_the_merge_size_keep_searching(gen, monkeypatch, models, limit):
+    raw = gen.realistic(random.Random(2), models, 6, 5, 0.4)
+    assert compile_problem(raw, frontiers=True).solve().method == FRONTIER_METHOD
+    monkeypatch.setattr(f"optimizer.compiled.{limit}", 10)
     compiled = compile_problem(raw, frontiers=True)
     assert compiled.solve().method == METHOD
     monkeypatch.undo()
