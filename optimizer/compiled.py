@@ -77,6 +77,7 @@ _MARGIN = 4.0  # frontiers keep every selection within this many tie windows of 
 MERGE_ROWS = 14_000  # several models' frontiers are merged where they hold at most this many rows in all
 MERGE_ROWS_PAIR = 40_000  # the same for two models: one merge, no partial selections carried into another
 BEAM = 32  # partial selections per model a beam pass keeps (when no first threshold was found)
+_FRUGAL_STEPS = (0, 1, 3)  # grid steps above the best point tried for a first value (x1, x1.245, x1.93)
 CORE_GROUPS = (12, 14, 16)  # contested groups whose two best choices the first threshold tries (by size)
 ITEM_BUDGET = 2048
 PROBE_GROUPS = 90  # on more groups than this the first pass probes from the bound
@@ -530,21 +531,26 @@ class CompiledProblem:
         """The solution read from the frontiers, or None where they do not decide it (then the
         search does: it also says why a problem is infeasible).
 
-        Several models: multipliers from the dual's grid (or searched, past two constraints)
-        and a first value from `_first_found` set up `frontier.best_rows`."""
+        Several models: multipliers from the dual's grid and a first value read from its
+        `core_parts` there (else at more frugal grid points, where none of its selections
+        fits) set up `frontier.best_rows`; past two constraints the multipliers are searched
+        and the first value is `_first_found`'s."""
         fr = self._frontiers
         assert fr is not None
         kind = self._frontier_kind(con)
         lam, known = np.zeros(len(limits)), -np.inf
-        if len(self.models) > 1:
-            parts = None
-            if kind.grid is not None and kind.cores is not None:
-                point = kind.grid.best(limits)
-                lam, parts = kind.grid.lams[point], (kind.cores, point)
-            else:
-                free = Relaxation(con.value, con.coef, limits, self._start[:-1], *self._no_compositions)
-                lam = multipliers(free, con.scale, 2, con.owner, con.axes_part)[0]
-            known = self._first_found(con.value, con.coef, limits, np.array([lam, 1.25 * lam]), 1, parts)
+        if len(self.models) > 1 and kind.grid is not None and kind.cores is not None:
+            point = kind.grid.best(limits)
+            lam = kind.grid.lams[point]
+            for steps in _FRUGAL_STEPS:  # the first value under the grid's best point, else under larger ones
+                at = kind.grid.larger(point, steps) if steps else point
+                known = self._first_target(con.value, con.coef, limits, kind.grid.lams[at], 1, (kind.cores, at))
+                if known > -np.inf:
+                    break
+        elif len(self.models) > 1:
+            free = Relaxation(con.value, con.coef, limits, self._start[:-1], *self._no_compositions)
+            lam = multipliers(free, con.scale, 2, con.owner, con.axes_part)[0]
+            known = self._first_found(con.value, con.coef, limits, np.array([lam, 1.25 * lam]), 1)
         found = best_rows(fr, kind.coef, kind.least, slack, lam, con.eps, known)
         if found is None:
             return None
@@ -553,12 +559,10 @@ class CompiledProblem:
         solution = evaluate_indices(problem, indices, self._minima, self.measured, FRONTIER_METHOD, states)
         return solution if solution.feasible else None
 
-    def _first_found(self, value: np.ndarray, coef: np.ndarray, limits: np.ndarray, lams: np.ndarray, top_k: int,
-                     parts: tuple[CoreParts, int] | None = None) -> float:
-        """`_first_target` under the best multipliers `lams[0]` (`parts`: its `core_parts`
-        if known), else under more frugal ones (the set's largest, then twice the best)
-        where none of its selections fits."""
-        first = self._first_target(value, coef, limits, lams[0], top_k, parts)
+    def _first_found(self, value: np.ndarray, coef: np.ndarray, limits: np.ndarray, lams: np.ndarray, top_k: int) -> float:
+        """`_first_target` under the best multipliers `lams[0]`, else under more frugal ones
+        (the set's largest, then twice the best) where none of its selections fits."""
+        first = self._first_target(value, coef, limits, lams[0], top_k)
         for frugal in (lambda: lams[int(lams.sum(axis=1).argmax())], lambda: 2.0 * lams[0]):
             if first > -np.inf:
                 break

@@ -93,8 +93,9 @@ def dominated(value: np.ndarray, usage: np.ndarray, k: int, tie: float, can: np.
 def tied(value: np.ndarray, tie: float) -> bool:
     """Whether the first rows' values are mostly ties (at most half of them distinct): a
     cheap sign that dropping dominated rows will pay."""
-    head = value[:_ROWS]
-    return 2 * len(np.unique(np.floor(head / tie) if tie > 0 else head)) <= len(head)
+    head = np.sort(np.floor(value[:_ROWS] / tie) if tie > 0 else value[:_ROWS])
+    distinct = int(np.count_nonzero(head[1:] != head[:-1])) + 1 if len(head) else 0
+    return 2 * distinct <= len(head)
 
 
 def _front(value: np.ndarray, usage: np.ndarray, k: int, tie: float) -> tuple[np.ndarray, np.ndarray]:

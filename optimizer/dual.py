@@ -217,6 +217,13 @@ class DualGrid:
         """The index of the grid point where f is least under `limits`."""
         return int((self.part + self.lams @ limits).argmin())
 
+    def larger(self, point: int, steps: int) -> int:
+        """The index of the grid point `steps` geometric steps (x1.245 each) above `point` on
+        every nonzero axis (capped at the grid's edge): more frugal multipliers."""
+        n, D = len(_GRID), self.lams.shape[1]
+        at = np.unravel_index(point, (n,) * D)
+        return int(np.ravel_multi_index(tuple(min(i + steps, n - 1) if i else 0 for i in at), (n,) * D))
+
 
 def dual_grid(rel: Relaxation, scale: np.ndarray) -> DualGrid:
     """A `DualGrid` for one or two constraints: every combination of 0 and 64 geometric steps

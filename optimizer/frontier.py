@@ -258,13 +258,14 @@ def best_rows(
     if min(best_m) == -np.inf:
         return None
     floor = (known - 2 * eps) - float(lam @ limits)  # what R of a whole selection must reach
-    model, row = np.nonzero(R >= (floor - sum(best_m) + best)[:, None])
+    flat = np.flatnonzero(R >= (floor - sum(best_m) + best)[:, None])  # kept rows, model by model
+    model, row = np.divmod(flat, I)
     counts = np.bincount(model, minlength=M).tolist()
     span = [slice(e - c, e) for e, c in zip(accumulate(counts), counts)]
     order = sorted(range(M), key=counts.__getitem__)
     # Columns [-R, U_1 .. U_D, V] per kept row. After merging the models order[:at + 1], -R
     # and each U must stay within what the models to come leave at their best and least.
-    cols = np.concatenate([-R[model, row][None], coef[:, model, row], fr.value[model, row][None]])
+    cols = np.concatenate([-R.take(flat)[None], coef.reshape(D, M * I).take(flat, axis=1), fr.value.take(flat)[None]])
     least_m, limit_d = least.tolist(), limits.tolist()
     merged, picks = cols[:, span[order[0]]], [row[span[order[0]]]]
     states = len(picks[0])
@@ -275,14 +276,14 @@ def best_rows(
         later = order[at + 1 :]
         width = part.shape[1]
         parent, slot = np.divmod(np.flatnonzero(merged[0][:, None] + part[0] <= sum(best_m[k] for k in later) - floor), width)
-        merged = merged[:, parent] + part[:, slot]
+        merged = merged.take(parent, axis=1) + part.take(slot, axis=1)
         keep = None
         for d, limit in enumerate(limit_d, start=1):
             ok = merged[d] <= limit - sum(least_m[d - 1][k] for k in later)
             keep = ok if keep is None else keep & ok
         if keep is not None:
-            merged, parent, slot = merged[:, keep], parent[keep], slot[keep]
-        picks = [p[parent] for p in picks] + [row[span[m]][slot]]
+            merged, parent, slot = merged.compress(keep, axis=1), parent.compress(keep), slot.compress(keep)
+        picks = [p.take(parent) for p in picks] + [row[span[m]].take(slot)]
         states += len(parent)
     value = merged[-1]
     if not len(value):

@@ -219,19 +219,21 @@ def _expand(
     if n * width > CANDIDATES * limit:
         raise StateLimit
     if n * width <= _SMALL:  # few pairs: build them all
-        cand = rows[:, :, None] + items[:, model]
-        parent, slot = np.nonzero((cand <= th[:, model][:, :, None]).all(axis=0))
-        return parent, slot, cand[:, parent, slot]
+        cand = rows[:, :, None] + items.take(model, axis=1)
+        flat = np.flatnonzero((cand <= th.take(model, axis=1)[:, :, None]).all(axis=0))
+        parent, slot = np.divmod(flat, width)
+        return parent, slot, cand.reshape(len(cand), -1).take(flat, axis=1)
     step = max(1, _BLOCK // max(width, 1))
     out, kept = [], 0
     for at in range(0, n, step):
         part = model[at : at + step]
-        parent, slot = np.nonzero(rows[0, at : at + step, None] + items[0, part] <= th[0, part][:, None])
-        owner = part[parent]
-        cand = rows[:, parent + at]
-        cand += items[:, owner, slot]
-        keep = (cand <= th[:, owner]).all(axis=0)
-        out.append((parent[keep] + at, slot[keep], cand[:, keep]))
+        flat = np.flatnonzero(rows[0, at : at + step, None] + items[0].take(part, axis=0) <= th[0].take(part)[:, None])
+        parent, slot = np.divmod(flat, width)
+        owner = part.take(parent)
+        cand = rows.take(parent + at, axis=1)
+        cand += items.reshape(len(items), -1).take(owner * width + slot, axis=1)
+        keep = (cand <= th.take(owner, axis=1)).all(axis=0)
+        out.append((parent.compress(keep) + at, slot.compress(keep), cand.compress(keep, axis=1)))
         kept += len(out[-1][0])
         if kept > limit:
             raise StateLimit
@@ -248,16 +250,17 @@ def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> t
     n, m = merged.shape[1], rows.shape[1]
     if n * m <= _SMALL:  # few pairs: build them all
         cand = merged[:, :, None] + rows[:, None, :]
-        parent, slot = np.nonzero((cand <= th[:, None, None]).all(axis=0))
-        return parent, slot, cand[:, parent, slot]
+        flat = np.flatnonzero((cand <= th[:, None, None]).all(axis=0))
+        parent, slot = np.divmod(flat, m)
+        return parent, slot, cand.reshape(len(cand), -1).take(flat, axis=1)
     if n * m <= _PAIRS:  # test the first column on every pair, build only the pairs that pass
-        parent, slot = np.nonzero(merged[0][:, None] + rows[0][None, :] <= th[0])
-        cand = merged[:, parent]
-        cand += rows[:, slot]
+        parent, slot = np.divmod(np.flatnonzero(merged[0][:, None] + rows[0] <= th[0]), m)
+        cand = merged.take(parent, axis=1)
+        cand += rows.take(slot, axis=1)
         keep = (cand <= th[:, None]).all(axis=0)
-        return parent[keep], slot[keep], cand[:, keep]
+        return parent.compress(keep), slot.compress(keep), cand.compress(keep, axis=1)
     order = np.argsort(rows[0], kind="stable")
-    rows = rows[:, order]
+    rows = rows.take(order, axis=1)
     count = np.searchsorted(rows[0], th[0] - merged[0], side="right")
     ends = np.cumsum(count)
     if ends[-1] > CANDIDATES * limit:
@@ -269,10 +272,10 @@ def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> t
         part = count[lo:hi]
         parent = np.repeat(np.arange(lo, hi), part)
         slot = np.arange(len(parent)) - np.repeat(np.cumsum(part) - part, part)
-        cand = merged[:, parent]
-        cand += rows[:, slot]
+        cand = merged.take(parent, axis=1)
+        cand += rows.take(slot, axis=1)
         keep = (cand <= th[:, None]).all(axis=0)
-        out.append((parent[keep], order[slot[keep]], cand[:, keep]))
+        out.append((parent.compress(keep), order.take(slot.compress(keep)), cand.compress(keep, axis=1)))
         kept += len(out[-1][0])
         if kept > limit:
             raise StateLimit
@@ -345,17 +348,17 @@ def _model_sets(
             history.append((model, model))
             continue
         if collapse and len(model) * width > COLLAPSE:
-            for m in np.unique(model).tolist():
+            for m in np.flatnonzero(np.bincount(model, minlength=M)).tolist():
                 gone = lay.dominated_items(level, m, top_k, tie)  # type: ignore[arg-type]
                 if gone is not None:
                     Z[0, level, m, gone[order[level, m]]] = np.inf
         parent, slot, rows = _expand(rows, Z[:, level], th[:, level], model, limit - states)
-        model = model[parent]
+        model = model.take(parent)
         if match is not None:
             match = match[parent] & (order[level, model, slot][:, None] == lay.comp_path[worse, level][None])
         if collapse and len(model) > COLLAPSE:
             keep = ~_dominated_states(b, rows, model, top_k, tie, None if match is None else ~match.any(axis=1))  # type: ignore[arg-type]
-            parent, slot, rows, model = parent[keep], slot[keep], rows[:, keep], model[keep]
+            parent, slot, rows, model = parent.compress(keep), slot.compress(keep), rows.compress(keep, axis=1), model.compress(keep)
             match = None if match is None else match[keep]
         if beam is not None and len(model) > beam and np.bincount(model).max() > beam:
             slack = (th[:K, level, model] - rows[:K]).min(axis=0)
@@ -436,7 +439,7 @@ def run_pass(
             lex = np.lexsort(keys[::-1])  # lexicographic order of the merged selections (models in problem order)
             keep = np.ones(len(parent), dtype=bool)
             keep[lex[dominated(value[lex], merged[K:, lex], top_k, tie)]] = False  # type: ignore[arg-type]
-            parent, slot, merged = parent[keep], slot[keep], merged[:, keep]
+            parent, slot, merged = parent.compress(keep), slot.compress(keep), merged.compress(keep, axis=1)
         if beam is not None and at < M - 1 and len(parent) > beam * M:
             slack = (ths[at - 1, :K, None] - merged[:K]).min(axis=0)
             kept = np.argpartition(-slack, beam * M)[: beam * M]

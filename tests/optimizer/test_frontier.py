@@ -77,7 +77,7 @@ def test_rows_are_matched_against_compositions_a_block_at_a_time(monkeypatch):
 
 
 def test_the_dual_grid_is_the_dual_under_any_budgets(gen):
-    from optimizer.dual import Relaxation, dual_grid, natural_scale
+    from optimizer.dual import _GRID, Relaxation, dual_grid, natural_scale
 
     compiled = compile_problem(gen.realistic(random.Random(4), 3, 5, 4, 0.5))
     V, A = compiled._value, np.stack([compiled._lat, compiled._mem])
@@ -89,6 +89,15 @@ def test_the_dual_grid_is_the_dual_under_any_budgets(gen):
         f = rel.dual(grid.lams)
         assert np.allclose(grid.part + grid.lams @ limits, f, rtol=1e-12, atol=1e-12)
         assert rel.dual(grid.lams[grid.best(limits)][None])[0] <= f.min() + 1e-9 * abs(f.min())
+    n = len(_GRID)
+    for i, j in ((10, 0), (5, 7), (0, 30)):  # more frugal points: each nonzero multiplier a grid ratio up per step
+        point = i * n + j
+        for steps in (1, 3):
+            ratio = grid.lams[grid.larger(point, steps)] / np.where(grid.lams[point] > 0, grid.lams[point], 1.0)
+            on = grid.lams[point] > 0
+            assert np.allclose(ratio[on], (_GRID[2] / _GRID[1]) ** steps) and (ratio[~on] == 0).all()
+    corner = len(grid.lams) - 1  # the largest multipliers: nothing larger; zeros stay zero
+    assert grid.larger(corner, 3) == corner and grid.larger(0, 3) == 0 and grid.larger(n - 2, 3) == n - 1
     with pytest.raises(ValueError, match="one or two constraints"):
         dual_grid(rel, np.ones(3))
 
