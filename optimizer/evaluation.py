@@ -173,12 +173,12 @@ def evaluate_indices(
         ids = [c.id for c in chosen]
         lat = [c.latency_ms for c in chosen]
         mem = [c.memory_bytes for c in chosen]
-        switch = [c.load_bytes for b, c in enumerate(chosen) if running is not None and running[b] != c.id]
+        switch = [] if running is None else [c.load_bytes for c, was in zip(chosen, running) if was != c.id]
         key = tuple(ids)
         if key in known:
             accuracy, source[model.name] = known[key], "measured"
         else:
-            accuracy = math.fsum([model.base_accuracy, *(-c.accuracy_drop for c in chosen)])
+            accuracy = math.fsum([model.base_accuracy] + [-c.accuracy_drop for c in chosen])
             source[model.name] = "predicted"
         weighted.append(model.weight * accuracy)
         lat_all += lat

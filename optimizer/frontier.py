@@ -41,10 +41,11 @@ from itertools import accumulate
 
 import numpy as np
 
-__all__ = ["DEFAULT_CAP", "Frontier", "Frontiers", "best_rows", "model_frontier", "stack"]
+__all__ = ["DEFAULT_CAP", "PAIR_CAP", "Frontier", "Frontiers", "best_rows", "model_frontier", "stack"]
 
 DEFAULT_CAP = 50_000  # selections per model above which no frontier is built
 _COMPARED = 1 << 22  # booleans one step of `_rows_in` may hold
+PAIR_CAP = 1 << 18  # pairs one merge step of `best_rows` may test before the solve is left to the block search
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,7 @@ def stack(frontiers: Sequence[Frontier]) -> Frontiers:
 
 def best_rows(
     fr: Frontiers, coef: np.ndarray, least: np.ndarray, limits: np.ndarray, lam: np.ndarray, eps: float,
-    known: float = -np.inf, pair_cap: int = 1 << 16,
+    known: float = -np.inf, pair_cap: int = PAIR_CAP,
 ) -> tuple[list[int], int] | None:
     """Per model the frontier row of the best feasible selection (values within `eps` tie,
     the lexicographically smallest wins) and how many partial selections were held, or

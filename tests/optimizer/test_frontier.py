@@ -224,6 +224,17 @@ def test_an_infeasible_prepared_problem_says_why(gen):
     assert not solution.feasible and "latency budget" in solution.reason
 
 
+def test_a_merge_past_the_pair_cap_is_left_to_the_search(gen, monkeypatch):
+    import functools
+
+    from optimizer import frontier
+
+    raw = gen.realistic(random.Random(3), 3, 6, 5, 0.3)
+    assert _compare(raw)
+    monkeypatch.setattr("optimizer.compiled.best_rows", functools.partial(frontier.best_rows, pair_cap=1))
+    assert not _compare(raw)  # the same answer, from the search
+
+
 @pytest.mark.parametrize("models, limit", [(2, "MERGE_ROWS_PAIR"), (3, "MERGE_ROWS")])
 def test_several_models_past_the_merge_size_keep_searching(gen, monkeypatch, models, limit):
     raw = gen.realistic(random.Random(2), models, 6, 5, 0.4)
