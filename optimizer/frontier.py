@@ -259,7 +259,7 @@ def best_rows(
     if min(best_m) == -np.inf:
         return None
     floor = (known - 2 * eps) - float(lam @ limits)  # what R of a whole selection must reach
-    flat = np.flatnonzero(R >= (floor - sum(best_m) + best)[:, None])  # kept rows, model by model
+    flat = (R >= (floor - sum(best_m) + best)[:, None]).ravel().nonzero()[0]  # kept rows, model by model
     model, row = np.divmod(flat, I)
     counts = np.bincount(model, minlength=M).tolist()
     span = [slice(e - c, e) for e, c in zip(accumulate(counts), counts)]
@@ -268,15 +268,16 @@ def best_rows(
     # and each U must stay within what the models to come leave at their best and least.
     cols = np.concatenate([-R.take(flat)[None], coef.reshape(D, M * I).take(flat, axis=1), fr.value.take(flat)[None]])
     least_m, limit_d = least.tolist(), limits.tolist()
-    merged, picks = cols[:, span[order[0]]], [row[span[order[0]]]]
-    states = len(picks[0])
+    merged = cols[:, span[order[0]]]
+    states = merged.shape[1]
+    history = []  # per merge step, each kept state's (parent state, row of the model merged in)
     for at, m in enumerate(order[1:], start=1):
         part = cols[:, span[m]]
-        if len(merged[0]) * part.shape[1] > pair_cap:
+        if merged.shape[1] * part.shape[1] > pair_cap:
             return None
         later = order[at + 1 :]
         width = part.shape[1]
-        parent, slot = np.divmod(np.flatnonzero(merged[0][:, None] + part[0] <= sum(best_m[k] for k in later) - floor), width)
+        parent, slot = np.divmod((merged[0][:, None] + part[0] <= sum(best_m[k] for k in later) - floor).ravel().nonzero()[0], width)
         merged = merged.take(parent, axis=1) + part.take(slot, axis=1)
         keep = None
         for d, limit in enumerate(limit_d, start=1):
@@ -284,12 +285,16 @@ def best_rows(
             keep = ok if keep is None else keep & ok
         if keep is not None:
             merged, parent, slot = merged.compress(keep, axis=1), parent.compress(keep), slot.compress(keep)
-        picks = [p.take(parent) for p in picks] + [row[span[m]].take(slot)]
+        history.append((parent, slot))
         states += len(parent)
     value = merged[-1]
     if not len(value):
         return None
-    back = [picks[order.index(m)] for m in range(M)]  # each model's rows, in model order
-    tied = np.flatnonzero(value >= value.max() - eps)
-    at = tied[np.lexsort([rows[tied] for rows in back[::-1]])[0]] if len(tied) > 1 else tied[0]
-    return [int(rows[at]) for rows in back], states
+    state = (value >= value.max() - eps).nonzero()[0]  # the states tied with the best
+    rows = [np.empty(0, dtype=np.intp)] * M  # each model's frontier row in each of them
+    for (parent, slot), m in zip(history[::-1], order[:0:-1]):
+        rows[m] = row[span[m]].take(slot.take(state))
+        state = parent.take(state)
+    rows[order[0]] = row[span[order[0]]].take(state)
+    at = int(np.lexsort(rows[::-1])[0]) if len(state) > 1 else 0
+    return [int(r[at]) for r in rows], states
