@@ -395,8 +395,8 @@ class CompiledProblem:
         coef = np.array(coefs).reshape(len(coefs), *value.shape)
         valid = self._valid
         stacked = np.concatenate([np.where(valid, value, 0.0)[None], coef]).reshape(1 + len(coef), -1)  # (1 + D, C * G')
-        items = stacked[:, self._chunk_flat].sum(axis=1)  # (1 + D, L, M, I)
-        comp = stacked[:, self._comp_choice * (self._n_groups + 1) + self._comp_group].sum(axis=2)  # (1 + D, J)
+        items = stacked.take(self._chunk_flat, axis=1).sum(axis=1)  # (1 + D, L, M, I)
+        comp = stacked.take(self._comp_choice * (self._n_groups + 1) + self._comp_group, axis=1).sum(axis=2)  # (1 + D, J)
         scale = natural_scale(value, coef, valid)
         free = Relaxation(value, coef, np.zeros(len(coef)), self._start[:-1], *self._no_compositions)
         entry = _Constraints(
