@@ -331,10 +331,12 @@ def core_parts(V: np.ndarray, A: np.ndarray, lams: np.ndarray, n_core: int) -> C
     A prepared problem's frontier solves read their multipliers from the dual's grid
     (`DualGrid`), so computing these once for every grid point leaves a solve only the
     budget-dependent part of `core_selections`. Evaluated `_GRID_BATCH` vectors at a time."""
-    if len(lams) > _GRID_BATCH:
+    if len(lams) > _GRID_BATCH:  # kept for a whole grid: indices in the smallest integer type that holds them
         batches = [core_parts(V, A, lams[at : at + _GRID_BATCH], n_core) for at in range(0, len(lams), _GRID_BATCH)]
         axis = {"base_u": 1, "du": 1}  # fields whose leading axis is the constraint
+        index = np.min_scalar_type(max(A.shape[1:]))
         return CoreParts(**{f.name: np.concatenate([getattr(b, f.name) for b in batches], axis=axis.get(f.name, 0))
+                            .astype(index if f.name in ("first", "core", "second", "n") else float, copy=False)
                             for f in fields(CoreParts)})
     D, C, G = A.shape
     P = len(lams)
