@@ -225,13 +225,14 @@ def _expand(
         return parent, slot, cand.reshape(len(cand), -1).take(flat, axis=1)
     step = max(1, _BLOCK // max(width, 1))
     out, kept = [], 0
+    flat_items = items.reshape(len(items), -1)  # (cols, M * width)
     for at in range(0, n, step):
         part = model[at : at + step]
         flat = np.flatnonzero(rows[0, at : at + step, None] + items[0].take(part, axis=0) <= th[0].take(part)[:, None])
         parent, slot = np.divmod(flat, width)
         owner = part.take(parent)
         cand = rows.take(parent + at, axis=1)
-        cand += items.reshape(len(items), -1).take(owner * width + slot, axis=1)
+        cand += flat_items.take(owner * width + slot, axis=1)
         keep = (cand <= th.take(owner, axis=1)).all(axis=0)
         out.append((parent.compress(keep) + at, slot.compress(keep), cand.compress(keep, axis=1)))
         kept += len(out[-1][0])
