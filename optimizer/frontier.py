@@ -267,24 +267,31 @@ def best_rows(
     # Columns [-R, U_1 .. U_D, V] per kept row. After merging the models order[:at + 1], -R
     # and each U must stay within what the models to come leave at their best and least.
     cols = np.concatenate([-R.take(flat)[None], coef.reshape(D, M * I).take(flat, axis=1), fr.value.take(flat)[None]])
+    # After merging the models order[:at + 1], what the models to come leave: -R at most
+    # their best's sum less the floor, each usage at most the budget less their least.
     least_m, limit_d = least.tolist(), limits.tolist()
+    lims = []
+    for at in range(1, M):
+        later = order[at + 1 :]
+        lims.append((sum(best_m[k] for k in later) - floor,
+                     [limit - sum(low[k] for k in later) for limit, low in zip(limit_d, least_m)]))
     merged = cols[:, span[order[0]]]
     states = merged.shape[1]
     history = []  # per merge step, each kept state's (parent state, row of the model merged in)
-    for at, m in enumerate(order[1:], start=1):
+    for (r_lim, u_lim), m in zip(lims, order[1:]):
         part = cols[:, span[m]]
-        if merged.shape[1] * part.shape[1] > pair_cap:
-            return None
-        later = order[at + 1 :]
         width = part.shape[1]
-        parent, slot = np.divmod((merged[0][:, None] + part[0] <= sum(best_m[k] for k in later) - floor).ravel().nonzero()[0], width)
+        if merged.shape[1] * width > pair_cap:
+            return None
+        parent, slot = np.divmod((merged[0][:, None] + part[0] <= r_lim).ravel().nonzero()[0], width)
         merged = merged.take(parent, axis=1) + part.take(slot, axis=1)
-        keep = None
-        for d, limit in enumerate(limit_d, start=1):
-            ok = merged[d] <= limit - sum(least_m[d - 1][k] for k in later)
-            keep = ok if keep is None else keep & ok
-        if keep is not None:
+        if D:
+            keep = merged[1] <= u_lim[0]
+            for d in range(1, D):
+                keep &= merged[d + 1] <= u_lim[d]
             merged, parent, slot = merged.compress(keep, axis=1), parent.compress(keep), slot.compress(keep)
+        if not len(parent):
+            return None
         history.append((parent, slot))
         states += len(parent)
     value = merged[-1]
