@@ -274,6 +274,11 @@ class Tracker:
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + _BATCH])
 
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps at which metric `key` is already on the run (what a restarted driver must
+        not log again when it was killed between logging them and saving its ledger)."""
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
+
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 

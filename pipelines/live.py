@@ -124,6 +124,7 @@ class LiveTracking:
         self._lock = threading.Lock()  # reports arrive from the Ray Train relay thread too
         self._latest: dict[str, UnitRecord] = {}
         self._report_failed = False
+        self._on_server: dict[str, set[int]] = {}  # per metric, the steps a continued parent run already had
 
     # The observer protocol of pipelines.units.UnitRunner.
     def stage_started(self, stage: str, total: int, cached: int) -> None:
@@ -192,7 +193,9 @@ class LiveTracking:
             ) from exc
 
     def _log_steps(self, metric: str, values: dict[int, Any]) -> None:
-        done = set(self.ledger.steps.get(metric, []))
+        if self.ledger.resumes and metric not in self._on_server:  # the ledger may lag the server by one write
+            self._on_server[metric] = self.tracker.logged_steps(self.parent, metric)
+        done = set(self.ledger.steps.get(metric, [])) | self._on_server.get(metric, set())
         new = {s: v for s, v in values.items() if s not in done}
         if new:
             self.tracker.log_history(self.parent, metric, new)

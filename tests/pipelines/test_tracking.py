@@ -137,3 +137,26 @@ def test_ui_command_and_plots(tmp_path: Path) -> None:
               "head": [BlockPoint(0.0, 0.0, 0.1, 0.1, 0.1)]}
     png = block_plot(blocks, tmp_path / "b.png", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_restarted_driver_logs_no_step_twice_even_past_its_ledger(tmp_path: Path) -> None:
+    from pipelines.live import LEDGER_FILE, LiveTracking, open_parent_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "exp", artifact_root=default_artifact_root(tmp_path))
+    work = tmp_path / "work"
+    work.mkdir()
+    ledger, resumed = open_parent_run(tracker, work, "digest", name="p", tags={}, description="")
+    assert not resumed
+    first = LiveTracking(tracker, ledger, work / LEDGER_FILE, None, model="m")  # type: ignore[arg-type]
+    first.unit_report("joint", "j", "step", {"step": 5, "loss": 1.0})
+    # Killed after these reached the server and before its ledger said so.
+    tracker.log_history(ledger.parent_run_id, "loss/joint", {1: 3.0, 2: 2.5, 3: 2.0})
+
+    ledger, resumed = open_parent_run(tracker, work, "digest", name="p", tags={}, description="")
+    assert resumed and ledger.steps == {"loss/joint": [5]}
+    second = LiveTracking(tracker, ledger, work / LEDGER_FILE, None, model="m")  # type: ignore[arg-type]
+    for step in range(1, 7):
+        second.unit_report("joint", "j", "step", {"step": step, "loss": 1.0 / step})
+    steps = sorted(m.step for m in tracker.client.get_metric_history(ledger.parent_run_id, "loss/joint"))
+    assert steps == [1, 2, 3, 4, 5, 6]
