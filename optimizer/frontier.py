@@ -264,11 +264,10 @@ def best_rows(
     counts = np.bincount(model, minlength=M).tolist()
     span = [slice(e - c, e) for e, c in zip(accumulate(counts), counts)]
     order = sorted(range(M), key=counts.__getitem__)
-    # Columns [-R, U_1 .. U_D, V] per kept row. After merging the models order[:at + 1], -R
-    # and each U must stay within what the models to come leave at their best and least.
     cols = np.concatenate([-R.take(flat)[None], coef.reshape(D, M * I).take(flat, axis=1), fr.value.take(flat)[None]])
-    # After merging the models order[:at + 1], what the models to come leave: -R at most
-    # their best's sum less the floor, each usage at most the budget less their least.
+    # Columns [-R, U_1 .. U_D, V] per kept row. After merging the models order[:at + 1], what
+    # the models to come leave: -R at most their best's sum less the floor, each usage at
+    # most the budget less their least.
     least_m, limit_d = least.tolist(), limits.tolist()
     lims = []
     for at in range(1, M):
@@ -294,9 +293,7 @@ def best_rows(
             return None
         history.append((parent, slot))
         states += len(parent)
-    value = merged[-1]
-    if not len(value):
-        return None
+    value = merged[-1]  # not empty: an empty merge step returned above
     state = (value >= value.max() - eps).nonzero()[0]  # the states tied with the best
     rows = [np.empty(0, dtype=np.intp)] * M  # each model's frontier row in each of them
     for (parent, slot), m in zip(history[::-1], order[:0:-1]):
