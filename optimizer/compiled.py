@@ -55,6 +55,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -188,28 +189,26 @@ class CompiledProblem:
         width = max(sizes)
         self._width, self._n_groups = width, n_groups
         self._n_core = CORE_GROUPS[(n_groups > 40) + (n_groups > 80)]
-        self._start = np.cumsum([0] + [len(m.blocks) for m in models])
-        # (choice, group) arrays plus a last all-zero group that pads chunks.
-        shape = (width, n_groups + 1)
-        group = np.repeat(np.arange(n_groups), sizes)
-        choice = np.arange(len(group)) - np.repeat(np.cumsum([0] + sizes[:-1]), sizes)
-        table = np.array(
-            [x for b in blocks for c in b.choices for x in (c.accuracy_drop, c.latency_ms, c.memory_bytes, c.load_bytes)]
-        ).reshape(-1, 4)
-        self._valid = np.zeros(shape, dtype=bool)
-        self._valid[choice, group] = True
-        self._valid[0, n_groups] = True
-        drop, lat, mem, load = (np.zeros(shape) for _ in range(4))
-        for column, array in zip(table.T, (drop, lat, mem, load)):
-            array[choice, group] = column
-        self._minima = (math.fsum(np.where(self._valid, lat, np.inf)[:, :-1].min(axis=0)),
-                        math.fsum(np.where(self._valid, mem, np.inf)[:, :-1].min(axis=0)))
-        weight = np.append(np.repeat([m.weight for m in models], [len(m.blocks) for m in models]), 0.0)
+        starts = list(accumulate((len(m.blocks) for m in models), initial=0))
+        self._start = np.array(starts)
+        # (choice, group) arrays plus a last all-zero group that pads chunks, written through
+        # a (group, choice) mask: its row-major order is the blocks' and their choices' order.
+        choices = [c for b in blocks for c in b.choices]
+        table = np.array([[c.accuracy_drop for c in choices], [c.latency_ms for c in choices],
+                          [c.memory_bytes for c in choices], [c.load_bytes for c in choices]], dtype=float)
+        by_group = np.arange(width) < np.array(sizes + [1])[:, None]  # (G', C)
+        full = np.zeros((4, n_groups + 1, width))
+        full[:, :-1][:, by_group[:-1]] = table
+        drop, lat, mem, load = full.transpose(0, 2, 1).copy()
+        self._valid = by_group.T.copy()
+        firsts = list(accumulate(sizes[:-1], initial=0))  # each block's first choice in `table`
+        self._minima = (math.fsum(np.minimum.reduceat(table[1], firsts)), math.fsum(np.minimum.reduceat(table[2], firsts)))
+        weight = np.array([m.weight for m in models for _ in m.blocks] + [0.0])
         self._value = np.where(self._valid, -weight * drop, -np.inf)
         self._lat, self._mem, self._load = lat, mem, load
         self._blocks = blocks
         self._index_cache: list[dict[str, int]] | None = None
-        self._build_chunks(models)
+        self._build_chunks(tuple(tuple(sizes[lo:hi]) for lo, hi in zip(starts, starts[1:])))
         self._build_compositions(models)
         self._cache: dict[Any, _Constraints] = {}
         self._no_compositions = (np.zeros(0), np.zeros((0, 0)), np.zeros(0, dtype=np.intp))
@@ -270,39 +269,37 @@ class CompiledProblem:
 
     # ------------------------------------------------------------------ construction
 
-    def _build_chunks(self, models: tuple[Model, ...]) -> None:
-        """Per level and model its chunk's items: the choice and group of each of their
-        blocks (padding: choice 0 of the all-zero last group) and a flat index into a
-        (choice, group) array. Chunks of equal dimensions are written together."""
-        sizes = tuple(tuple(len(b.choices) for b in m.blocks) for m in models)
+    def _build_chunks(self, sizes: tuple[tuple[int, ...], ...]) -> None:
+        """Per level and model its chunk's items (`sizes`: each model's choice counts): the
+        choice and group of each of their blocks (padding: choice 0 of the all-zero last
+        group), span first, and a flat index into a (choice, group) array. Chunks of equal
+        dimensions are written together; a chunk's blocks are consecutive groups."""
         per_model = _partition(sizes)
-        dims = [[[size[b] for b in chunk] for chunk in chunks] for size, chunks in zip(sizes, per_model)]
-        levels = max(len(c) for c in per_model)
-        n_items = max(math.prod(d) for md in dims for d in md)
-        span = max(len(d) for md in dims for d in md)
-        M = len(models)
-        choice = np.zeros((levels, M, n_items, span), dtype=np.intp)
-        group = np.full((levels, M, n_items, span), self._n_groups, dtype=np.intp)
-        valid = np.zeros((levels, M, n_items), dtype=bool)
-        valid[:, :, 0] = True  # a model with fewer chunks has one all-padding item there
-        alike: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
-        for m, (chunks, model_dims) in enumerate(zip(per_model, dims)):
+        dims = [[tuple(size[b] for b in chunk) for chunk in chunks] for size, chunks in zip(sizes, per_model)]
+        alike: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}  # dims -> (level, model, first group)
+        for m, (chunks, model_dims, start) in enumerate(zip(per_model, dims, self._start.tolist())):
             for level, (chunk, d) in enumerate(zip(chunks, model_dims)):
-                alike.setdefault(tuple(d), []).append((level, m, [int(self._start[m]) + b for b in chunk]))
+                alike.setdefault(d, []).append((level, m, start + chunk[0]))
+        levels, n_items, span = max(map(len, per_model)), max(map(math.prod, alike)), max(map(len, alike))
+        shape = (span, levels, len(sizes), n_items)
+        choice = np.zeros(shape, dtype=np.intp)
+        group = np.full(shape, self._n_groups, dtype=np.intp)
+        valid = np.zeros(shape[1:], dtype=bool)
+        valid[:, :, 0] = True  # a model with fewer chunks has one all-padding item there
         for d, where in alike.items():
             combos, k = _combinations(d), len(d)
-            at_level, at_model, groups = (np.array(x) for x in zip(*where))
-            choice[at_level, at_model, : len(combos), :k] = combos
-            group[at_level, at_model, : len(combos), :k] = groups[:, None, :]
+            at_level, at_model, first = np.array(where).T
+            choice[:k, at_level, at_model, : len(combos)] = combos.T[:, None, :]
+            group[:k, at_level, at_model, : len(combos)] = (first + np.arange(k)[:, None])[:, :, None]
             valid[at_level, at_model, : len(combos)] = True
-        self._chunk_choice, self._chunk_group, self._chunk_valid = choice, group, valid
-        self._chunk_flat = np.moveaxis(choice * (self._n_groups + 1) + group, -1, 0).copy()  # (span, L, M, I)
+        self._chunk_choice, self._chunk_group, self._chunk_valid = choice, group, valid  # (span, L, M, I), (L, M, I)
+        self._chunk_flat = choice * (self._n_groups + 1) + group
         self._chunk_blocks, self._chunk_dims = per_model, dims
 
     def _path(self, m: int, row: Sequence[int]) -> list[int]:
         """Chunk item per level of model m's selection `row` (choice index per block)."""
         path = [int(np.ravel_multi_index([row[b] for b in chunk], d)) for chunk, d in zip(self._chunk_blocks[m], self._chunk_dims[m])]
-        return path + [0] * (self._chunk_choice.shape[0] - len(path))
+        return path + [0] * (self._chunk_valid.shape[0] - len(path))
 
     def _build_compositions(self, models: tuple[Model, ...]) -> None:
         span = max(len(m.blocks) for m in models)
@@ -320,7 +317,7 @@ class CompiledProblem:
         self._comp_choice = np.asarray(choices, dtype=np.intp).reshape(-1, span)
         self._comp_group = np.asarray(groups, dtype=np.intp).reshape(-1, span)
         self._comp_gain = np.asarray(gains, dtype=float)
-        self._comp_path = np.asarray(paths, dtype=np.intp).reshape(-1, self._chunk_choice.shape[0])
+        self._comp_path = np.asarray(paths, dtype=np.intp).reshape(-1, self._chunk_valid.shape[0])
 
     # ------------------------------------------------------------------ one solve
 
@@ -669,8 +666,8 @@ class CompiledProblem:
         """Choice index per block per model of a selection given by its chunk items."""
         L, M = self._chunk_valid.shape[:2]
         items = key.reshape(M, L).T  # (L, M)
-        picks = self._chunk_choice[np.arange(L)[:, None], np.arange(M)[None, :], items]  # (L, M, span)
-        groups = self._chunk_group[np.arange(L)[:, None], np.arange(M)[None, :], items]
+        picks = self._chunk_choice[:, np.arange(L)[:, None], np.arange(M)[None, :], items]  # (span, L, M)
+        groups = self._chunk_group[:, np.arange(L)[:, None], np.arange(M)[None, :], items]
         choice = np.zeros(self._n_groups + 1, dtype=np.intp)
         choice[groups.ravel()] = picks.ravel()  # padding lands on the extra group
         flat = choice.tolist()
@@ -680,10 +677,19 @@ class CompiledProblem:
         """The top_k best canonically feasible selections found, as (search value, solution):
         each the lexicographically smallest within eps of the best of those left (values
         summed in another order differ by float noise: ties must not depend on it)."""
-        if not len(found.values):
+        values = found.values
+        if not len(values):
             return []
-        keys = np.concatenate([found.paths[m][found.choose[:, m]] for m in range(len(self.models))], axis=1)
-        picked = self._pick_keys(problem, found.values, keys, self._decode, top_k, eps, states, METHOD, skip=True)
+
+        def keys(rows: np.ndarray) -> np.ndarray:
+            return np.concatenate([found.paths[m].take(found.choose[rows, m], axis=0) for m in range(len(self.models))], axis=1)
+
+        if top_k == 1:  # the answer is among the states tied with the best, unless the canonical check rejects one
+            near = np.flatnonzero(values >= values.max() - eps)
+            picked = self._pick_keys(problem, values[near], keys(near), self._decode, 1, eps, states, METHOD)
+            if picked:
+                return picked
+        picked = self._pick_keys(problem, values, keys(np.arange(len(values))), self._decode, top_k, eps, states, METHOD, skip=True)
         assert picked is not None
         return picked
 

@@ -102,19 +102,20 @@ class Relaxation:
     ) -> None:
         self.V, self.A, self.limits, self.starts = V, A, limits, starts
         self.comp_value, self.comp_coef, self.comp_model = comp_value, comp_coef, comp_model
-        D, C, G = A.shape
-        self._flat_v, self._flat_neg = V.reshape(1, C * G), -A.reshape(D, C * G)
+        self._neg = np.ascontiguousarray(-A.transpose(1, 0, 2))  # (C, D, G)
+        self._v = V[:, None, :]
 
     def reduced(self, lams: np.ndarray) -> np.ndarray:
-        """(K, C, G): V - lam . A for each row of `lams` (computed in place: no second
+        """(C, K, G): V - lam . A for each row of `lams`, choices first so that the maximum
+        over them is elementwise across contiguous slices (computed in place: no second
         temporary of that size)."""
-        R = lams @ self._flat_neg
-        R += self._flat_v
-        return R.reshape(len(lams), *self.V.shape)
+        R = lams @ self._neg
+        R += self._v
+        return R
 
     def parts(self, lams: np.ndarray) -> np.ndarray:
         """(K, M): each model's part of f at each row of `lams`."""
-        parts = np.add.reduceat(self.reduced(lams).max(axis=1), self.starts, axis=1)
+        parts = np.add.reduceat(self.reduced(lams).max(axis=0), self.starts, axis=1)
         if len(self.comp_model):
             np.maximum.at(parts.T, self.comp_model, (self.comp_value - lams @ self.comp_coef).T)
         return parts
@@ -123,17 +124,17 @@ class Relaxation:
         """f(lam) for each row of `lams` (K, D)."""
         if len(self.comp_model):
             return self.parts(lams).sum(axis=1) + lams @ self.limits
-        return self.reduced(lams).max(axis=1).sum(axis=1) + lams @ self.limits
+        return self.reduced(lams).max(axis=0).sum(axis=1) + lams @ self.limits
 
     def dual_in_box(self, lams: np.ndarray, corners: np.ndarray) -> np.ndarray:
         """f at rows of `lams` that lie in the box spanned by `corners`: a group whose best
         choice is the same at every corner has it throughout the box (the set of multipliers
         under which a choice is best is convex), so it adds a linear term and only the other
         groups are evaluated per row."""
-        D, C, G = self.A.shape
+        G = self.A.shape[2]
         if len(self.comp_model) or G < _STABLE_GROUPS:
             return self.dual(lams)
-        at = self.reduced(corners).argmax(axis=1)
+        at = self.reduced(corners).argmax(axis=0)
         stable = (at == at[0]).all(axis=0)
         cols = np.flatnonzero(stable)
         pick = at[0, cols]
@@ -141,9 +142,9 @@ class Relaxation:
         rest = np.flatnonzero(~stable)
         if not len(rest):
             return linear + lams @ self.limits
-        R = lams @ -self.A[:, :, rest].reshape(D, -1)
-        R += self.V[:, rest].reshape(1, -1)
-        return R.reshape(len(lams), C, len(rest)).max(axis=1).sum(axis=1) + linear + lams @ self.limits
+        R = lams @ self._neg.take(rest, axis=2)  # (C, K, rest)
+        R += self._v.take(rest, axis=2)
+        return R.max(axis=0).sum(axis=1) + linear + lams @ self.limits
 
 
 def _plane(rel: Relaxation, mu: np.ndarray, zooms: int) -> np.ndarray:
