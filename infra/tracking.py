@@ -320,6 +320,23 @@ class Tracker:
         self.log_params(run_id, {"model": model, "block": block, "sparsity": choice, **(params or {})})
         return run_id
 
+    def variant_runs(self, parent_id: str) -> dict[str, str]:
+        """"block/sparsity" -> run id of the variant child runs `parent_id` already has on the
+        server (the oldest where a variant has two): what a restarted driver adopts when it
+        was killed between starting a child run and saving its ledger."""
+        where = f"tags.`{_PARENT_TAG}` = '{parent_id}' and tags.`{TAG_KIND}` = 'variant'"
+        found: dict[str, str] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=where, max_results=1000,
+                                           order_by=["attributes.start_time ASC"], page_token=token)
+            for run in page:
+                key = f"{run.data.tags.get(TAG_BLOCK)}/{run.data.tags.get(TAG_SPARSITY)}"
+                found.setdefault(key, run.info.run_id)
+            token = page.token
+            if not token:
+                return found
+
     @contextmanager
     def system_metrics(self, run_id: str, *, resume: bool = False, interval_s: float = 10.0) -> Iterator[bool]:
         """Sample CPU, memory, disk, network (and GPU where present) into `system/*` metrics of

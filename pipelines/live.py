@@ -125,6 +125,7 @@ class LiveTracking:
         self._latest: dict[str, UnitRecord] = {}
         self._report_failed = False
         self._on_server: dict[str, set[int]] = {}  # per metric, the steps a continued parent run already had
+        self._variants_on_server: dict[str, str] | None = None  # the child runs a continued parent run already had
 
     # The observer protocol of pipelines.units.UnitRunner.
     def stage_started(self, stage: str, total: int, cached: int) -> None:
@@ -219,13 +220,21 @@ class LiveTracking:
             key = f"{block}/{choice}"
             if key in self.ledger.children:
                 continue
-            what = ("the untouched original block" if choice == "0.0" else
-                    f"pruned to sparsity {choice} (channels removed by importance, I/O shapes kept)")
-            run_id = self.tracker.start_variant(
-                self.parent, model=self.model, block=block, choice=choice, params={"scalable": scalable},
-                description=f"Block `{block}` of **{self.model}**, {what}. Retraining losses, cost, latency "
-                            "(median, p10, p90) and accuracy drops are added as the stages finish; the weights "
-                            "are the run's artifact.")
+            if self.ledger.resumes and self._variants_on_server is None:  # the ledger may lag the server by one child
+                self._variants_on_server = self.tracker.variant_runs(self.parent)
+            run_id = (self._variants_on_server or {}).get(key)
+            if run_id is not None:  # started by a driver killed before its ledger said so: adopted, params completed
+                self.tracker.reopen(run_id)
+                self.tracker.log_params(run_id, {"model": self.model, "block": block, "sparsity": choice,
+                                                 "scalable": scalable})
+            else:
+                what = ("the untouched original block" if choice == "0.0" else
+                        f"pruned to sparsity {choice} (channels removed by importance, I/O shapes kept)")
+                run_id = self.tracker.start_variant(
+                    self.parent, model=self.model, block=block, choice=choice, params={"scalable": scalable},
+                    description=f"Block `{block}` of **{self.model}**, {what}. Retraining losses, cost, latency "
+                                "(median, p10, p90) and accuracy drops are added as the stages finish; the weights "
+                                "are the run's artifact.")
             self.ledger.children[key] = run_id
             self.ledger.save(self.ledger_path)  # a driver killed now must not make this child twice
             self.tracker.log_metrics(run_id, {"params": record.meta.get("params", {}).get(choice)})

@@ -160,3 +160,31 @@ def test_a_restarted_driver_logs_no_step_twice_even_past_its_ledger(tmp_path: Pa
         second.unit_report("joint", "j", "step", {"step": step, "loss": 1.0 / step})
     steps = sorted(m.step for m in tracker.client.get_metric_history(ledger.parent_run_id, "loss/joint"))
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_restarted_driver_adopts_a_child_run_started_past_its_ledger(tmp_path: Path) -> None:
+    from pipelines.cache import UnitRecord
+    from pipelines.live import LEDGER_FILE, LiveTracking, open_parent_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "exp", artifact_root=default_artifact_root(tmp_path))
+    work = tmp_path / "work"
+    work.mkdir()
+    ledger, _ = open_parent_run(tracker, work, "digest", name="p", tags={}, description="")
+    parent = ledger.parent_run_id
+    # Killed after this child run reached the server (its params not yet) and before the ledger said so.
+    orphan = tracker.start_run("b1@0.5", kind="variant", parent_id=parent,
+                               tags={TAG_MODEL: "m", TAG_BLOCK: "b1", TAG_SPARSITY: "0.5"})
+    ledger, resumed = open_parent_run(tracker, work, "digest", name="p", tags={}, description="")
+    assert resumed and ledger.children == {}
+    live = LiveTracking(tracker, ledger, work / LEDGER_FILE, None, model="m")  # type: ignore[arg-type]
+    record = UnitRecord("descend", "b1", "k", {}, meta={"block": "b1", "choices": ["0.0", "0.5"], "params": {}})
+    live.unit_finished("descend", record, True)
+
+    runs = tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.data.tags[TAG_SPARSITY] for r in runs) == ["0.0", "0.5"]  # one child run per variant
+    assert ledger.children["b1/0.5"] == orphan
+    adopted = tracker.client.get_run(orphan)
+    assert adopted.data.params == {"model": "m", "block": "b1", "sparsity": "0.5", "scalable": "True"}
+    assert adopted.info.status == "RUNNING"
+    assert tracker.variant_runs(parent) == ledger.children
