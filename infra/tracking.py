@@ -317,8 +317,18 @@ class Tracker:
         tags = {TAG_MODEL: model, TAG_BLOCK: block, TAG_SPARSITY: choice}
         run_id = self.start_run(f"{block}@{choice}", kind="variant", parent_id=parent_id, tags=tags,
                                 description=description)
-        self.log_params(run_id, {"model": model, "block": block, "sparsity": choice, **(params or {})})
+        self._variant_params(run_id, model, block, choice, params)
         return run_id
+
+    def resume_variant(self, run_id: str, *, model: str, block: str, choice: str,
+                       params: Mapping[str, Any] | None = None) -> None:
+        """A variant's child run RUNNING with its params (the same values again are no
+        change): completes one a killed driver started (`variant_runs`)."""
+        self.reopen(run_id)
+        self._variant_params(run_id, model, block, choice, params)
+
+    def _variant_params(self, run_id: str, model: str, block: str, choice: str, params: Mapping[str, Any] | None) -> None:
+        self.log_params(run_id, {"model": model, "block": block, "sparsity": choice, **(params or {})})
 
     def variant_runs(self, parent_id: str) -> dict[str, str]:
         """"block/sparsity" -> run id of the variant child runs `parent_id` already has on the

@@ -224,9 +224,8 @@ class LiveTracking:
                 self._variants_on_server = self.tracker.variant_runs(self.parent)
             run_id = (self._variants_on_server or {}).get(key)
             if run_id is not None:  # started by a driver killed before its ledger said so: adopted, params completed
-                self.tracker.reopen(run_id)
-                self.tracker.log_params(run_id, {"model": self.model, "block": block, "sparsity": choice,
-                                                 "scalable": scalable})
+                self.tracker.resume_variant(run_id, model=self.model, block=block, choice=choice,
+                                            params={"scalable": scalable})
             else:
                 what = ("the untouched original block" if choice == "0.0" else
                         f"pruned to sparsity {choice} (channels removed by importance, I/O shapes kept)")

@@ -139,13 +139,18 @@ def test_ui_command_and_plots(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _store_and_workdir(tmp_path: Path) -> tuple[Tracker, Path]:
+    """A real sqlite MLflow store and an empty work directory (for a driver's ledger)."""
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "exp", artifact_root=default_artifact_root(tmp_path))
+    work = tmp_path / "work"
+    work.mkdir()
+    return tracker, work
+
+
 def test_a_restarted_driver_logs_no_step_twice_even_past_its_ledger(tmp_path: Path) -> None:
     from pipelines.live import LEDGER_FILE, LiveTracking, open_parent_run
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracker = Tracker(uri, "exp", artifact_root=default_artifact_root(tmp_path))
-    work = tmp_path / "work"
-    work.mkdir()
+    tracker, work = _store_and_workdir(tmp_path)
     ledger, resumed = open_parent_run(tracker, work, "digest", name="p", tags={}, description="")
     assert not resumed
     first = LiveTracking(tracker, ledger, work / LEDGER_FILE, None, model="m")  # type: ignore[arg-type]
@@ -166,10 +171,7 @@ def test_a_restarted_driver_adopts_a_child_run_started_past_its_ledger(tmp_path:
     from pipelines.cache import UnitRecord
     from pipelines.live import LEDGER_FILE, LiveTracking, open_parent_run
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracker = Tracker(uri, "exp", artifact_root=default_artifact_root(tmp_path))
-    work = tmp_path / "work"
-    work.mkdir()
+    tracker, work = _store_and_workdir(tmp_path)
     ledger, _ = open_parent_run(tracker, work, "digest", name="p", tags={}, description="")
     parent = ledger.parent_run_id
     # Killed after this child run reached the server (its params not yet) and before the ledger said so.
