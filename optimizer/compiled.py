@@ -30,8 +30,8 @@ The method (exact; `optimizer.dual` and `optimizer.search` have the parts):
 also keep each model's frontier (`optimizer.frontier`): the selections no other of the
 same model beats under any budgets. A solve with top_k=1 and no switching cost reads them
 instead of the pass over chunks: one model's best row that fits, or for several models
-(while their frontiers are small: `MERGE_ROWS`, `MERGE_ROWS_PAIR`) the same enumeration
-over their rows, with multipliers from a grid of the dual precomputed per kind of
+(while their frontiers are small: `MERGE_ROWS_PAIR`, `MERGE_ROWS_FEW`, `MERGE_ROWS`) the
+same enumeration over their rows, with multipliers from a grid of the dual precomputed per kind of
 constraints (`dual.DualGrid`) and step 3's threshold, whose multiplier-only part is kept
 for every point of that grid (`dual.core_parts`).
 Where that path does not decide (nothing feasible found, too many pairs), the search does.
@@ -75,7 +75,8 @@ METHOD = "lagrangian-enumeration"
 FRONTIER_METHOD = "frontier"
 HALVES_METHOD = "meet-in-the-middle"
 _MARGIN = 4.0  # frontiers keep every selection within this many tie windows of a better one
-MERGE_ROWS = 14_000  # several models' frontiers are merged where they hold at most this many rows in all
+MERGE_ROWS = 14_000  # six or more models' frontiers are merged where they hold at most this many rows in all
+MERGE_ROWS_FEW = 80_000  # the same for three to five models: fewer merge steps, each carrying fewer partial selections
 MERGE_ROWS_PAIR = 40_000  # the same for two models: one merge, no partial selections carried into another
 BEAM = 32  # partial selections per model a beam pass keeps (when no first threshold was found)
 _FRUGAL_STEPS = (0, 1, 3)  # grid steps above the best point tried for a first value (x1, x1.245, x1.93)
@@ -220,10 +221,11 @@ class CompiledProblem:
         re-solves: from then on a solve without switching costs and with top_k=1 reads the
         frontiers instead of searching the blocks (the same answer, ties included).
 
-        Takes about 0.01-0.2 s per model of 8-12 blocks; call it when a table is loaded.
+        Takes about 0.01-0.3 s per model of 8-12 blocks; call it when a table is loaded.
         Several models are read from their frontiers only while these hold at most
-        `MERGE_ROWS` selections in all, `MERGE_ROWS_PAIR` for two models (past that,
-        merging them costs more than searching the blocks): the build stops there.
+        `MERGE_ROWS_PAIR` selections in all for two models, `MERGE_ROWS_FEW` for three to
+        five, `MERGE_ROWS` for more (past that, merging them costs more than searching the
+        blocks): the build stops there.
 
         Args:
             cap: the most selections one model's frontier may hold; past it (degenerate
@@ -242,7 +244,7 @@ class CompiledProblem:
             lo, hi = self._start[m], self._start[m + 1]
             comps = [(self._comp_choice[j, : hi - lo].tolist(), float(self._comp_gain[j]))
                      for j in np.flatnonzero(self._comp_model == m)]
-            rows = MERGE_ROWS_PAIR if len(self.models) == 2 else MERGE_ROWS
+            rows = MERGE_ROWS_PAIR if len(self.models) == 2 else MERGE_ROWS_FEW if len(self.models) <= 5 else MERGE_ROWS
             limit = cap if len(self.models) == 1 else min(cap, rows - held)
             front = model_frontier(np.where(self._valid[:, lo:hi], self._value[:, lo:hi], 0.0), usage[:, :, lo:hi],
                                    [len(b.choices) for b in model.blocks], margin, comps, limit)

@@ -45,7 +45,8 @@ __all__ = ["DEFAULT_CAP", "PAIR_CAP", "Frontier", "Frontiers", "best_rows", "mod
 
 DEFAULT_CAP = 50_000  # selections per model above which no frontier is built
 _COMPARED = 1 << 22  # booleans one step of `_rows_in` may hold
-PAIR_CAP = 1 << 18  # pairs one merge step of `best_rows` may test before the solve is left to the block search
+PAIR_CAP = 1 << 15  # pairs one merge step of `best_rows` may build before the solve is left to the block search
+_ALL_PAIRS = 1 << 12  # merge steps of at most this many pairs test them all (no sort)
 
 
 @dataclass(frozen=True)
@@ -225,14 +226,17 @@ def best_rows(
     """Per model the frontier row of the best feasible selection (values within `eps` tie,
     the lexicographically smallest wins) and how many partial selections were held, or
     None where this path does not decide: nothing feasible (the caller's search then says
-    why), no `known` value on several models, or more than `pair_cap` pairs in a merge.
+    why), no `known` value on several models, or more than `pair_cap` pairs passing the
+    value test of a merge step.
 
     One model: the best row that fits. Several: Lagrangian enumeration over the rows, as
     `optimizer.search` does over chunks of blocks. A selection worth at least T = `known`
     has a reduced value R = V - lam . U of at least T - lam . limits; so each model keeps
     the rows that leave that much with the other models at their best, and the kept rows
     are merged model by model (fewest first), a partial merge kept only if it still can
-    with the models to come at their best and least.
+    with the models to come at their best and least. A large merge step sorts the incoming
+    model's rows by R: each partial merge's partners are then a prefix, and only the pairs
+    that pass the value test are built.
 
     Args:
         fr: the frontiers.
@@ -242,7 +246,7 @@ def best_rows(
         lam: (D,) Lagrangian multipliers: any >= 0 is exact, near the dual's minimum prunes most.
         eps: the tie window.
         known: a value some feasible selection reaches (`CompiledProblem._first_target`).
-        pair_cap: the most pairs one merge of two models' rows may build.
+        pair_cap: the most pairs one merge step may build (those that pass its value test).
     """
     D, M, I = coef.shape
     room = limits[:, None] - (least.sum(axis=1, keepdims=True) - least)  # (D, M): with the others at their least
@@ -279,15 +283,25 @@ def best_rows(
     history = []  # per merge step, each kept state's (parent state, row of the model merged in)
     for (r_lim, u_lim), m in zip(lims, order[1:]):
         part = cols[:, span[m]]
-        width = part.shape[1]
-        if merged.shape[1] * width > pair_cap:
-            return None
-        parent, slot = np.divmod((merged[0][:, None] + part[0] <= r_lim).ravel().nonzero()[0], width)
-        merged = merged.take(parent, axis=1) + part.take(slot, axis=1)
-        if D:
-            keep = merged[1] <= u_lim[0]
-            for d in range(1, D):
-                keep &= merged[d + 1] <= u_lim[d]
+        n, width = merged.shape[1], part.shape[1]
+        if n * width <= _ALL_PAIRS:
+            parent, slot = np.divmod((merged[0][:, None] + part[0] <= r_lim).ravel().nonzero()[0], width)
+            merged = merged.take(parent, axis=1) + part.take(slot, axis=1)
+            keep = None
+        else:  # rows sorted by -R: each state's partners are a prefix, and only those are built
+            by_r = np.argsort(part[0], kind="stable")
+            room_r = r_lim - merged[0]
+            count = np.searchsorted(part[0].take(by_r), room_r + 1e-9 * (abs(r_lim) + np.abs(room_r)), side="right")
+            total = int(count.sum())
+            if total > pair_cap:
+                return None
+            parent = np.repeat(np.arange(n), count)
+            slot = by_r.take(np.arange(total) - np.repeat(np.cumsum(count) - count, count))
+            merged = merged.take(parent, axis=1) + part.take(slot, axis=1)
+            keep = merged[0] <= r_lim  # the test the prefixes widened by a hair
+        for d in range(D):
+            keep = merged[d + 1] <= u_lim[d] if keep is None else keep & (merged[d + 1] <= u_lim[d])
+        if keep is not None:
             merged, parent, slot = merged.compress(keep, axis=1), parent.compress(keep), slot.compress(keep)
         if not len(parent):
             return None

@@ -175,8 +175,29 @@ def test_a_prepared_problem_equals_brute_force(gen, seed):
     assert read >= 15  # the frontiers answered most of them
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_merge_steps_sorted_by_value_equal_brute_force(gen, seed, monkeypatch):
+    from optimizer import frontier
+
+    monkeypatch.setattr(frontier, "_ALL_PAIRS", 0)  # every merge step builds only the pairs passing its value test
+    rng = random.Random(500 + seed)
+    read = 0
+    for _ in range(25):
+        raw = gen.random(rng, rng.randint(2, 4), (1, 3), (1, 4), deadlines=rng.random() < 0.4,
+                         memory=rng.random() < 0.8, latency=rng.random() < 0.8,
+                         quantum=1 / 64 if rng.random() < 0.4 else None)
+        if rng.random() < 0.5:
+            gen.compositions(rng, raw)
+        solution = gen.assert_top_k_is_brute_force(raw, 1, lambda raw, k: compile_problem(raw, frontiers=True).solve(top_k=k))
+        read += solution.method == FRONTIER_METHOD
+    assert read >= 10
+
+
+@pytest.mark.parametrize("all_pairs", [None, 0])
 @pytest.mark.parametrize("shape", [(1, 10, 8), (2, 8, 6), (3, 9, 6), (4, 8, 6)])
-def test_a_prepared_problem_equals_the_search_on_realistic_tables(gen, shape):
+def test_a_prepared_problem_equals_the_search_on_realistic_tables(gen, shape, all_pairs, monkeypatch):
+    if all_pairs is not None:  # every merge step sorted by value, as large ones are
+        monkeypatch.setattr("optimizer.frontier._ALL_PAIRS", all_pairs)
     rng = random.Random(str(shape))
     read = 0
     for measured in (False, True):
@@ -231,11 +252,13 @@ def test_a_merge_past_the_pair_cap_is_left_to_the_search(gen, monkeypatch):
 
     raw = gen.realistic(random.Random(3), 3, 6, 5, 0.3)
     assert _compare(raw)
+    monkeypatch.setattr(frontier, "_ALL_PAIRS", 0)  # the cap counts the pairs a sorted step would build
+    assert _compare(raw)
     monkeypatch.setattr("optimizer.compiled.best_rows", functools.partial(frontier.best_rows, pair_cap=1))
     assert not _compare(raw)  # the same answer, from the search
 
 
-@pytest.mark.parametrize("models, limit", [(2, "MERGE_ROWS_PAIR"), (3, "MERGE_ROWS")])
+@pytest.mark.parametrize("models, limit", [(2, "MERGE_ROWS_PAIR"), (3, "MERGE_ROWS_FEW"), (6, "MERGE_ROWS")])
 def test_several_models_past_the_merge_size_keep_searching(gen, monkeypatch, models, limit):
     raw = gen.realistic(random.Random(2), models, 6, 5, 0.4)
     assert compile_problem(raw, frontiers=True).solve().method == FRONTIER_METHOD
