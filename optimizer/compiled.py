@@ -31,9 +31,9 @@ also keep each model's frontier (`optimizer.frontier`): the selections no other 
 same model beats under any budgets. A solve with top_k=1 and no switching cost reads them
 instead of the pass over chunks: one model's best row that fits, or for several models
 (while their frontiers are small: `MERGE_ROWS_PAIR`, `MERGE_ROWS_FEW`, `MERGE_ROWS`) the
-same enumeration over their rows, with multipliers from a grid of the dual precomputed per kind of
-constraints (`dual.DualGrid`) and step 3's threshold, whose multiplier-only part is kept
-for every point of that grid (`dual.core_parts`).
+same enumeration over their rows, with multipliers from a grid of the dual precomputed
+per kind of constraints (`dual.DualGrid`) and step 3's threshold, whose multiplier-only
+part is kept for every point of that grid (`dual.core_parts`).
 Where that path does not decide (nothing feasible found, too many pairs), the search does.
 
 **One constraint** (a single budget, FLOPs or latency, and no measured composition that
