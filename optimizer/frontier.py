@@ -46,7 +46,7 @@ __all__ = ["DEFAULT_CAP", "PAIR_CAP", "Frontier", "Frontiers", "best_rows", "mod
 DEFAULT_CAP = 50_000  # selections per model above which no frontier is built
 _COMPARED = 1 << 22  # booleans one step of `_rows_in` may hold
 PAIR_CAP = 1 << 15  # pairs one merge step of `best_rows` may build before the solve is left to the block search
-_ALL_PAIRS = 1 << 12  # merge steps of at most this many pairs test them all (no sort)
+_ALL_PAIRS = 1 << 16  # merge steps of at most this many pairs test them all (no sort)
 
 
 @dataclass(frozen=True)
