@@ -45,7 +45,7 @@ __all__ = ["DEFAULT_CAP", "PAIR_CAP", "Frontier", "Frontiers", "best_rows", "mod
 
 DEFAULT_CAP = 50_000  # selections per model above which no frontier is built
 _COMPARED = 1 << 22  # booleans one step of `_rows_in` may hold
-PAIR_CAP = 1 << 15  # pairs one merge step of `best_rows` may build before the solve is left to the block search
+PAIR_CAP = 1 << 15  # pairs a sorted merge step of `best_rows` may build before the solve is left to the block search
 _ALL_PAIRS = 1 << 16  # merge steps of at most this many pairs test them all (no sort)
 
 
@@ -227,16 +227,16 @@ def best_rows(
     the lexicographically smallest wins) and how many partial selections were held, or
     None where this path does not decide: nothing feasible (the caller's search then says
     why), no `known` value on several models, or more than `pair_cap` pairs passing the
-    value test of a merge step.
+    value test of a sorted merge step.
 
     One model: the best row that fits. Several: Lagrangian enumeration over the rows, as
     `optimizer.search` does over chunks of blocks. A selection worth at least T = `known`
     has a reduced value R = V - lam . U of at least T - lam . limits; so each model keeps
     the rows that leave that much with the other models at their best, and the kept rows
     are merged model by model (fewest first), a partial merge kept only if it still can
-    with the models to come at their best and least. A large merge step sorts the incoming
-    model's rows by R: each partial merge's partners are then a prefix, and only the pairs
-    that pass the value test are built.
+    with the models to come at their best and least. A merge step of more than
+    `_ALL_PAIRS` pairs sorts the incoming model's rows by R: each partial merge's partners
+    are then a prefix, and only the pairs that pass the value test are built.
 
     Args:
         fr: the frontiers.
@@ -246,7 +246,7 @@ def best_rows(
         lam: (D,) Lagrangian multipliers: any >= 0 is exact, near the dual's minimum prunes most.
         eps: the tie window.
         known: a value some feasible selection reaches (`CompiledProblem._first_target`).
-        pair_cap: the most pairs one merge step may build (those that pass its value test).
+        pair_cap: the most pairs a sorted merge step may build (those that pass its value test).
     """
     D, M, I = coef.shape
     room = limits[:, None] - (least.sum(axis=1, keepdims=True) - least)  # (D, M): with the others at their least
