@@ -277,7 +277,7 @@ class CompiledProblem:
         group), span first, and a flat index into a (choice, group) array. Chunks of equal
         dimensions are written together; a chunk's blocks are consecutive groups."""
         per_model = _partition(sizes)
-        dims = [[tuple(size[b] for b in chunk) for chunk in chunks] for size, chunks in zip(sizes, per_model)]
+        dims = [[size[chunk[0] : chunk[-1] + 1] for chunk in chunks] for size, chunks in zip(sizes, per_model)]  # chunks are consecutive
         alike: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}  # dims -> (level, model, first group)
         for m, (chunks, model_dims, start) in enumerate(zip(per_model, dims, self._start.tolist())):
             for level, (chunk, d) in enumerate(zip(chunks, model_dims)):
@@ -702,6 +702,9 @@ class CompiledProblem:
         lexicographic order, `decode`d to choice indices per model), each the lexicographically
         smallest within eps of the best of those left. A candidate the canonical check finds
         infeasible is skipped (`skip`), else the answer is None."""
+        if top_k == 1 and len(values) == 1:  # one candidate (the common case): nothing to rank
+            solution = evaluate_indices(problem, decode(keys[0]), self._minima, self.measured, method, states)
+            return [(float(values[0]), solution)] if solution.feasible else [] if skip else None
         alive = np.ones(len(values), dtype=bool)
         out: list[tuple[float, Solution]] = []
         while len(out) < top_k and alive.any():
