@@ -113,6 +113,27 @@ def test_state_limit_bounds_memory():
     assert peak < 40e6, f"peak {peak / 1e6:.0f} MB before the state limit stopped the pass"
 
 
+def test_a_levels_dominated_items_are_tested_among_its_real_items(gen, monkeypatch):
+    # 7 blocks of 4 choices: chunks of 5 and 2 blocks, so level 1 holds 16 items and 1,008
+    # padding (-inf) entries, which must not make distinct values look tied.
+    calls = []
+    monkeypatch.setattr(search, "dominated", lambda *a, **k: calls.append(a) or dominated(*a, **k))
+    distinct = gen.random(random.Random(3), 1, 7, 4)
+    problem = parse_problem(distinct)
+    lay = compile_problem(problem)._constraints(problem).layout
+    real = lay.valid.sum(axis=2)[:, 0].tolist()
+    assert lay.valid.shape[:2] == (2, 1) and real == [1024, 16]
+    assert [lay.dominated_items(level, 0, 1, 1e-12) for level in range(2)] == [None, None] and not calls
+    # All drops 0: every item ties, and those a smaller item beats on both costs are dropped.
+    zero = gen.degenerate(random.Random(3), 1, 7, 4, "zero")
+    problem = parse_problem(zero)
+    lay = compile_problem(problem)._constraints(problem).layout
+    for level, n in enumerate(real):
+        gone = lay.dominated_items(level, 0, 1, 1e-12)
+        assert gone is not None and gone[:n].any() and not gone[n:].any()
+    assert len(calls) == 2
+
+
 def test_dominated_counts_lexicographically_smaller_dominators():
     value = np.array([0.0, 0.0, 0.0, 1.0, 0.0])
     usage = np.array([[3.0, 2.0, 2.5, 9.0, 2.0]])
