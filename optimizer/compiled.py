@@ -704,7 +704,9 @@ class CompiledProblem:
         infeasible is skipped (`skip`), else the answer is None."""
         if top_k == 1 and len(values) == 1:  # one candidate (the common case): nothing to rank
             solution = evaluate_indices(problem, decode(keys[0]), self._minima, self.measured, method, states)
-            return [(float(values[0]), solution)] if solution.feasible else [] if skip else None
+            if solution.feasible:
+                return [(float(values[0]), solution)]
+            return [] if skip else None
         alive = np.ones(len(values), dtype=bool)
         out: list[tuple[float, Solution]] = []
         while len(out) < top_k and alive.any():

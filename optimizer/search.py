@@ -82,14 +82,13 @@ class Layout:
         if key not in self.item_dominated:
             n = int(np.count_nonzero(self.valid[level, m]))  # the chunk's items are a prefix, then padding
             value = self.value[level, m, :n]
-            gone = None
+            gone = np.zeros(self.valid.shape[2], dtype=bool)
             if tied(value, tie):  # else `dominated` drops nothing: skip its set-up
                 can = np.ones(n, dtype=bool)
                 worse = self.comp_worse & (self.comp_model == m)
                 can[self.comp_path[worse, level]] = False
-                gone = np.zeros(self.valid.shape[2], dtype=bool)
                 gone[:n] = dominated(value, self.coef[:, level, m, :n], k, tie, can)
-            self.item_dominated[key] = gone if gone is not None and gone.any() else None
+            self.item_dominated[key] = gone if gone.any() else None
         return self.item_dominated[key]
 
 
