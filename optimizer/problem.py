@@ -86,18 +86,26 @@ class ProblemError(ValueError):
         self.path = path
 
 
-class Choice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One descendant of a block: its predicted accuracy cost and its resource costs."""
+class Choice(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
+    """One descendant of a block: its predicted accuracy cost and its resource costs.
+
+    `load_bytes` (what switching to it loads) is `memory_bytes` unless given. It is kept
+    as given (`load`: JSON key "load_bytes", None when absent) and resolved on access, so
+    that parsing a table of hundreds of choices runs no Python code per choice. Holding
+    only strings and numbers, a choice is never part of a reference cycle: the garbage
+    collector does not track it (`gc=False`).
+    """
 
     id: Name
     accuracy_drop: Finite
     latency_ms: Cost
     memory_bytes: Cost
-    load_bytes: Cost | None = None  # None becomes memory_bytes: always a float once built
+    load: Cost | None = msgspec.field(default=None, name="load_bytes")
 
-    def __post_init__(self) -> None:
-        if self.load_bytes is None:
-            msgspec.structs.force_setattr(self, "load_bytes", self.memory_bytes)
+    @property
+    def load_bytes(self) -> float:
+        """Bytes loaded when switching to this choice (`memory_bytes` unless given)."""
+        return self.memory_bytes if self.load is None else self.load
 
 
 class Block(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -191,7 +199,7 @@ def _error(path: str, message: str) -> ProblemError:
     if message.startswith("unknown field"):
         kind = where.rsplit(".", 1)[-1].split("[", 1)[0]
         if kind in _FIELDS:
-            message += f" (allowed: {', '.join(sorted(_FIELDS[kind].__struct_fields__))})"
+            message += f" (allowed: {', '.join(sorted(_FIELDS[kind].__struct_encode_fields__))})"
     return ProblemError(where, message.replace("expected a number >= 0.0", "expected a finite number >= 0"))
 
 
