@@ -14,8 +14,11 @@ own picks (`ProfileTable.prediction_error`: bias and spread). Then:
   `RANK_PENALTY_SE[kind]` standard errors (0 for the original, 1 for a trained anchor, 1.5
   for any other), so a pruned composition displaces the original only when it measures
   better beyond its noise, and a lucky draw does not displace a trained anchor. Compositions
-  never measured rank at their prediction minus the bias and one spread. The solve stays
-  exact: these are values of whole compositions, not per-block corrections.
+  never measured rank at their prediction minus the bias and `PREDICTED_PENALTY_SD` (1.5)
+  spreads: like a measured pick, each is the best of many candidates ranked by a noisy
+  number, so it needs the same margin of its own uncertainty to displace a composition that
+  was measured. The solve stays exact: these are values of whole compositions, not
+  per-block corrections.
 * What the user is told (`told`) is the measured accuracy with its standard error where the
   served composition was measured, else the prediction minus the bias with the spread as
   its standard error; every report says which (`Told.source`).
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 
 ORIGINAL_KIND, ANCHOR_KIND, MEASURED_KIND = "original", "anchor", "measured"
 RANK_PENALTY_SE = {ORIGINAL_KIND: 0.0, ANCHOR_KIND: 1.0, MEASURED_KIND: 1.5}
-PREDICTED_PENALTY_SD = 1.0  # unmeasured compositions rank at prediction - bias - this many spreads
+PREDICTED_PENALTY_SD = 1.5  # unmeasured compositions rank at prediction - bias - this many spreads
 MIN_PAIRS = 3  # measured picks needed to estimate the prediction error
 HELD_OUT_FRACTION = 0.5  # of the validation images: they choose nothing, they tell
 

@@ -99,6 +99,21 @@ def test_unmeasured_compositions_rank_at_their_corrected_prediction_and_are_told
     assert to_problem(table, {"latency_ms": 1.3}, measured=False)["models"][0]["base_accuracy"] == 0.90
 
 
+def test_an_unmeasured_composition_needs_a_measured_picks_margin_to_displace_a_measured_one() -> None:
+    # At 1.25 ms the best unmeasured composition, (0.4, 0.4), is predicted at 0.88 after its
+    # bias (spread 0.01); the anchor (0.8, 0.8) measured 0.869 on 100,000 images ranks at
+    # 0.868. The prediction is 1.2 spreads above: within the margin, so the anchor is served.
+    drops = {b: {"0.0": 0.0, "0.4": 0.01, "0.8": 0.05} for b in ("a", "b")}
+    error = PredictionError(bias=0.0, sd=0.01, n=40)
+    original = Measured(("0.0", "0.0"), 0.90, 100_000, "original")
+    near = _table(drops, measured=[original, Measured(("0.8", "0.8"), 0.869, 100_000, "anchor")], error=error)
+    assert PREDICTED_PENALTY_SD > 1.2 and _serve(near, 1.25) == ["0.8", "0.8"]
+    # 1.9 spreads above an anchor measured at 0.862: beyond the margin, the prediction is served.
+    far = _table(drops, measured=[original, Measured(("0.8", "0.8"), 0.862, 100_000, "anchor")], error=error)
+    assert PREDICTED_PENALTY_SD < 1.9 and _serve(far, 1.25) == ["0.4", "0.4"]
+    assert told(far, ["0.4", "0.4"]).source == "predicted"
+
+
 def test_served_value_never_falls_as_the_budget_grows() -> None:
     rng = random.Random(0)
     for trial in range(10):
