@@ -196,8 +196,7 @@ class CompiledProblem:
         # a (group, choice) mask: its row-major order is the blocks' and their choices' order.
         choices = [c for b in blocks for c in b.choices]
         table = np.array([[c.accuracy_drop for c in choices], [c.latency_ms for c in choices],
-                          [c.memory_bytes for c in choices], [c.load for c in choices]], dtype=float)
-        np.copyto(table[3], table[2], where=np.isnan(table[3]))  # a load not given (nan) is the memory
+                          [c.memory_bytes for c in choices], [c.load_bytes for c in choices]], dtype=float)
         by_group = np.arange(width) < np.array(sizes + [1])[:, None]  # (G', C)
         full = np.zeros((4, n_groups + 1, width))
         full[:, :-1][:, by_group[:-1]] = table
