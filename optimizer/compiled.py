@@ -203,9 +203,11 @@ class CompiledProblem:
         drop, lat, mem, load = full.transpose(0, 2, 1).copy()
         self._valid = by_group.T.copy()
         firsts = list(accumulate(sizes[:-1], initial=0))  # each block's first choice in `table`
-        self._minima = (math.fsum(np.minimum.reduceat(table[1], firsts)), math.fsum(np.minimum.reduceat(table[2], firsts)))
+        least_lat, least_mem = np.minimum.reduceat(table[1:3], firsts, axis=1).tolist()
+        self._minima = (math.fsum(least_lat), math.fsum(least_mem))
         weight = np.array([m.weight for m in models for _ in m.blocks] + [0.0])
-        self._value = np.where(self._valid, -weight * drop, -np.inf)
+        self._value_or_zero = -weight * drop  # the values, 0 where a block has no such choice
+        self._value = np.where(self._valid, self._value_or_zero, -np.inf)
         self._lat, self._mem, self._load = lat, mem, load
         self._blocks = blocks
         self._index_cache: list[dict[str, int]] | None = None
@@ -236,7 +238,7 @@ class CompiledProblem:
         """
         if self._frontiers is not None:
             return True
-        margin = _MARGIN * self._tie_window(self._value)
+        margin = _MARGIN * self._tie_window(self._value_or_zero)
         usage = np.stack([self._lat, self._mem])
         built: list[Frontier] = []
         held = 0
@@ -246,7 +248,7 @@ class CompiledProblem:
                      for j in np.flatnonzero(self._comp_model == m)]
             rows = MERGE_ROWS_PAIR if len(self.models) == 2 else MERGE_ROWS_FEW if len(self.models) <= 5 else MERGE_ROWS
             limit = cap if len(self.models) == 1 else min(cap, rows - held)
-            front = model_frontier(np.where(self._valid[:, lo:hi], self._value[:, lo:hi], 0.0), usage[:, :, lo:hi],
+            front = model_frontier(self._value_or_zero[:, lo:hi], usage[:, :, lo:hi],
                                    [len(b.choices) for b in model.blocks], margin, comps, limit)
             if front is None:
                 return False
@@ -258,9 +260,10 @@ class CompiledProblem:
             self._frontier_kind(default)  # this kind of constraints' arrays now, others on first use
         return True
 
-    def _tie_window(self, value: np.ndarray) -> float:
-        """Values closer than this are ties (float noise): 1e-11 of the objective's scale."""
-        return _EPS_REL * (abs(self.constant) + float(np.abs(np.where(self._valid, value, 0.0)).max(axis=0).sum()))
+    def _tie_window(self, value_or_zero: np.ndarray) -> float:
+        """Values closer than this are ties (float noise): 1e-11 of the objective's scale
+        (`value_or_zero`: the items' values, 0 where a block has no such choice)."""
+        return _EPS_REL * (abs(self.constant) + float(np.abs(value_or_zero).max(axis=0).sum()))
 
     @property
     def _index(self) -> list[dict[str, int]]:
@@ -272,10 +275,10 @@ class CompiledProblem:
     # ------------------------------------------------------------------ construction
 
     def _build_chunks(self, sizes: tuple[tuple[int, ...], ...]) -> None:
-        """Per level and model its chunk's items (`sizes`: each model's choice counts): the
-        choice and group of each of their blocks (padding: choice 0 of the all-zero last
-        group), span first, and a flat index into a (choice, group) array. Chunks of equal
-        dimensions are written together; a chunk's blocks are consecutive groups."""
+        """Per level and model its chunk's items (`sizes`: each model's choice counts): for
+        each of their blocks, span first, a flat index into a (choice, group) array (padding:
+        choice 0 of the all-zero last group). Chunks of equal dimensions are written
+        together; a chunk's blocks are consecutive groups."""
         per_model = _partition(sizes)
         dims = [[size[chunk[0] : chunk[-1] + 1] for chunk in chunks] for size, chunks in zip(sizes, per_model)]  # chunks are consecutive
         alike: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}  # dims -> (level, model, first group)
@@ -284,18 +287,17 @@ class CompiledProblem:
                 alike.setdefault(d, []).append((level, m, start + chunk[0]))
         levels, n_items, span = max(map(len, per_model)), max(map(math.prod, alike)), max(map(len, alike))
         shape = (span, levels, len(sizes), n_items)
-        choice = np.zeros(shape, dtype=np.intp)
-        group = np.full(shape, self._n_groups, dtype=np.intp)
+        stride = self._n_groups + 1  # (choice, group) -> choice * stride + group
+        flat = np.full(shape, self._n_groups, dtype=np.intp)  # padding: choice 0 of the last group
         valid = np.zeros(shape[1:], dtype=bool)
         valid[:, :, 0] = True  # a model with fewer chunks has one all-padding item there
         for d, where in alike.items():
             combos, k = _combinations(d), len(d)
             at_level, at_model, first = np.array(where).T
-            choice[:k, at_level, at_model, : len(combos)] = combos.T[:, None, :]
-            group[:k, at_level, at_model, : len(combos)] = (first + np.arange(k)[:, None])[:, :, None]
+            flat[:k, at_level, at_model, : len(combos)] = (combos.T * stride)[:, None, :] + (first + np.arange(k)[:, None])[:, :, None]
             valid[at_level, at_model, : len(combos)] = True
-        self._chunk_choice, self._chunk_group, self._chunk_valid = choice, group, valid  # (span, L, M, I), (L, M, I)
-        self._chunk_flat = choice * (self._n_groups + 1) + group
+        self._chunk_valid = valid  # (L, M, I)
+        self._chunk_flat = flat  # (span, L, M, I)
         self._chunk_blocks, self._chunk_dims = per_model, dims
 
     def _path(self, m: int, row: Sequence[int]) -> list[int]:
@@ -393,10 +395,13 @@ class CompiledProblem:
             sources.append("switch_bytes")
         coef = np.array(coefs).reshape(len(coefs), *value.shape)
         valid = self._valid
-        stacked = np.concatenate([np.where(valid, value, 0.0)[None], coef]).reshape(1 + len(coef), -1)  # (1 + D, C * G')
+        value_or_zero = self._value_or_zero if switch is None else np.where(valid, value, 0.0)
+        stacked = np.concatenate([value_or_zero[None], coef]).reshape(1 + len(coef), -1)  # (1 + D, C * G')
         items = stacked.take(self._chunk_flat, axis=1).sum(axis=1)  # (1 + D, L, M, I)
         comp = stacked.take(self._comp_choice * (self._n_groups + 1) + self._comp_group, axis=1).sum(axis=2)  # (1 + D, J)
-        scale = natural_scale(value, coef, valid)
+        least = np.where(valid[None], coef, np.inf).min(axis=1).sum(axis=1)
+        spread = np.where(valid[None], coef, 0.0).max(axis=1).sum(axis=1)  # coefficients are >= 0
+        scale = natural_scale(value, valid, least, spread)
         free = Relaxation(value, coef, np.zeros(len(coef)), self._start[:-1], *self._no_compositions)
         entry = _Constraints(
             layout=layout(np.where(self._chunk_valid, items[0], -np.inf), items[1:], self._chunk_valid,
@@ -406,11 +411,11 @@ class CompiledProblem:
             names=names,
             sources=sources,
             owner=np.array([m if isinstance(m, int) else -1 for m in sources], dtype=np.intp),
-            least=np.where(valid[None], coef, np.inf).min(axis=1).sum(axis=1),
-            spread=np.where(valid[None], coef, 0.0).max(axis=1).sum(axis=1),
+            least=least,
+            spread=spread,
             scale=scale,
             axes_part=axes_values(free, scale) if len(coef) else np.zeros(0),
-            eps=self._tie_window(value),
+            eps=self._tie_window(value_or_zero),
         )
         if not switching:
             self._cache[key] = entry
@@ -461,8 +466,8 @@ class CompiledProblem:
         free = Relaxation(value, coef, limits, self._start[:-1], *self._no_compositions)
         lams = multipliers(free, scale, zooms, con.owner, con.axes_part)
         first = self._first_found(value, coef, limits, lams, top_k)
-        fits = (lay.comp_need <= limits[:, None]).all(axis=0)  # compositions that can fit at all
-        if fits.any():  # the bound with compositions has its own best multipliers: prune with both sets
+        fits = (lay.comp_need <= limits[:, None]).all(axis=0) if len(lay.comp_model) else None  # compositions that can fit at all
+        if fits is not None and fits.any():  # the bound with compositions has its own best multipliers: prune with both sets
             rel = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[fits], lay.comp_coef[:, fits], lay.comp_model[fits])
             both = multipliers(rel, scale, zooms, con.owner)
             first = max(first, self._first_target(value, coef, limits, both[0], top_k))
@@ -665,15 +670,20 @@ class CompiledProblem:
             beam = None
 
     def _decode(self, key: np.ndarray) -> list[list[int]]:
-        """Choice index per block per model of a selection given by its chunk items."""
-        L, M = self._chunk_valid.shape[:2]
-        items = key.reshape(M, L).T  # (L, M)
-        picks = self._chunk_choice[:, np.arange(L)[:, None], np.arange(M)[None, :], items]  # (span, L, M)
-        groups = self._chunk_group[:, np.arange(L)[:, None], np.arange(M)[None, :], items]
-        choice = np.zeros(self._n_groups + 1, dtype=np.intp)
-        choice[groups.ravel()] = picks.ravel()  # padding lands on the extra group
-        flat = choice.tolist()
-        return [flat[self._start[m] : self._start[m + 1]] for m in range(M)]
+        """Choice index per block per model of a selection given by its chunk items (an item
+        is its chunk's blocks' choices in lexicographic order: digits in mixed radix)."""
+        items, L = key.tolist(), self._chunk_valid.shape[0]
+        out = []
+        for m, dims in enumerate(self._chunk_dims):
+            row: list[int] = []
+            for item, d in zip(items[m * L : (m + 1) * L], dims):
+                digits = []
+                for size in reversed(d):
+                    item, digit = divmod(item, size)
+                    digits.append(digit)
+                row += reversed(digits)
+            out.append(row)
+        return out
 
     def _pick(self, problem: Problem, found: PassResult, top_k: int, eps: float, states: int) -> list[tuple[float, Solution]]:
         """The top_k best canonically feasible selections found, as (search value, solution):
@@ -687,7 +697,7 @@ class CompiledProblem:
             return np.concatenate([found.paths[m].take(found.choose[rows, m], axis=0) for m in range(len(self.models))], axis=1)
 
         if top_k == 1:  # the answer is among the states tied with the best, unless the canonical check rejects one
-            near = np.flatnonzero(values >= values.max() - eps)
+            near = (values >= values.max() - eps).nonzero()[0]
             picked = self._pick_keys(problem, values[near], keys(near), self._decode, 1, eps, states, METHOD)
             if picked:
                 return picked

@@ -82,11 +82,16 @@ _OFFSETS = {d: np.stack(np.meshgrid(*([_ZOOM] * d), indexing="ij"), axis=-1).res
 _CORNERS = {d: np.stack(np.meshgrid(*([np.array([-1.0, 1.0])] * d), indexing="ij"), axis=-1).reshape(-1, d) for d in (1, 2)}
 
 
-def natural_scale(V: np.ndarray, A: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def natural_scale(V: np.ndarray, valid: np.ndarray, least: np.ndarray, largest: np.ndarray) -> np.ndarray:
     """Per constraint, summed value spread over summed coefficient spread: the order of a
-    multiplier that makes the constraint matter."""
+    multiplier that makes the constraint matter.
+
+    Args:
+        V: (C, G) the items' values; valid: (C, G) which exist.
+        least, largest: (D,) each constraint's smallest and largest achievable total.
+    """
     spread = (np.where(valid, V, -np.inf).max(axis=0) - np.where(valid, V, np.inf).min(axis=0)).sum()
-    span = (np.where(valid, A, -np.inf).max(axis=1) - np.where(valid, A, np.inf).min(axis=1)).sum(axis=1)
+    span = largest - least
     return np.where(span > 0, max(spread, 1e-12) / np.where(span > 0, span, 1.0), 0.0)
 
 
@@ -342,15 +347,15 @@ def core_parts(V: np.ndarray, A: np.ndarray, lams: np.ndarray, n_core: int) -> C
     D, C, G = A.shape
     P = len(lams)
     R = V - (lams @ A.reshape(D, C * G)).reshape(P, C, G) if D else np.broadcast_to(V, (P, C, G))
+    at, cols = np.arange(P)[:, None], np.arange(G)
     if C > 1:
-        order = np.argsort(-R, axis=1, kind="stable")
+        order = (-R).argsort(axis=1, kind="stable")
         first, second = order[:, 0], order[:, 1]  # (P, G)
+        loss = R[at, first, cols] - R[at, second, cols]  # +inf where a group has one choice (its second is -inf)
     else:
         first = second = np.zeros((P, G), dtype=np.intp)
-    at, cols = np.arange(P)[:, None], np.arange(G)
-    loss = R[at, first, cols] - R[at, second, cols]
-    loss = np.where(np.isfinite(loss) & (second != first), loss, np.inf)
-    core = np.argsort(loss, axis=1, kind="stable")[:, :n_core]  # (P, n): the finite losses first
+        loss = np.full((P, G), np.inf)
+    core = loss.argsort(axis=1, kind="stable")[:, :n_core]  # (P, n): the finite losses first
     top, low = first[at, core], second[at, core]
     return CoreParts(
         first=first,

@@ -46,6 +46,7 @@ import json
 import math
 import random
 from collections.abc import Mapping
+from operator import attrgetter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,6 +77,7 @@ Cost = Annotated[float, Meta(ge=0.0, le=_MAX)]
 """A finite number >= 0 (NaN fails every comparison)."""
 Positive = Annotated[float, Meta(gt=0.0, le=_MAX)]
 Name = Annotated[str, Meta(min_length=1)]
+_CHOICE_ID = attrgetter("id")  # a choice's id, read in C while checking that a block's ids are distinct
 
 
 class ProblemError(ValueError):
@@ -255,6 +257,8 @@ def _check_models(models: tuple[Model, ...], path: str) -> None:
                 f"{where}.blocks[{i}].name", f"duplicate block name {model.blocks[i].name!r} (also blocks[{j}])"
             )
         for b, block in enumerate(model.blocks):
+            if len(set(map(_CHOICE_ID, block.choices))) == len(block.choices):
+                continue
             repeat = _first_repeat([c.id for c in block.choices])
             if repeat:
                 i, j = repeat

@@ -29,12 +29,18 @@ Since V(x) <= V(x) + lam . (limits - U(x)) for a feasible x, every feasible sele
 V(x) >= T passes every test: the pass is complete above T. A *beam* pass keeps only the
 best partial selections by bound (a heuristic for when no first threshold is known) and
 reports the best bound it left out, above which it is still complete.
+
+The arrays of a one-off solve are small, so fixed costs per operation add up: the steps
+every solve runs call array methods (`x.argsort()`, `x.nonzero()[0]`, `x.cumsum()`)
+rather than NumPy's functions of the same name, whose dispatch costs more than the
+operation itself on a few hundred elements.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import accumulate
 
 import numpy as np
 
@@ -99,7 +105,7 @@ def layout(
     """A `Layout` from the items' values (L, M, I), coefficients (D, L, M, I) and the
     compositions' (J,), (D, J)."""
     least = np.where(valid, coef, np.inf).min(axis=3)  # (D, L, M)
-    cum = np.cumsum(least, axis=1)
+    cum = least.cumsum(axis=1)
     model_least = cum[:, -1]  # (D, M)
     others = model_least.sum(axis=1, keepdims=True) - model_least
     low = np.where(valid, value, np.inf).min(axis=2).sum(axis=0)  # (M,)
@@ -151,10 +157,10 @@ def bounds(lay: Layout, lams: np.ndarray, limits: np.ndarray) -> Bounds:
     `limits` (D,) (the budgets, with their tolerance)."""
     K, D = lams.shape
     shape = lay.value.shape
-    R = (lams @ -lay.coef.reshape(D, lay.value.size)).reshape(K, *shape)  # (K, L, M, I)
-    R += lay.value  # -inf where invalid
+    R = (lams @ lay.coef.reshape(D, lay.value.size)).reshape(K, *shape)  # (K, L, M, I)
+    np.subtract(lay.value, R, out=R)  # -inf where invalid
     level_best = R.max(axis=3)  # (K, L, M)
-    cum = np.cumsum(level_best, axis=1)
+    cum = level_best.cumsum(axis=1)
     model_best = cum[:, -1].copy()  # (K, M)
     comp_fits = (lay.comp_need <= limits[:, None]).all(axis=0)
     comp_R = np.where(comp_fits, lay.comp_value - lams @ lay.comp_coef, -np.inf)  # (K, J)
@@ -222,7 +228,7 @@ def _expand(
         raise StateLimit
     if n * width <= _SMALL:  # few pairs: build them all
         cand = rows[:, :, None] + items.take(model, axis=1)
-        flat = np.flatnonzero((cand <= th.take(model, axis=1)[:, :, None]).all(axis=0))
+        flat = (cand <= th.take(model, axis=1)[:, :, None]).all(axis=0).ravel().nonzero()[0]
         parent, slot = np.divmod(flat, width)
         return parent, slot, cand.reshape(len(cand), -1).take(flat, axis=1)
     step = max(1, _BLOCK // max(width, 1))
@@ -230,7 +236,7 @@ def _expand(
     flat_items = items.reshape(len(items), -1)  # (cols, M * width)
     for at in range(0, n, step):
         part = model[at : at + step]
-        flat = np.flatnonzero(rows[0, at : at + step, None] + items[0].take(part, axis=0) <= th[0].take(part)[:, None])
+        flat = (rows[0, at : at + step, None] + items[0].take(part, axis=0) <= th[0].take(part)[:, None]).ravel().nonzero()[0]
         parent, slot = np.divmod(flat, width)
         owner = part.take(parent)
         cand = rows.take(parent + at, axis=1)
@@ -253,11 +259,11 @@ def _join(merged: np.ndarray, rows: np.ndarray, th: np.ndarray, limit: int) -> t
     n, m = merged.shape[1], rows.shape[1]
     if n * m <= _SMALL:  # few pairs: build them all
         cand = merged[:, :, None] + rows[:, None, :]
-        flat = np.flatnonzero((cand <= th[:, None, None]).all(axis=0))
+        flat = (cand <= th[:, None, None]).all(axis=0).ravel().nonzero()[0]
         parent, slot = np.divmod(flat, m)
         return parent, slot, cand.reshape(len(cand), -1).take(flat, axis=1)
     if n * m <= _PAIRS:  # test the first column on every pair, build only the pairs that pass
-        parent, slot = np.divmod(np.flatnonzero(merged[0][:, None] + rows[0] <= th[0]), m)
+        parent, slot = np.divmod((merged[0][:, None] + rows[0] <= th[0]).ravel().nonzero()[0], m)
         cand = merged.take(parent, axis=1)
         cand += rows.take(slot, axis=1)
         keep = (cand <= th[:, None]).all(axis=0)
@@ -323,7 +329,7 @@ def _model_sets(
     dropped = -np.inf
     if beam is None:
         width = int(useful.sum(axis=2).max())
-        order = np.argsort(~useful, axis=2, kind="stable")[:, :, :width]  # (L, M, width): item ids
+        order = (~useful).argsort(axis=2, kind="stable")[:, :, :width]  # (L, M, width): item ids
     else:  # a heuristic pass expands only the few items with the best bounds
         width = min(int(useful.sum(axis=2).max()), BEAM_ITEMS)
         order = np.argsort(-b.item_slack, axis=2, kind="stable")[:, :, :width]
@@ -342,7 +348,7 @@ def _model_sets(
     history: list[tuple[np.ndarray, np.ndarray]] = []
     states = M
     collapse = beam is None and top_k is not None
-    worse = np.flatnonzero(lay.comp_worse) if collapse else np.zeros(0, dtype=np.intp)
+    worse = np.flatnonzero(lay.comp_worse) if collapse and len(lay.comp_model) else np.zeros(0, dtype=np.intp)
     # Per state, which worse-than-predicted compositions share its prefix (it cannot dominate).
     match = model[:, None] == lay.comp_model[worse][None] if len(worse) else None
     for level in range(L):
@@ -351,7 +357,7 @@ def _model_sets(
             history.append((model, model))
             continue
         if collapse and len(model) * width > COLLAPSE:
-            for m in np.flatnonzero(np.bincount(model, minlength=M)).tolist():
+            for m in np.bincount(model, minlength=M).nonzero()[0].tolist():
                 gone = lay.dominated_items(level, m, top_k, tie)  # type: ignore[arg-type]
                 if gone is not None:
                     Z[0, level, m, gone[order[level, m]]] = np.inf
@@ -420,16 +426,16 @@ def run_pass(
     counts = np.bincount(model, minlength=M)
     if (counts == 0).any():
         return PassResult(np.zeros(0), np.zeros((0, M), dtype=np.intp), [], states, dropped)
-    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    starts = list(accumulate(counts.tolist(), initial=0))
     sets = [rows[:, starts[m] : starts[m + 1]] for m in range(M)]
     paths = [path[starts[m] : starts[m + 1]] for m in range(M)]
     # The remaining models' best and least over their sets (tighter than over all selections).
     edge = np.minimum.reduceat(rows, starts[:-1], axis=1).T  # (M, cols): -best R, least usage
     # Smaller sets first: the partial merges stay small. After merging the first `at` sets a
     # row must leave room for the best and least of the sets still to come.
-    order = np.argsort(counts, kind="stable")
+    order = counts.argsort(kind="stable")
     edge = edge[order]
-    rest = np.concatenate([np.cumsum(edge[::-1], axis=0)[::-1], np.zeros((1, len(rows)))])[2:]
+    rest = np.concatenate([edge[::-1].cumsum(axis=0)[::-1], np.zeros((1, len(rows)))])[2:]
     ths = np.concatenate([(b.need - target) - rest[:, :K], b.limits - rest[:, K:]], axis=1)  # (M - 1, cols)
     merged = sets[order[0]]
     history = []

@@ -77,11 +77,13 @@ def test_rows_are_matched_against_compositions_a_block_at_a_time(monkeypatch):
 
 
 def test_the_dual_grid_is_the_dual_under_any_budgets(gen):
-    from optimizer.dual import _GRID, Relaxation, dual_grid, natural_scale
+    from optimizer.dual import _GRID, Relaxation, dual_grid
 
     compiled = compile_problem(gen.realistic(random.Random(4), 3, 5, 4, 0.5))
     V, A = compiled._value, np.stack([compiled._lat, compiled._mem])
-    scale = natural_scale(V, A, compiled._valid)
+    con = compiled._constraints(compiled.problem())
+    assert con.sources == ["latency_ms", "memory_bytes"]
+    scale = con.scale
     grid = dual_grid(Relaxation(V, A, np.zeros(2), compiled._start[:-1], np.zeros(0), np.zeros((2, 0)), np.zeros(0, dtype=np.intp)), scale)
     assert len(grid.lams) == 65**2 and (grid.lams >= 0).all()
     for limits in (np.array([3.0, 2e6]), np.array([9.0, 5e5])):
