@@ -138,7 +138,7 @@ class _Constraints:
     sources: list[str | int]  # per constraint: the budget's field, or the model whose deadline it is
     owner: np.ndarray  # (D,): the model of a deadline, -1 for a shared budget
     least: np.ndarray  # (D,): the smallest achievable total
-    spread: np.ndarray  # (D,): the largest achievable total
+    largest: np.ndarray  # (D,): the largest achievable total
     scale: np.ndarray  # (D,): `dual.natural_scale`
     axes_part: np.ndarray  # `dual.axes_values` of the relaxation without compositions
     eps: float  # ties: float noise on this objective's scale
@@ -400,8 +400,8 @@ class CompiledProblem:
         items = stacked.take(self._chunk_flat, axis=1).sum(axis=1)  # (1 + D, L, M, I)
         comp = stacked.take(self._comp_choice * (self._n_groups + 1) + self._comp_group, axis=1).sum(axis=2)  # (1 + D, J)
         least = np.where(valid[None], coef, np.inf).min(axis=1).sum(axis=1)
-        spread = np.where(valid[None], coef, 0.0).max(axis=1).sum(axis=1)  # coefficients are >= 0
-        scale = natural_scale(value, valid, least, spread)
+        largest = np.where(valid[None], coef, 0.0).max(axis=1).sum(axis=1)  # coefficients are >= 0
+        scale = natural_scale(value, valid, least, largest)
         free = Relaxation(value, coef, np.zeros(len(coef)), self._start[:-1], *self._no_compositions)
         entry = _Constraints(
             layout=layout(np.where(self._chunk_valid, items[0], -np.inf), items[1:], self._chunk_valid,
@@ -412,7 +412,7 @@ class CompiledProblem:
             sources=sources,
             owner=np.array([m if isinstance(m, int) else -1 for m in sources], dtype=np.intp),
             least=least,
-            spread=spread,
+            largest=largest,
             scale=scale,
             axes_part=axes_values(free, scale) if len(coef) else np.zeros(0),
             eps=self._tie_window(value_or_zero),
@@ -466,8 +466,8 @@ class CompiledProblem:
         free = Relaxation(value, coef, limits, self._start[:-1], *self._no_compositions)
         lams = multipliers(free, scale, zooms, con.owner, con.axes_part)
         first = self._first_found(value, coef, limits, lams, top_k)
-        fits = (lay.comp_need <= limits[:, None]).all(axis=0) if len(lay.comp_model) else None  # compositions that can fit at all
-        if fits is not None and fits.any():  # the bound with compositions has its own best multipliers: prune with both sets
+        # The bound with compositions that can fit at all has its own best multipliers: prune with both sets.
+        if len(lay.comp_model) and (fits := (lay.comp_need <= limits[:, None]).all(axis=0)).any():
             rel = Relaxation(value, coef, limits, self._start[:-1], lay.comp_value[fits], lay.comp_coef[:, fits], lay.comp_model[fits])
             both = multipliers(rel, scale, zooms, con.owner)
             first = max(first, self._first_target(value, coef, limits, both[0], top_k))
@@ -483,7 +483,7 @@ class CompiledProblem:
         """The constraints' limits, and the same with a hair of slack: sums taken in another
         order than `evaluate_indices` (which gives the canonical verdict) differ by float noise."""
         limit_list = [budget_limit(b) for b in budget_list]
-        slack = [limit + 1e-12 * (abs(limit) + spread) for limit, spread in zip(limit_list, con.spread.tolist())]
+        slack = [limit + 1e-12 * (abs(limit) + most) for limit, most in zip(limit_list, con.largest.tolist())]
         return np.array(limit_list), np.array(slack)
 
     def _on_halves(self, problem: Problem, con: _Constraints, limits: np.ndarray, slack: np.ndarray,
