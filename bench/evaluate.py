@@ -3,7 +3,8 @@
     accuracy    test accuracy under 10 FLOPs budgets: the compositions LegoDNN serves vs uniform
                 pruning + fine-tuning vs the model at reduced width from scratch, the baselines
                 given LegoDNN's wall time split evenly over the budgets (--baseline-time: its
-                whole pipeline after the teacher, profiling included, or its training stages)
+                whole pipeline after the teacher, profiling included, or its training stages);
+                each difference with its paired standard error (the same test images)
     latency     the same under 10 latency budgets; every served model timed end to end (a pick
                 over budget is re-solved as a device does, `optimizer.solve_measured`)
     options     distinct composed models, LegoDNN's time for all of them, and the time uniform
@@ -111,11 +112,14 @@ class Model:
                                        latency_override=flops_override(self.table))
         return selection
 
-    def measured(self, sel: Sequence[str], split: str = "test") -> dict[str, float]:
-        from legoblocks.train import evaluate
+    def hits(self, module, split: str = "test"):
+        """Per-image correctness of `module` on a split, in the split's order (a paired comparison's input)."""
+        from legoblocks.train import correct
 
-        composed = self.scalable.compose(list(sel))
-        return {f"{split}_acc": round(100 * evaluate(composed, getattr(self.splits, split)), 2),
+        return correct(module, getattr(self.splits, split))
+
+    def measured(self, sel: Sequence[str], split: str = "test") -> dict[str, float]:
+        return {f"{split}_acc": percent(self.hits(self.scalable.compose(list(sel)), split)),
                 "flops_frac": round(self.table.total(list(sel), "flops") / self.teacher_flops, 4)}
 
     @functools.cached_property
@@ -174,33 +178,48 @@ def budget_grid(smallest: float, n: int) -> list[float]:
 # ----------------------------------------------------------------------------- figures
 
 
-def fig_accuracy(m: Model) -> dict[str, Any]:
-    """LegoDNN vs uniform vs scratch at every FLOPs budget, all measured on the test set; what
-    LegoDNN tells about each served composition against the check split (`served` rows)."""
-    from profiling.serving import told
+def percent(hits) -> float:
+    """Accuracy in percent, two decimals, of a per-image correctness vector."""
+    return round(100 * int(hits.sum()) / len(hits), 2)
 
-    rows, served = [], []
+
+def fig_accuracy(m: Model) -> dict[str, Any]:
+    """LegoDNN vs uniform vs scratch at every FLOPs budget, all measured on the test set, each
+    baseline row with LegoDNN's difference and its paired standard error (same test images);
+    what LegoDNN tells about each served composition against the check split (`served` rows)."""
+    import numpy as np
+
+    from legoblocks.serialize import load_module
+    from profiling.serving import paired_difference, told
+
+    rows, served, lego_hits = [], [], {}
     for budget in m.budgets:
         sel = m.served(budget)
         t, check = told(m.table, sel), m.measured(sel, "check")
-        rows.append({"method": "legodnn", "budget": budget, **m.measured(sel), "told": round(100 * t.accuracy, 2),
+        lego_hits[budget] = m.hits(m.scalable.compose(sel))
+        rows.append({"method": "legodnn", "budget": budget, "test_acc": percent(lego_hits[budget]),
+                     "flops_frac": check["flops_frac"], "told": round(100 * t.accuracy, 2),
                      "check_acc": check["check_acc"], "selection": sel})
         served.append({"model": m.name, "budget": budget, "flops_frac": check["flops_frac"],
                        "predicted": round(100 * t.accuracy, 3), "predicted_se": round(100 * t.se, 3),
                        "measured_check": check["check_acc"], "check_n": len(m.splits.check),
                        "measured_test": rows[-1]["test_acc"], "source": t.source})
     base = m.baselines()
-    for method in m.args.baselines:
-        rows += [{"method": method, "budget": r["budget"], "flops_frac": round(r["flops_frac"], 4),
-                  "test_acc": round(100 * r["test_accuracy"], 2), "train_s": round(r["seconds"], 1)}
-                 for r in base[method]]
     gaps = {}
-    for other in ("uniform", "scratch"):
-        diffs = [a["test_acc"] - b["test_acc"] for a in rows if a["method"] == "legodnn"
-                 for b in rows if b["method"] == other and b["budget"] == a["budget"]]
-        if diffs:
-            gaps[other] = {"max": round(max(diffs), 2), "mean": round(sum(diffs) / len(diffs), 2),
-                           "min": round(min(diffs), 2)}
+    for method in m.args.baselines:
+        theirs = {r["budget"]: m.hits(load_module(r["file"])) for r in base[method]}
+        paired = {b: paired_difference(lego_hits[b], hits) for b, hits in theirs.items()}
+        rows += [{"method": method, "budget": r["budget"], "flops_frac": round(r["flops_frac"], 4),
+                  "test_acc": round(100 * r["test_accuracy"], 2), "train_s": round(r["seconds"], 1),
+                  "legodnn_minus": round(100 * paired[r["budget"]].difference, 2),
+                  "paired_se": round(100 * paired[r["budget"]].se, 2)} for r in base[method]]
+        if paired:
+            diffs = [100 * d.difference for d in paired.values()]
+            pooled = paired_difference(np.stack([lego_hits[b] for b in theirs]), np.stack(list(theirs.values())))
+            gaps[method] = {"max": round(max(diffs), 2), "mean": round(100 * pooled.difference, 2),
+                            "mean_se": round(100 * pooled.se, 2), "min": round(min(diffs), 2),
+                            "min_se": round(100 * min(paired.values(), key=lambda d: d.difference).se, 2),
+                            "below_2se": [b for b, d in paired.items() if d.difference < -2 * d.se]}
     return {"budgets": m.budgets, "rows": rows, "served": served, "gaps": gaps, "lego_time_s": round(m.lego_s, 1),
             "lego_training_s": round(m.train_s, 1), "baseline_time": m.args.baseline_time,
             "baseline_share_s": round(base["share_s"], 1), "joint_floor": m.cfg.joint.sandwich_floor,
@@ -430,8 +449,10 @@ def verdicts(figures: dict[str, dict[str, Any]]) -> list[str]:
     for model, r in figures.get("accuracy", {}).items():
         u = r["gaps"].get("uniform")
         basis = f"uniform given {r.get('baseline_share_s', 0):.0f} s per budget, LegoDNN's {r.get('baseline_time', 'pipeline')} time"
-        out.append(f"accuracy, {model}: legodnn - uniform mean {u['mean']:+.2f}, worst {u['min']:+.2f} points ({basis}; "
-                   f"target >= 0 at every budget: {'met' if u['min'] >= 0 else 'missed'})" if u else f"accuracy, {model}: no baseline run")
+        out.append(f"accuracy, {model}: legodnn - uniform mean {u['mean']:+.2f} +- {u.get('mean_se', float('nan')):.2f}, "
+                   f"worst {u['min']:+.2f} +- {u.get('min_se', float('nan')):.2f} points (paired SE, same test images; {basis}; "
+                   f"target >= 0 at every budget: {'met' if u['min'] >= 0 else 'missed'}; below by more than "
+                   f"2 paired SEs at {len(u.get('below_2se', []))} budgets)" if u else f"accuracy, {model}: no baseline run")
         served = r.get("served", [])
         if served:
             mae = sum(abs(x["predicted"] - x["measured_check"]) for x in served) / len(served)

@@ -7,11 +7,12 @@ shows inline.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from profiling.serving import standard_error
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,6 @@ def _save(fig: Any, path: str | Path, title: str) -> Path:
     path = Path(path)
     fig.savefig(path)
     return path
-
-
-def standard_error(accuracy: float, n: int) -> float:
-    """The binomial standard error of an accuracy measured on `n` images."""
-    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n) if n > 0 else 0.0
 
 
 def pareto_plot(points: Mapping[str, Any], path: str | Path, *, title: str = "",

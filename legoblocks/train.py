@@ -141,8 +141,10 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, batch_size: int = EVAL_BATCH_SIZE, *, num_workers: int = 0) -> float:
-    """Top-1 accuracy in [0, 1], in eval mode; the model's previous mode is restored."""
+def correct(model: nn.Module, ds: Dataset, batch_size: int = EVAL_BATCH_SIZE, *, num_workers: int = 0) -> torch.Tensor:
+    """Whether the model's top-1 class is right, one bool per sample in `ds`'s order, in eval
+    mode; the model's previous mode is restored. Two models' vectors on the same samples give
+    a paired comparison (`profiling.serving.paired_difference`)."""
     _check_positive(batch_size=batch_size)
     if len(ds) == 0:  # type: ignore[arg-type]
         raise ValueError("evaluation dataset is empty")
@@ -150,11 +152,14 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = EVAL_BATCH_SIZE, *
     was_training = model.training
     model.eval()
     try:
-        correct, seen = 0, 0
-        for x, y in loader(ds, batch_size, num_workers=num_workers):
-            logits = model(x.to(device))
-            correct += int((logits.argmax(1) == y.to(device)).sum())
-            seen += len(y)
+        hits = [(model(x.to(device)).argmax(1) == y.to(device)).cpu()
+                for x, y in loader(ds, batch_size, num_workers=num_workers)]
     finally:
         model.train(was_training)
-    return correct / seen
+    return torch.cat(hits)
+
+
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = EVAL_BATCH_SIZE, *, num_workers: int = 0) -> float:
+    """Top-1 accuracy in [0, 1], in eval mode; the model's previous mode is restored."""
+    hits = correct(model, ds, batch_size, num_workers=num_workers)
+    return int(hits.sum()) / len(hits)

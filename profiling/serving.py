@@ -68,6 +68,51 @@ def standard_error(accuracy: float, n: int) -> float:
 
 
 @dataclass(frozen=True)
+class PairedDifference:
+    """One model's accuracy less another's on the same `n` samples (fractions), with the
+    standard error of that difference.
+
+    Each sample contributes -1, 0 or +1, so only the samples the two models disagree on add
+    to the error: two similar models measured on the same images differ far less by chance
+    than two independent measurements would (`standard_error` of each, combined).
+    """
+
+    difference: float
+    se: float
+    n: int
+
+
+def paired_difference(a: Sequence[bool] | Any, b: Sequence[bool] | Any) -> PairedDifference:
+    """Accuracy of `a` less accuracy of `b`, both per-sample correctness on the same samples in
+    the same order (`legoblocks.train.correct`), with the standard error of the mean of the
+    per-sample differences.
+
+    Args:
+        a: one model's correctness per sample (bools, or a bool tensor or array); or k models'
+            as a (k, n) array, to compare k pairs at once (e.g. one per budget).
+        b: the other model's (or the other k models'), on the same samples.
+
+    Returns:
+        The difference and its standard error, fractions of the n samples. For k pairs, the
+        mean difference over the pairs, its error from each sample's mean over the pairs, so
+        that pairs which err on the same samples are not counted as independent evidence.
+
+    Raises:
+        ValueError: the two have different shapes, or fewer than two samples.
+    """
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.int8), np.asarray(b, dtype=np.int8)
+    if x.shape != y.shape or x.ndim not in (1, 2):
+        raise ValueError(f"paired correctness must be vectors (or k rows of them) over the same samples, got "
+                         f"shapes {x.shape} and {y.shape}")
+    if x.shape[-1] < 2:
+        raise ValueError(f"a paired difference needs at least 2 samples, got {x.shape[-1]}")
+    d = (x - y).reshape(-1, x.shape[-1]).mean(axis=0)
+    return PairedDifference(float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d))
+
+
+@dataclass(frozen=True)
 class Told:
     """The accuracy a composition is served at: value, standard error, and whether it was
     measured (on `n` validation images) or predicted by the additive model."""

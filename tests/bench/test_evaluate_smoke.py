@@ -46,6 +46,16 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
     for r in accuracy["rows"]:
         assert 0.0 <= r["test_acc"] <= 100.0
         assert 0.0 < r["flops_frac"] <= r["budget"] + 1e-3, f"over budget: {r}"
+    # each baseline row carries LegoDNN's paired difference on the same test images: the model
+    # file the baseline saved, measured again, reads what the baseline reported
+    lego = {r["budget"]: r["test_acc"] for r in accuracy["rows"] if r["method"] == "legodnn"}
+    for r in (r for r in accuracy["rows"] if r["method"] != "legodnn"):
+        assert r["legodnn_minus"] == pytest.approx(lego[r["budget"]] - r["test_acc"], abs=0.011)
+        assert r["paired_se"] >= 0
+    gap = accuracy["gaps"]["uniform"]
+    assert gap["min"] == min(r["legodnn_minus"] for r in accuracy["rows"] if r["method"] == "uniform")
+    assert all(b in accuracy["budgets"] for b in gap["below_2se"]) and gap["mean_se"] >= 0
+    assert gap["min"] <= gap["mean"] <= gap["max"]
     # the joint stage's floor is the smallest budget served; the baselines got LegoDNN's time
     assert accuracy["joint_floor"] == accuracy["budgets"][0] and accuracy["config"]["joint"]["sandwich_floor"]
     assert accuracy["lego_time_s"] > 0 and accuracy["baseline_share_s"] > 0

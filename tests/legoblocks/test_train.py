@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from legoblocks.train import TrainReport, evaluate, save_state_dict, train_teacher
+from legoblocks.train import TrainReport, correct, evaluate, save_state_dict, train_teacher
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -75,6 +75,19 @@ def test_evaluate_restores_mode_and_does_not_touch_bn(fmnist_small: tuple[Tensor
     model.eval()
     evaluate(model, fmnist_small[1])
     assert not model.training
+
+
+def test_correct_is_per_sample_in_order_and_evaluate_is_its_mean(
+    fmnist_small: tuple[TensorDataset, TensorDataset]
+) -> None:
+    torch.manual_seed(0)
+    model = _tiny_cnn().eval()
+    data = fmnist_small[1]
+    hits = correct(model, data, batch_size=7)  # batches that do not divide the split
+    with torch.no_grad():
+        expected = model(data.tensors[0]).argmax(1) == data.tensors[1]
+    assert hits.dtype == torch.bool and torch.equal(hits, expected)
+    assert evaluate(model, data, batch_size=7) == int(expected.sum()) / len(expected)
 
 
 def test_bad_arguments_are_named(fmnist_small: tuple[TensorDataset, TensorDataset]) -> None:

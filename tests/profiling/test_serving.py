@@ -11,8 +11,8 @@ import random
 import pytest
 
 from optimizer import parse_problem, solve
-from profiling.serving import (PREDICTED_PENALTY_SD, held_out_count, prediction_error, rank_value, standard_error,
-                               to_problem, told)
+from profiling.serving import (PREDICTED_PENALTY_SD, held_out_count, paired_difference, prediction_error, rank_value,
+                               standard_error, to_problem, told)
 from profiling.table import BlockProfile, ChoiceProfile, LatencyColumn, Measured, PredictionError, ProfileTable
 
 CHOICES = ("0.0", "0.4", "0.8")
@@ -137,6 +137,27 @@ def test_prediction_error_is_the_bias_and_spread_of_the_picks() -> None:
     few = prediction_error([(0.9, 0.8)], fallback_sd=0.007)
     assert (few.bias, few.sd, few.n) == (0.0, 0.007, 1)
     assert standard_error(0.5, 100) == pytest.approx(0.05)
+
+
+def test_a_paired_difference_counts_only_the_samples_the_two_disagree_on() -> None:
+    # 1,000 samples, 900 right for both, a right alone on 30, b right alone on 20, both wrong on 50
+    a = [True] * 900 + [True] * 30 + [False] * 20 + [False] * 50
+    b = [True] * 900 + [False] * 30 + [True] * 20 + [False] * 50
+    d = paired_difference(a, b)
+    assert d.n == 1000 and d.difference == pytest.approx(0.01)
+    per_sample = [1] * 30 + [-1] * 20 + [0] * 950
+    sd = math.sqrt(sum((x - 0.01) ** 2 for x in per_sample) / 999)
+    assert d.se == pytest.approx(sd / math.sqrt(1000))
+    # tighter than two independent measurements of these accuracies would be
+    assert d.se < 0.7 * math.hypot(standard_error(0.93, 1000), standard_error(0.92, 1000))
+    assert paired_difference(a, a) == type(d)(0.0, 0.0, 1000)
+    # k pairs at once: their mean difference, its error from each sample's mean over the pairs
+    assert paired_difference([a, a], [b, b]) == d  # two identical pairs are no more evidence than one
+    assert paired_difference([a, b], [b, a]) == type(d)(0.0, 0.0, 1000)  # opposite pairs cancel per sample
+    with pytest.raises(ValueError, match="same samples"):
+        paired_difference(a, b[:-1])
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        paired_difference([True], [False])
 
 
 def test_the_frontier_round_trips_and_bad_selections_are_named(tmp_path) -> None:
