@@ -112,15 +112,17 @@ class Model:
                                        latency_override=flops_override(self.table))
         return selection
 
-    def hits(self, module, split: str = "test"):
+    def hits(self, module: Any, split: str = "test") -> Any:
         """Per-image correctness of `module` on a split, in the split's order (a paired comparison's input)."""
         from legoblocks.train import correct
 
         return correct(module, getattr(self.splits, split))
 
+    def flops_frac(self, sel: Sequence[str]) -> float:
+        return round(self.table.total(list(sel), "flops") / self.teacher_flops, 4)
+
     def measured(self, sel: Sequence[str], split: str = "test") -> dict[str, float]:
-        return {f"{split}_acc": percent(self.hits(self.scalable.compose(list(sel)), split)),
-                "flops_frac": round(self.table.total(list(sel), "flops") / self.teacher_flops, 4)}
+        return {f"{split}_acc": percent(self.hits(self.scalable.compose(list(sel)), split)), "flops_frac": self.flops_frac(sel)}
 
     @functools.cached_property
     def splits(self):
@@ -195,14 +197,13 @@ def fig_accuracy(m: Model) -> dict[str, Any]:
     rows, served, lego_hits = [], [], {}
     for budget in m.budgets:
         sel = m.served(budget)
-        t, check = told(m.table, sel), m.measured(sel, "check")
-        lego_hits[budget] = m.hits(m.scalable.compose(sel))
+        t, composed, flops = told(m.table, sel), m.scalable.compose(sel), m.flops_frac(sel)
+        lego_hits[budget], check_acc = m.hits(composed), percent(m.hits(composed, "check"))
         rows.append({"method": "legodnn", "budget": budget, "test_acc": percent(lego_hits[budget]),
-                     "flops_frac": check["flops_frac"], "told": round(100 * t.accuracy, 2),
-                     "check_acc": check["check_acc"], "selection": sel})
-        served.append({"model": m.name, "budget": budget, "flops_frac": check["flops_frac"],
+                     "flops_frac": flops, "told": round(100 * t.accuracy, 2), "check_acc": check_acc, "selection": sel})
+        served.append({"model": m.name, "budget": budget, "flops_frac": flops,
                        "predicted": round(100 * t.accuracy, 3), "predicted_se": round(100 * t.se, 3),
-                       "measured_check": check["check_acc"], "check_n": len(m.splits.check),
+                       "measured_check": check_acc, "check_n": len(m.splits.check),
                        "measured_test": rows[-1]["test_acc"], "source": t.source})
     base = m.baselines()
     gaps = {}
