@@ -56,6 +56,16 @@ def test_quick_all_writes_every_figure_and_logs_to_mlflow(bench_script, tmp_path
     assert gap["min"] == min(r["legodnn_minus"] for r in accuracy["rows"] if r["method"] == "uniform")
     assert all(b in accuracy["budgets"] for b in gap["below_2se"]) and gap["mean_se"] >= 0
     assert gap["min"] <= gap["mean"] <= gap["max"]
+    # the best trained composition per budget (chosen by the test set): within the budget, never
+    # worse as the budget grows (what fits only grows), at 100% at least the original
+    best = {r["budget"]: r for r in accuracy["best_trained"]}
+    assert sorted(best) == accuracy["budgets"]
+    assert all(r["flops_frac"] <= r["budget"] + 1e-3 for r in best.values())
+    tests = [best[b]["test_acc"] for b in accuracy["budgets"]]
+    assert tests == sorted(tests) and tests[-1] >= accuracy["teacher_test_acc"]
+    for r in (r for r in accuracy["rows"] if r["method"] != "legodnn"):
+        assert r["best_trained_minus"] == pytest.approx(best[r["budget"]]["test_acc"] - r["test_acc"], abs=0.011)
+    assert gap["best_trained_min"] == min(r["best_trained_minus"] for r in accuracy["rows"] if r["method"] == "uniform")
     # the joint stage's floor is the smallest budget served; the baselines got LegoDNN's time
     assert accuracy["joint_floor"] == accuracy["budgets"][0] and accuracy["config"]["joint"]["sandwich_floor"]
     assert accuracy["lego_time_s"] > 0 and accuracy["baseline_share_s"] > 0
