@@ -21,7 +21,9 @@ own picks (`ProfileTable.prediction_error`: bias and spread). Then:
   per-block corrections.
 * What the user is told (`told`) is the measured accuracy with its standard error where the
   served composition was measured, else the prediction minus the bias with the spread as
-  its standard error; every report says which (`Told.source`).
+  its standard error, never below the standard error of a measurement on the images the
+  spread was estimated on (a few picks that happen to agree do not make a prediction surer
+  than the measurement it was checked against); every report says which (`Told.source`).
 
 A measured value that chose is a biased report of what it chose: the served composition is
 the best of several measured on the same images, so its number carries the winner's curse
@@ -165,7 +167,10 @@ def told(table: ProfileTable, selection: Sequence[str] | Mapping[str, str]) -> T
         accuracy, n = measured.told_value()
         return Told(accuracy, standard_error(accuracy, n), "measured", n)
     err = _error(table)
-    return Told(table.predicted_accuracy(list(chosen)) - err.bias, err.sd, "predicted")
+    accuracy = table.predicted_accuracy(list(chosen)) - err.bias
+    checked = max((m.told_value()[1] for m in table.measured), default=0)
+    floor = standard_error(accuracy, checked) if checked else 0.0
+    return Told(accuracy, max(err.sd, floor), "predicted")
 
 
 def compositions(table: ProfileTable) -> list[dict[str, Any]]:

@@ -99,6 +99,19 @@ def test_unmeasured_compositions_rank_at_their_corrected_prediction_and_are_told
     assert to_problem(table, {"latency_ms": 1.3}, measured=False)["models"][0]["base_accuracy"] == 0.90
 
 
+def test_a_prediction_is_never_told_surer_than_the_measurement_it_was_checked_against() -> None:
+    # Picks that happened to agree give a spread of 0: the prediction is told with the standard
+    # error of a measurement on the images the spread was estimated on (held-out where held out).
+    drops = {b: {"0.0": 0.0, "0.4": 0.01, "0.8": 0.05} for b in ("a", "b")}
+    original = Measured(("0.0", "0.0"), 0.90, 5000, "original", 0.91, 2000)
+    table = _table(drops, measured=[original], error=PredictionError(bias=0.0, sd=0.0, n=3))
+    t = told(table, ["0.4", "0.4"])
+    assert t.source == "predicted" and t.se == pytest.approx(standard_error(t.accuracy, 2000)) and t.se > 0
+    wide = _table(drops, measured=[original], error=PredictionError(bias=0.0, sd=0.05, n=3))
+    assert told(wide, ["0.4", "0.4"]).se == 0.05  # a spread wider than the floor is kept
+    assert told(_table(drops, error=PredictionError(bias=0.0, sd=0.0, n=0)), ["0.4", "0.4"]).se == 0.0  # nothing measured
+
+
 def test_an_unmeasured_composition_needs_a_measured_picks_margin_to_displace_a_measured_one() -> None:
     # At 1.25 ms the best unmeasured composition, (0.4, 0.4), is predicted at 0.88 after its
     # bias (spread 0.01); the anchor (0.8, 0.8) measured 0.869 on 100,000 images ranks at
